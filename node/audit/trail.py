@@ -1,0 +1,133 @@
+"""Append-only, hash-chained audit events.
+
+Each event's hash covers its sequence number, its content and the previous event's hash, so an
+edited, deleted, inserted or reordered event breaks the chain at a point `verify` can name.
+Event codes are the DICOM audit message vocabulary (DCM, PS3.15 A.5 / PS3.16 CID 400s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, select
+
+from node.db.fast import Tx
+from node.db.models import AuditEvent
+
+TABLE = AuditEvent.__table__
+
+GENESIS = "0" * 64
+
+# (code, display name) from DCM: what happened.
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+SECURITY_ALERT = ("110113", "Security Alert")
+BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
+
+# Event action codes and outcomes (RFC 3881 / PS3.15)
+ACTION_CREATE, ACTION_READ, ACTION_UPDATE, ACTION_EXECUTE = "C", "R", "U", "E"
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
+
+
+@dataclass
+class Event:
+    """What to record; the trail adds time, sequence and hashes."""
+
+    code: tuple[str, str]
+    action: str
+    outcome: int
+    actor: dict[str, Any]
+    objects: dict[str, Any] = field(default_factory=dict)
+    status: int | None = None
+    detail: str = ""
+
+
+def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
+    """Keyed hash of the patient identity: linkable inside this node, not reversible outside it."""
+    if not patient_id:
+        return ""
+    return hmac.new(secret, f"{issuer}\x00{patient_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _digest(row: dict[str, Any]) -> str:
+    body = {k: row[k] for k in ("seq", "time", "event_id", "event_name", "action", "outcome", "status",
+                                "actor", "objects", "detail", "prev_hash")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class AuditTrail:
+    """Appends events inside the caller's transaction; one writer at a time keeps the chain linear."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._head: tuple[int, str] | None = None
+
+    def append(self, tx: Tx, event: Event) -> int:
+        """Write `event` in `tx`; the caller holds `self.lock` until commit, then calls `committed()`."""
+        if self._head is None:
+            row = tx.last(TABLE, ("seq", "hash"), "seq")
+            self._head = (row[0], row[1]) if row else (0, GENESIS)
+        seq, prev = self._head
+        row: dict[str, Any] = {
+            "seq": seq + 1,
+            "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "event_id": event.code[0],
+            "event_name": event.code[1],
+            "action": event.action,
+            "outcome": event.outcome,
+            "status": event.status,
+            "actor": json.dumps(event.actor, sort_keys=True, separators=(",", ":")),
+            "objects": json.dumps(event.objects, sort_keys=True, separators=(",", ":")),
+            "detail": event.detail,
+            "prev_hash": prev,
+        }
+        row["hash"] = _digest(row)
+        tx.insert(TABLE, row)
+        self._pending = (row["seq"], row["hash"])
+        return row["seq"]
+
+    def committed(self) -> None:
+        """Advance the cached head once the transaction holding the last append has committed."""
+        self._head = getattr(self, "_pending", self._head)
+
+    def rolled_back(self) -> None:
+        self._head = None  # reload from the database next time
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    count: int
+    problems: list[str]
+
+
+def verify(rows: Iterable[Any]) -> VerifyResult:
+    """Walk the chain and name every event that was edited, deleted, inserted or reordered."""
+    problems: list[str] = []
+    prev_hash, expected_seq, count = GENESIS, 1, 0
+    for ev in rows:
+        count += 1
+        row = dict(ev._mapping)
+        if ev.seq != expected_seq:
+            if ev.seq > expected_seq:
+                problems.append(f"events {expected_seq}..{ev.seq - 1} are missing (deleted)")
+            else:
+                problems.append(f"event {ev.seq} is out of order or duplicated")
+        if _digest(row) != ev.hash:
+            problems.append(f"event {ev.seq} was edited: its content does not match its hash")
+        elif ev.prev_hash != prev_hash:
+            problems.append(
+                f"event {ev.seq} does not follow the event before it (an event was inserted or deleted before it)"
+            )
+        prev_hash, expected_seq = ev.hash, ev.seq + 1
+    return VerifyResult(ok=not problems, count=count, problems=problems)
+
+
+def verify_connection(conn: Connection) -> VerifyResult:
+    return verify(conn.execute(select(TABLE).order_by(TABLE.c.seq)))

@@ -1,0 +1,162 @@
+"""One YAML file -> typed, validated settings.
+
+Every key has a default that works on one machine, so `segnode serve` runs with no file at
+all; command-line flags override the file. Unknown keys are errors (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_ae(value: str) -> str:
+    if not (1 <= len(value) <= 16) or any(c in value for c in "\\") or not value.isprintable() or not value.strip():
+        raise ValueError("an AE title is 1-16 printable characters, not all spaces, without backslash")
+    return value.strip()
+
+
+class PeerRule(_Model):
+    """One allowed peer: its calling AE title (or '*') and the addresses it may come from."""
+
+    ae_title: str = "*"
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return v if v == "*" else _check_ae(v)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            ipaddress.ip_network(h, strict=False)  # raises ValueError with the bad value
+        return v
+
+    def matches(self, ae_title: str, ip: str) -> bool:
+        if self.ae_title not in ("*", ae_title):
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in ipaddress.ip_network(h, strict=False) for h in self.hosts)
+
+
+class TLSConfig(_Model):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(None, description="CA bundle for client certificates")
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files(self) -> "TLSConfig":
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        if self.require_client_cert and not self.ca_file:
+            raise ValueError("tls.require_client_cert needs ca_file")
+        return self
+
+
+class DimseConfig(_Model):
+    ae_title: str = "SEGNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    check_called_ae: bool = True
+    max_pdu: int = Field(4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="largest PDU accepted")
+    max_associations: int = Field(32, ge=1, le=1024)
+    acse_timeout: float = Field(30.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    allowed_peers: list[PeerRule] | None = Field(
+        None, description="None accepts any peer (a warning is logged); [] accepts none"
+    )
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class HttpConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr | None = Field(None, description="bearer token required by STOW-RS and the API when set")
+
+
+class StorageConfig(_Model):
+    fsync: bool = True
+    free_space_floor_mb: int = Field(512, ge=0, description="below it C-STORE/STOW answer out of resources")
+    free_space_watermark_mb: int = Field(1024, ge=0, description="below it new associations are rejected (transient)")
+
+    @model_validator(mode="after")
+    def _order(self) -> "StorageConfig":
+        if self.free_space_watermark_mb < self.free_space_floor_mb:
+            raise ValueError("free_space_watermark_mb must be >= free_space_floor_mb")
+        return self
+
+
+class Settings(_Model):
+    data_dir: Path = Path("segnode-data")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+    log_level: str = "INFO"
+    dimse: DimseConfig = Field(default_factory=DimseConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("log_level is one of DEBUG, INFO, WARNING, ERROR")
+        return v.upper()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'segnode.db').resolve()}"
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read `path` (optional), apply `overrides` (nested dict from flags), validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {path} must hold a mapping at the top level")
+        raw = loaded
+    raw = _merge(raw, overrides or {})
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from exc

@@ -1,0 +1,166 @@
+"""Walk an encoded dataset without decoding it: check that it is complete and pick identifiers.
+
+pydicom's reader takes ~0.6 ms for a CT header and accepts a file truncated inside its pixel
+data; this walker visits every element header (sequences and encapsulated pixel data included),
+proves the byte stream ends exactly where its last element does, and returns the few top-level
+values the index needs, in ~0.05 ms. The bytes themselves are stored untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_MAX_DEPTH = 32
+
+WANTED = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x00080060: "modality",
+    0x00100020: "patient_id",
+    0x00100021: "issuer_of_patient_id",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+    0x00200013: "instance_number",
+}
+
+
+class MalformedDataset(ValueError):
+    """The bytes are not a complete, well-formed DICOM dataset."""
+
+
+@dataclass
+class Identifiers:
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    modality: str = ""
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    instance_number: int | None = None
+
+
+class _Walker:
+    def __init__(self, buf: memoryview, explicit: bool, little: bool) -> None:
+        self.buf, self.explicit = buf, explicit
+        self.hdr = struct.Struct("<HH" if little else ">HH")
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<I" if little else ">I")
+        self.found: dict[int, bytes] = {}
+
+    def elements(self, pos: int, end: int, depth: int, explicit: bool, delimited: bool = False) -> int:
+        """Walk elements from pos to end, or to an item delimiter when `delimited`; return the new position."""
+        top = depth == 0
+        if depth > _MAX_DEPTH:
+            raise MalformedDataset("sequences nested too deeply")
+        buf = self.buf
+        while pos < end:
+            if pos + 8 > end:
+                raise MalformedDataset(f"truncated element header at byte {pos}")
+            group, elem = self.hdr.unpack_from(buf, pos)
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                if tag == _ITEM_END and delimited:
+                    return pos + 8
+                raise MalformedDataset(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}")
+            vr = b""
+            if explicit:
+                vr = bytes(buf[pos + 4 : pos + 6])
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise MalformedDataset(f"truncated element header at byte {pos}")
+                    length, pos = self.u32.unpack_from(buf, pos + 8)[0], pos + 12
+                elif vr.isalpha() and vr.isupper():
+                    length, pos = self.u16.unpack_from(buf, pos + 6)[0], pos + 8
+                else:
+                    raise MalformedDataset(f"invalid VR at byte {pos + 4} for ({group:04X},{elem:04X})")
+            else:
+                length, pos = self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+            if length == _UNDEFINED:
+                if vr == b"UN":  # PS3.5 6.2.2: an undefined-length UN is an implicit VR LE sequence
+                    pos = self.sequence(pos, end, depth, explicit=False)
+                elif tag == 0x7FE00010 and explicit:
+                    pos = self.fragments(pos, end)
+                else:
+                    pos = self.sequence(pos, end, depth, explicit)
+            else:
+                if pos + length > end:
+                    raise MalformedDataset(
+                        f"element ({group:04X},{elem:04X}) needs {length} bytes, only {end - pos} remain"
+                    )
+                if top and tag in WANTED:
+                    self.found[tag] = bytes(buf[pos : pos + length])
+                pos += length
+        if delimited:
+            raise MalformedDataset("item without its delimiter")
+        return pos
+
+    def sequence(self, pos: int, end: int, depth: int, explicit: bool) -> int:
+        while True:
+            if pos + 8 > end:
+                raise MalformedDataset("sequence without its delimiter")
+            group, elem = self.hdr.unpack_from(self.buf, pos)
+            tag, length = (group << 16) | elem, self.u32.unpack_from(self.buf, pos + 4)[0]
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise MalformedDataset(f"expected an item in a sequence at byte {pos - 8}")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, end, depth + 1, explicit, delimited=True)
+            else:
+                if pos + length > end:
+                    raise MalformedDataset(f"item at byte {pos - 8} runs past the end")
+                pos = self.elements(pos, pos + length, depth + 1, explicit)
+
+    def fragments(self, pos: int, end: int) -> int:
+        while True:
+            if pos + 8 > end:
+                raise MalformedDataset("encapsulated pixel data without its delimiter")
+            group, elem = self.hdr.unpack_from(self.buf, pos)
+            tag, length = (group << 16) | elem, self.u32.unpack_from(self.buf, pos + 4)[0]
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM or length == _UNDEFINED or pos + length > end:
+                raise MalformedDataset(f"broken pixel data fragment at byte {pos - 8}")
+            pos += length
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
+
+
+def walk_dataset(data: memoryview | bytes, transfer_syntax: str) -> Identifiers:
+    """Validate the encoded dataset (no file meta) and return its identifiers."""
+    buf = memoryview(data)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            buf = memoryview(zlib.decompress(bytes(buf), -zlib.MAX_WBITS))
+        except zlib.error as exc:
+            raise MalformedDataset(f"deflated dataset does not inflate: {exc}") from exc
+    walker = _Walker(buf, explicit=transfer_syntax != ImplicitVRLittleEndian,
+                     little=transfer_syntax != ExplicitVRBigEndian)
+    walker.elements(0, len(buf), 0, walker.explicit)
+    ids = Identifiers()
+    for tag, raw in walker.found.items():
+        name = WANTED[tag]
+        if name == "instance_number":
+            try:
+                ids.instance_number = int(_text(raw))
+            except ValueError:
+                ids.instance_number = None
+        else:
+            setattr(ids, name, _text(raw))
+    return ids

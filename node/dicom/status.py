@@ -1,0 +1,20 @@
+"""C-STORE status codes segnode answers with (PS3.4 B.2.3, PS3.7 C). STOW-RS reuses them as
+Failure Reason (0008,1197)."""
+
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # command's SOP class differs from the negotiated context
+OUT_OF_RESOURCES = 0xA700  # disk below the floor, or the write/index failed
+DATASET_MISMATCH = 0xA900  # dataset's SOP class/instance differ from the command, or wrong study (STOW)
+CANNOT_UNDERSTAND = 0xC210  # bytes are not a complete DICOM dataset
+MISSING_IDENTIFIER = 0xC211  # SOP Instance, Study or Series UID absent
+INVALID_UID = 0xC212  # a UID that is not a valid UID (e.g. path characters)
+
+NAMES = {
+    SUCCESS: "Success",
+    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported on this presentation context",
+    OUT_OF_RESOURCES: "Out of resources",
+    DATASET_MISMATCH: "Dataset does not match",
+    CANNOT_UNDERSTAND: "Cannot understand: not a complete DICOM dataset",
+    MISSING_IDENTIFIER: "Cannot understand: identifier missing",
+    INVALID_UID: "Cannot understand: invalid UID",
+}

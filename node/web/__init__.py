@@ -1,0 +1,1 @@
+"""HTTP: STOW-RS and the REST API."""

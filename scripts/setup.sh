@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything segnode needs on a fresh Debian machine; fast when already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl; do
+    [ -x "$bin" ] || need_apt+=("$bin")
+done
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(dicomweb)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages (missing: ${need_apt[*]})"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+# torch==2.13.0 is a CPU build on local disk; an unpinned torch would pull a multi-GB CUDA build.
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q -e ".[test]"
+echo "setup: done"

@@ -1,0 +1,154 @@
+"""Shared fixtures: a real node on free loopback ports, generated CT data, real DICOM peers."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from sqlalchemy import select
+
+from node.config import Settings, load_settings
+from node.db.models import AuditEvent, Instance
+from node.service import Node
+from node.testdata import ct_series
+from node.tools import dcmtk
+
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "dimse": {"port": 0},
+        "http": {"port": 0},
+        "storage": {"free_space_floor_mb": 0, "free_space_watermark_mb": 0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return load_settings(None, base)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start an in-process node (DIMSE + HTTP on free ports); stopped at teardown."""
+    started: list[Node] = []
+
+    def _start(**overrides: Any) -> Node:
+        node = Node(make_settings(tmp_path / f"data{len(started)}", **overrides))
+        node.start()
+        started.append(node)
+        return node
+
+    yield _start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node]) -> Node:
+    return start_node()
+
+
+@pytest.fixture
+def ct_files(tmp_path: Path) -> list[Path]:
+    out = tmp_path / "ct"
+    out.mkdir()
+    paths = []
+    for ds in ct_series(n_slices=6, rows=32, cols=32, seed=7):
+        path = out / f"{ds.InstanceNumber:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, files: list[Path], *extra: str, aec: str = "SEGNODE", aet: str = "TESTSCU",
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("storescu"), "-aec", aec, "-aet", aet, *extra, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, *extra: str, aec: str = "SEGNODE", aet: str = "TESTSCU") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-aec", aec, "-aet", aet, *extra, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a PS3.10 file, without preamble and file meta."""
+    from node.dicom.part10 import parse_meta
+
+    raw = path.read_bytes()
+    meta = parse_meta(raw)
+    assert meta is not None
+    return raw[meta.dataset_offset:]
+
+
+def instances(node: Node) -> list[Any]:
+    with node.engine.connect() as conn:
+        return list(conn.execute(select(Instance)).all())
+
+
+def audit_events(node: Node) -> list[Any]:
+    with node.engine.connect() as conn:
+        return list(conn.execute(select(AuditEvent).order_by(AuditEvent.seq)).all())
+
+
+def echo_ok(node: Node) -> bool:
+    """The node still answers C-ECHO."""
+    return echoscu(node.dimse.port).returncode == 0
+
+
+class RawStore:
+    """A pynetdicom SCU that can send arbitrary bytes as a C-STORE dataset (for bad inputs)."""
+
+    def __init__(self, port: int, contexts: list[tuple[str, list[str]]], ae_title: str = "TESTSCU") -> None:
+        ae = AE(ae_title)
+        for abstract, syntaxes in contexts:
+            ae.add_requested_context(abstract, syntaxes)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+        assert self.assoc.is_established
+
+    def context_id(self, abstract: str, syntax: str) -> int:
+        for cx in self.assoc.accepted_contexts:
+            if cx.abstract_syntax == abstract and cx.transfer_syntax[0] == syntax:
+                return int(cx.context_id)
+        raise LookupError(abstract)
+
+    def send(self, raw: bytes, context_id: int, sop_class: str, sop_instance: str, msg_id: int = 1) -> Dataset | None:
+        req = C_STORE()
+        req.MessageID = msg_id
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req.DataSet = io.BytesIO(raw)
+        # Pause pynetdicom's reactor so the response comes to us (as send_c_store does internally)
+        self.assoc._reactor_checkpoint.clear()
+        while not self.assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            self.assoc.dimse.send_msg(req, context_id)
+            _, rsp = self.assoc.dimse.get_msg(block=True)
+        finally:
+            self.assoc._reactor_checkpoint.set()
+        return rsp
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+def read_stored(node: Node, sop_instance_uid: str) -> Dataset:
+    row = next(r for r in instances(node) if r.sop_instance_uid == sop_instance_uid)
+    return dcmread(node.settings.data_dir / row.path)
