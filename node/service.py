@@ -48,6 +48,7 @@ class Node:
         self.dimse = DimseServer(settings.dimse, self.store)
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+        self._stopped = False
 
     def start(self, http: bool = True) -> None:
         self.store.reconcile()
@@ -72,6 +73,9 @@ class Node:
         return int(self._http.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.dimse.stop()
         if self._http is not None:
             self._http.should_exit = True

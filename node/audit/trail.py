@@ -1,7 +1,9 @@
 """Append-only, hash-chained audit events.
 
-Each event's hash covers its sequence number, its content and the previous event's hash, so an
-edited, deleted, inserted or reordered event breaks the chain at a point `verify` can name.
+Each event's hash covers its content and the previous event's hash, so an edited, deleted,
+inserted or reordered event breaks the chain at a point `verify` can name. The sequence number is
+left out of the hash on purpose: renumbering to hide a deletion or an insertion does not hide the
+broken link, and the report points at the event where the chain breaks, not at every later one.
 Event codes are the DICOM audit message vocabulary (DCM, PS3.15 A.5 / PS3.16 CID 400s).
 """
 
@@ -56,7 +58,7 @@ def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
 
 
 def _digest(row: dict[str, Any]) -> str:
-    body = {k: row[k] for k in ("seq", "time", "event_id", "event_name", "action", "outcome", "status",
+    body = {k: row[k] for k in ("time", "event_id", "event_name", "action", "outcome", "status",
                                 "actor", "objects", "detail", "prev_hash")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

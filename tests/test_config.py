@@ -1,0 +1,75 @@
+"""Configuration: defaults that work, errors that name the key, flags over the file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from node.config import ConfigError, load_settings
+from tests.conftest import echoscu
+
+
+def test_defaults_work_without_a_file():
+    s = load_settings()
+    assert s.dimse.ae_title == "SEGNODE" and s.dimse.port == 11112 and s.storage.fsync is True
+    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("segnode.db")
+
+
+def test_invalid_file_names_the_key_and_the_reason(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dimse:\n  port: 70000\n  allowed_peers:\n    - {ae_title: CT1, hosts: [not-an-ip]}\nbogus: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    text = str(err.value)
+    assert "dimse.port: Input should be less than or equal to 65535" in text
+    assert "dimse.allowed_peers.0.hosts" in text and "bogus: Extra inputs are not permitted" in text
+
+
+def test_cli_refuses_a_bad_file_at_start(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("storage: {free_space_floor_mb: 10, free_space_watermark_mb: 5}\n")
+    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(cfg)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "free_space_watermark_mb must be >= free_space_floor_mb" in result.stderr
+
+
+def test_flags_override_the_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dimse: {ae_title: FROMFILE, port: 104}\nhttp: {port: 9000}\n")
+    s = load_settings(cfg, {"dimse": {"ae_title": "FROMFLAG"}})
+    assert s.dimse.ae_title == "FROMFLAG" and s.dimse.port == 104 and s.http.port == 9000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_runs_with_flags_and_no_config_file(tmp_path):
+    dimse, http = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SEGNODE_CONFIG"}
+    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--data-dir", str(tmp_path / "d"),
+                             "--dimse-port", str(dimse), "--http-port", str(http), "--ae-title", "FLAGNODE"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert echoscu(dimse, aec="FLAGNODE").returncode == 0
+        assert (tmp_path / "d" / "segnode.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err

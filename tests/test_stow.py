@@ -1,0 +1,159 @@
+"""STOW-RS: success, partial failure, every error code, streaming across chunk boundaries."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+
+from node.dicom import status as st
+from node.dicom.part10 import parse_meta
+from node.testdata import ct_series
+from tests.conftest import audit_events, dataset_bytes, instances
+
+
+def part10(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str) -> bytes:
+    out = b""
+    for ctype, body in parts:
+        out += f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + body + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def stow(node, parts: list[tuple[str, bytes]], study: str | None = None, headers: dict[str, str] | None = None,
+         chunk: int | None = None, content_type: str | None = None) -> httpx.Response:
+    boundary = uuid.uuid4().hex
+    body = multipart(parts, boundary)
+    url = f"http://127.0.0.1:{node.http_port}/dicom-web/studies" + (f"/{study}" if study else "")
+    ctype = content_type or f'multipart/related; type="application/dicom"; boundary={boundary}'
+    content: bytes | Iterator[bytes] = body
+    if chunk:
+        content = iter([body[i : i + chunk] for i in range(0, len(body), chunk)])
+    return httpx.post(url, content=content, headers={"Content-Type": ctype, **(headers or {})}, timeout=30)
+
+
+def _series(n: int = 3, seed: int = 21) -> list[Dataset]:
+    return list(ct_series(n_slices=n, rows=16, cols=16, seed=seed))
+
+
+def test_stow_stores_every_part_and_answers_200(node):
+    series = _series()
+    rsp = stow(node, [("application/dicom", part10(ds)) for ds in series])
+    assert rsp.status_code == 200
+    assert rsp.headers["content-type"].startswith("application/dicom+json")
+    refs = rsp.json()["00081199"]["Value"]
+    assert {r["00081155"]["Value"][0] for r in refs} == {ds.SOPInstanceUID for ds in series}
+    assert "00081198" not in rsp.json()
+    rows = {r.sop_instance_uid: r for r in instances(node)}
+    for ds in series:  # dataset bytes exactly as sent
+        sent = part10(ds)
+        meta = parse_meta(sent)
+        assert meta is not None
+        assert dataset_bytes(node.settings.data_dir / rows[ds.SOPInstanceUID].path) == sent[meta.dataset_offset:]
+    studies = httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies").json()
+    assert studies == [{"study_uid": series[0].StudyInstanceUID, "series": [
+        {"series_uid": series[0].SeriesInstanceUID, "modality": "CT", "instances": 3}]}]
+
+
+def test_stow_and_c_store_of_the_same_instance_give_the_same_file(node, ct_files):
+    from tests.conftest import storescu
+
+    assert storescu(node.dimse.port, ct_files[:1]).returncode == 0
+    before = instances(node)[0]
+    rsp = stow(node, [("application/dicom", ct_files[0].read_bytes())])
+    assert rsp.status_code == 200
+    after = instances(node)
+    assert len(after) == 1 and after[0].sha256 == before.sha256 and after[0].version == 1
+    assert dataset_bytes(node.settings.data_dir / after[0].path) == dataset_bytes(ct_files[0])
+
+
+def test_stow_streams_parts_split_across_small_chunks(node):
+    series = _series(4, seed=5)
+    rsp = stow(node, [("application/dicom", part10(ds)) for ds in series], chunk=97)
+    assert rsp.status_code == 200
+    assert len(instances(node)) == 4
+
+
+def test_partial_failure_answers_202_with_failed_sop_sequence(node):
+    good = _series(2)
+    rsp = stow(node, [("application/dicom", part10(good[0])), ("text/plain", b"hello, not DICOM"),
+                      ("application/dicom", part10(good[1])), ("application/dicom", b"\x00" * 200)])
+    assert rsp.status_code == 202
+    body = rsp.json()
+    assert len(body["00081199"]["Value"]) == 2
+    reasons = [item["00081197"]["Value"][0] for item in body["00081198"]["Value"]]
+    assert reasons == [st.CANNOT_UNDERSTAND, st.CANNOT_UNDERSTAND]
+    assert len(instances(node)) == 2
+    assert sum(1 for e in audit_events(node) if e.status == st.CANNOT_UNDERSTAND) == 2
+
+
+def test_study_mismatch_answers_409(node):
+    series = _series(2)
+    rsp = stow(node, [("application/dicom", part10(ds)) for ds in series], study="1.2.3.4.5")
+    assert rsp.status_code == 409
+    failed = rsp.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [st.DATASET_MISMATCH] * 2
+    assert {f["00081155"]["Value"][0] for f in failed} == {ds.SOPInstanceUID for ds in series}
+    assert instances(node) == []
+
+
+def test_study_in_url_matching_is_stored(node):
+    series = _series(2)
+    rsp = stow(node, [("application/dicom", part10(ds)) for ds in series], study=series[0].StudyInstanceUID)
+    assert rsp.status_code == 200 and len(instances(node)) == 2
+
+
+def test_truncated_part_is_refused(node):
+    raw = part10(_series(1)[0])
+    rsp = stow(node, [("application/dicom", raw[:-50])])
+    assert rsp.status_code == 409
+    assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [st.CANNOT_UNDERSTAND]
+    assert list((node.settings.data_dir / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("content_type", ["application/dicom", "application/json",
+                                          'multipart/related; type="application/dicom+json"; boundary=x'])
+def test_unsupported_media_type_answers_415(node, content_type):
+    rsp = stow(node, [("application/dicom", part10(_series(1)[0]))], content_type=content_type)
+    assert rsp.status_code == 415
+
+
+def test_bad_requests_answer_400(node):
+    url = f"http://127.0.0.1:{node.http_port}/dicom-web/studies"
+    no_boundary = httpx.post(url, content=b"x", headers={"Content-Type": 'multipart/related; type="application/dicom"'})
+    assert no_boundary.status_code == 400
+    no_parts = httpx.post(url, content=b"--b--\r\n", headers={"Content-Type": "multipart/related; boundary=b"})
+    assert no_parts.status_code == 400
+    cut = httpx.post(url, content=b"--b\r\nContent-Type: application/dicom\r\n\r\nabc",
+                     headers={"Content-Type": "multipart/related; boundary=b"})
+    assert cut.status_code == 400
+    assert list((node.settings.data_dir / "tmp").iterdir()) == []
+    bad_study = stow(node, [("application/dicom", part10(_series(1)[0]))], study="1.2.x")
+    assert bad_study.status_code == 400
+
+
+def test_bearer_token(start_node):
+    node = start_node(http={"token": "s3cret"})
+    parts = [("application/dicom", part10(_series(1)[0]))]
+    assert stow(node, parts).status_code == 401
+    wrong = stow(node, parts, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies").status_code == 401
+    assert stow(node, parts, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert sum(1 for e in audit_events(node) if e.event_id == "110113") == 3
+
+
+def test_disk_below_floor_answers_503(node):
+    node.store.floor_mb = 10**9
+    rsp = stow(node, [("application/dicom", part10(_series(1)[0]))])
+    assert rsp.status_code == 503 and rsp.headers["retry-after"]
+    assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [st.OUT_OF_RESOURCES]
