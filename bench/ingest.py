@@ -1,0 +1,160 @@
+"""Ingest benchmark: the same CT slices sent with dcmtk's storescu (TCP_NODELAY=1, one association)
+to dcmtk's storescp (the anchor), to Orthanc and to segnode, in one run.
+
+Prints instances/s for each, the ratio segnode/storescp with fsync on (segnode's default), the
+same with fsync off (what the software costs without the disk), and segnode's resident memory
+while a 1000-slice study arrives. The last line is one JSON object.
+
+    python bench/ingest.py [--slices 300] [--rounds 3] [--big 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node.peers import free_port, orthanc, storescp  # noqa: E402
+from node.testdata import write_ct_series  # noqa: E402
+from node.tools import dcmtk  # noqa: E402
+
+log = logging.getLogger("bench.ingest")
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def send(port: int, aec: str, files: list[Path]) -> float:
+    """Wall time of one storescu run sending every file over one association."""
+    start = time.perf_counter()
+    subprocess.run([dcmtk("storescu"), "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
+                   check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+class RssSampler:
+    """Samples a process's resident memory every 10 ms on a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc, self.samples = psutil.Process(pid), []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.proc.memory_info().rss / 2**20))
+            time.sleep(0.01)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def segnode(data_dir: Path, fsync: bool) -> Iterator[tuple[int, int]]:
+    """segnode as its own process (as deployed); yields (dimse port, pid)."""
+    dimse, http = free_port(), free_port()
+    cfg = data_dir.with_suffix(".yaml")
+    cfg.write_text(f"storage: {{fsync: {str(fsync).lower()}, free_space_floor_mb: 0, free_space_watermark_mb: 0}}\n"
+                   "log_level: WARNING\n")
+    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg), "--data-dir", str(data_dir),
+                             "--dimse-port", str(dimse), "--http-port", str(http)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("segnode did not start")
+            time.sleep(0.1)
+    try:
+        yield dimse, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big", type=int, default=1000, help="slices of the memory run (0 to skip)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="segnode-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        files = write_ct_series(work / "ct", n_slices=args.slices, rows=512, cols=512, seed=42)
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
+        log.info("ingest: %d CT slices 512x512 16-bit (%.0f MB), storescu TCP_NODELAY=1, one association, "
+                 "median of %d rounds", len(files), size_mb, args.rounds)
+        times: dict[str, list[float]] = {"storescp": [], "orthanc": [], "segnode": [], "segnode_nofsync": []}
+        peak_rss: list[float] = []
+        for r in range(args.rounds):
+            with storescp(work / f"scp{r}") as port:
+                times["storescp"].append(send(port, "STORESCP", files))
+            with orthanc(work / f"orthanc{r}", dicomweb=False) as pacs:
+                times["orthanc"].append(send(pacs.dicom_port, pacs.aet, files))
+            for key, fsync in (("segnode", True), ("segnode_nofsync", False)):
+                with segnode(work / f"{key}{r}", fsync) as (port, pid):
+                    with RssSampler(pid) as rss:
+                        times[key].append(send(port, "SEGNODE", files))
+                    if fsync:
+                        peak_rss.append(max(m for _, m in rss.samples))
+            for d in work.glob(f"*{r}"):
+                subprocess.run(["rm", "-rf", str(d)], check=True)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ips = {k: len(files) / v for k, v in med.items()}
+        labels = {"storescp": "dcmtk storescp (anchor, no fsync)", "orthanc": "Orthanc 1.10 (SyncStorageArea on)",
+                  "segnode": "segnode (fsync on, default)", "segnode_nofsync": "segnode (fsync off)"}
+        for key, label in labels.items():
+            runs = ", ".join(f"{t:.2f}" for t in times[key])
+            log.info("  %-36s %6.2f s  %6.0f inst/s   (runs: %s s)", label, med[key], ips[key], runs)
+        ratio = ips["segnode"] / ips["storescp"]
+        log.info("  ratio segnode/storescp: %.2f with fsync, %.2f without (goal >= 0.5 with fsync)", ratio,
+                 ips["segnode_nofsync"] / ips["storescp"])
+
+        result = {"ratio": round(ratio, 3), "ratio_nofsync": round(ips["segnode_nofsync"] / ips["storescp"], 3),
+                  "instances": len(files), **{f"{k}_ips": round(v, 1) for k, v in ips.items()},
+                  "segnode_peak_rss_mb": round(max(peak_rss), 1)}
+        if args.big:
+            big = write_ct_series(work / "big", n_slices=args.big, rows=512, cols=512, seed=43)
+            with segnode(work / "bigrun", True) as (port, pid):
+                idle = psutil.Process(pid).memory_info().rss / 2**20
+                with RssSampler(pid) as rss:
+                    elapsed = send(port, "SEGNODE", big)
+            samples = rss.samples
+            t0, t1 = samples[0][0], samples[-1][0]
+            quarter = [m for t, m in samples if t <= t0 + (t1 - t0) * 0.25]
+            last = [m for t, m in samples if t >= t0 + (t1 - t0) * 0.75]
+            growth = max(last) - max(quarter)
+            log.info("  memory, %d slices (%.0f MB) in %.1f s: idle %.0f MB, peak %.0f MB, "
+                     "peak in last quarter minus peak in first quarter %+.1f MB", len(big),
+                     sum(f.stat().st_size for f in big) / 2**20, elapsed, idle, max(m for _, m in samples), growth)
+            result.update(big_slices=len(big), big_idle_rss_mb=round(idle, 1),
+                          big_peak_rss_mb=round(max(m for _, m in samples), 1), big_rss_growth_mb=round(growth, 1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Real DICOM peers on loopback for tests, the demo and benchmarks: Orthanc (with DICOMweb) and
+dcmtk's storescp, each started from a temporary directory on free ports and stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from node.tools import ToolMissing, dcmtk
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout} s")
+
+
+class Orthanc:
+    """A running Orthanc: its ports, AE title and REST base URL."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", peers: dict[str, tuple[str, str, int]] | None = None,
+                 dicomweb: bool = True) -> None:
+        if not Path(ORTHANC).exists():
+            raise ToolMissing("Orthanc not found; install it with: apt-get install -y orthanc orthanc-dicomweb")
+        self.workdir, self.aet = workdir, aet
+        self.dicom_port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "segnode-test-orthanc",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {name: list(v) for name, v in (peers or {}).items()},
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb and Path(DICOMWEB_PLUGIN).exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 2,
+        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Orthanc":
+        log = (self.workdir / "orthanc.log").open("wb")
+        # Orthanc's DICOM stack is DCMTK: without TCP_NODELAY=1 each message stalls ~40 ms (Nagle)
+        self.proc = subprocess.Popen([ORTHANC, str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
+                                     cwd=self.workdir, env=dict(os.environ, TCP_NODELAY="1"))
+        _wait_port(self.http_port, self.proc, "Orthanc")
+        _wait_port(self.dicom_port, self.proc, "Orthanc")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/system", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("Orthanc REST API did not answer")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextmanager
+def orthanc(workdir: Path, **kwargs: object) -> Iterator[Orthanc]:
+    server = Orthanc(workdir, **kwargs).start()  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def storescp(workdir: Path, aet: str = "STORESCP") -> Iterator[int]:
+    """dcmtk's storescp writing into workdir; yields its port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", aet, "-od", str(workdir), "-q",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TCP_NODELAY="1"))
+    try:
+        _wait_port(port, proc, "storescp")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def have_orthanc() -> bool:
+    return Path(ORTHANC).exists() and shutil.which(ORTHANC) is not None
