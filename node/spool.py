@@ -12,13 +12,9 @@ import hashlib
 import os
 import shutil
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from node.dicom.uids import is_valid_uid
-
-# fsync releases the GIL: running it here lets the receiving thread validate the dataset meanwhile.
-_SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
 
 class SpoolWriter:
@@ -47,10 +43,6 @@ class SpoolWriter:
             os.close(self.fd)
             self.fd = -1
         return self.hash.hexdigest()
-
-    def finish_async(self) -> "Future[str]":
-        """`finish` on a helper thread; the caller may work on the file meanwhile."""
-        return _SYNC_POOL.submit(self.finish)
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -323,15 +323,16 @@ class Association:
         else:
             writer, self.writer = self.writer, None
             assert writer is not None
-            syncing = writer.finish_async()
             rec = Received(writer.path, "", writer.size, self.contexts[self.msg_context].transfer_syntax,
                            self.dataset_offset)
-            refusal = self.store.identify(rec, sop_class, sop_instance)  # runs while fsync does
             try:
-                rec.sha256 = syncing.result()
+                rec.sha256 = writer.finish()
             except OSError as exc:
                 writer.abort()
-                refusal = Result(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}", "failed", sop_class, sop_instance)
+                refusal: Result | None = Result(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}", "failed",
+                                                sop_class, sop_instance)
+            else:
+                refusal = self.store.identify(rec, sop_class, sop_instance)
             result = self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
         self._respond(dimse.response(dimse.C_STORE_RSP, message_id, sop_class, result.status,
                                      sop_instance, result.comment))
