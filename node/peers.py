@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -44,7 +43,7 @@ class Orthanc:
     """A running Orthanc: its ports, AE title and REST base URL."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", peers: dict[str, tuple[str, str, int]] | None = None,
-                 dicomweb: bool = True) -> None:
+                 dicomweb: bool = True, dicomweb_servers: dict[str, str] | None = None) -> None:
         if not Path(ORTHANC).exists():
             raise ToolMissing("Orthanc not found; install it with: apt-get install -y orthanc orthanc-dicomweb")
         self.workdir, self.aet = workdir, aet
@@ -60,7 +59,8 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomModalities": {name: list(v) for name, v in (peers or {}).items()},
             "Plugins": [DICOMWEB_PLUGIN] if dicomweb and Path(DICOMWEB_PLUGIN).exists() else [],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
+                         "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()}},
             "StableAge": 2,
         }
         workdir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,3 @@ def storescp(workdir: Path, aet: str = "STORESCP") -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-
-
-def have_orthanc() -> bool:
-    return Path(ORTHANC).exists() and shutil.which(ORTHANC) is not None
