@@ -9,11 +9,12 @@ for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthan
 done
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(dicomweb)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages (missing: ${need_apt[*]})"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql docker-compose >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

@@ -1,0 +1,20 @@
+# segnode node image. Build: docker compose build
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dcmtk dicom3tools \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home --home-dir /home/segnode segnode \
+ && mkdir -p /data && chown segnode /data
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY node ./node
+RUN pip install --no-cache-dir .
+
+USER segnode
+VOLUME /data
+EXPOSE 11112 8080
+HEALTHCHECK --interval=30s --timeout=5s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"
+CMD ["segnode", "serve", "--config", "/etc/segnode/segnode.yaml"]

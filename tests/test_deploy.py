@@ -1,0 +1,34 @@
+"""The files users deploy with: docker-compose.yml, the container config, the test PACS config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from node.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_file_is_valid():
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is installed by scripts/setup.sh"
+    result = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_container_config_and_pacs_config_agree():
+    settings = load_settings(ROOT / "docker" / "segnode.yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    pacs = json.loads((ROOT / "orthanc" / "orthanc.json").read_text())
+    assert settings.dimse.host == "0.0.0.0" and settings.http.host == "0.0.0.0"
+    assert pacs["DicomModalities"]["segnode"] == [settings.dimse.ae_title, "segnode", settings.dimse.port]
+    assert pacs["DicomWeb"]["Servers"]["segnode"] == [f"http://segnode:{settings.http.port}/dicom-web/"]
+    assert any(p.ae_title == pacs["DicomAet"] for p in settings.dimse.allowed_peers or [])
+    ports = compose["services"]["segnode"]["ports"]
+    assert f"{settings.dimse.port}:{settings.dimse.port}" in ports and f"{settings.http.port}:{settings.http.port}" in ports
