@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import Engine, select
 
@@ -143,7 +143,8 @@ class StoreService:
             objs.setdefault("study_uid", rec.ids.study_uid)
         self.record(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_CREATE, audit.SERIOUS_FAILURE,
                                 peer.actor(), objs, result.status, result.comment))
-        log.warning("refused an instance from %s: status 0x%04X, %s", peer.label(), result.status, result.comment)
+        log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
+                    st.HINTS.get(result.status, ""))
         return result
 
     def record_security(self, peer: Peer, detail: str) -> None:
@@ -171,8 +172,7 @@ class StoreService:
         now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         pkey = audit.patient_key(self.secret, ids.patient_id, ids.issuer_of_patient_id)
         with self.trail.lock:
-            placed: Path | None = None
-            outcome = ""
+            undo: list[Callable[[], object]] = []  # file moves to reverse if the transaction fails
             try:
                 with self.db.transaction() as tx:
                     found = tx.first(INSTANCES, ("id", "sha256", "path", "version"), "sop_instance_uid",
@@ -189,11 +189,14 @@ class StoreService:
                                       source=peer.label()[:200], received_at=now)
                         if row is None:
                             placed = self.spool.place(rec.tmp_path, relative)
+                            undo.append(lambda: placed.unlink(missing_ok=True))
                             tx.insert(INSTANCES, dict(values, sop_instance_uid=ids.sop_instance_uid, version=1))
                             outcome, action, detail = "stored", audit.ACTION_CREATE, ""
                         else:
                             aside = self.spool.set_aside(row.path, ids.sop_instance_uid, row.version, row.sha256)
+                            undo.append(lambda: os.replace(self.spool.root / aside, self.spool.root / row.path))
                             placed = self.spool.place(rec.tmp_path, relative)
+                            undo.append(lambda: placed.unlink(missing_ok=True))
                             tx.insert(SUPERSEDED, dict(sop_instance_uid=ids.sop_instance_uid, version=row.version,
                                                        path=aside, sha256=row.sha256, superseded_at=now))
                             tx.update(INSTANCES, row.id, dict(values, version=row.version + 1))
@@ -204,8 +207,11 @@ class StoreService:
                                                         peer.actor(), dict(objects, patient_key=pkey), st.SUCCESS, detail))
             except Exception as exc:
                 self.trail.rolled_back()
-                if placed is not None and outcome == "stored":
-                    placed.unlink(missing_ok=True)  # not indexed, not acknowledged: leave no orphan
+                for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old
+                    try:
+                        step()
+                    except OSError:
+                        log.exception("could not undo a file move after a failed commit")
                 rec.tmp_path.unlink(missing_ok=True)
                 log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
                 return self.refuse(peer, Result(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}", "failed",
@@ -218,26 +224,30 @@ class StoreService:
 
     # -- recovery -------------------------------------------------------------------------------
     def reconcile(self) -> int:
-        """Index spool files a crash left unindexed (placed, not yet committed); drop temp files."""
+        """Index spool files a crash left unindexed (placed, not yet committed); drop temp files.
+
+        A temp file was never acknowledged, so it goes. A placed file may have been acknowledged
+        (the index commit is not fsynced, the spool is), so it is validated and indexed.
+        """
         dropped = self.spool.clean_tmp()
         with self.engine.connect() as conn:
             known = set(conn.execute(select(Instance.path)).scalars())
         recovered = 0
+        peer = Peer("recovery", "localhost")
         for path in sorted(self.spool.objects.rglob("*.dcm")):
             relative = path.relative_to(self.spool.root).as_posix()
             if relative in known:
                 continue
-            head = path.read_bytes()[:65536]
-            meta = parse_meta(head)
-            if meta is None:
-                log.error("spool file %s has no readable file meta; moved to superseded/", relative)
-                os.replace(path, self.spool.superseded / f"unreadable.{path.name}")
-                continue
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            with open(path, "rb") as f:
+                meta = parse_meta(f.read(65536))
+                f.seek(0)
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
             tmp = self.spool.tmp / f"recover.{path.name}"
             os.replace(path, tmp)
+            if meta is None:
+                self.refuse(peer, Result(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta", "failed"))
+                continue
             rec = Received(tmp, sha, tmp.stat().st_size, meta.transfer_syntax_uid, meta.dataset_offset)
-            peer = Peer("recovery", "localhost")
             refusal = self.identify(rec)
             result = self.refuse(peer, refusal, rec) if refusal else self.commit(rec, peer)
             recovered += result.status == st.SUCCESS

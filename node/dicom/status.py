@@ -18,3 +18,13 @@ NAMES = {
     MISSING_IDENTIFIER: "Cannot understand: identifier missing",
     INVALID_UID: "Cannot understand: invalid UID",
 }
+
+# What the operator or the sender should do about each refusal (goes into the log line).
+HINTS = {
+    SOP_CLASS_NOT_SUPPORTED: "the sender put the instance on the wrong presentation context; check its configuration",
+    OUT_OF_RESOURCES: "free disk space in the data directory or check the database; the sender may retry",
+    DATASET_MISMATCH: "the sender's command and dataset disagree (or the study is not the one addressed); fix the sender",
+    CANNOT_UNDERSTAND: "the sender must resend a complete DICOM dataset",
+    MISSING_IDENTIFIER: "the instance lacks a required UID; fix it at the source",
+    INVALID_UID: "the instance carries a malformed UID; fix it at the source",
+}

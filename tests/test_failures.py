@@ -1,0 +1,123 @@
+"""Failures inside the node: storage errors, timeouts, the association limit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from node.dicom import status as st
+from node.spool import Spool
+from tests.conftest import audit_events, echo_ok, echoscu, instances, storescu
+
+
+def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch):
+    def broken_place(self, tmp_path, relative):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "place", broken_place)
+    result = storescu(node.dimse.port, ct_files[:2], "-v", "--no-halt")
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
+    assert instances(node) == []
+    data = node.settings.data_dir
+    assert [p for p in data.rglob("*") if p.is_file() and p.parent.name not in ("", data.name)
+            and p.suffix in (".dcm", ".part")] == []
+    assert sum(1 for e in audit_events(node) if e.status == st.OUT_OF_RESOURCES) == 2
+    monkeypatch.undo()
+    assert storescu(node.dimse.port, ct_files[:2]).returncode == 0 and len(instances(node)) == 2
+
+
+def test_database_failure_answers_a700_and_removes_the_placed_file(node, ct_files, monkeypatch):
+    from node.db import fast
+
+    real_insert = fast.Tx.insert
+
+    def failing_insert(self, table, values):
+        if table.name == "instances":
+            raise RuntimeError("database unavailable")
+        return real_insert(self, table, values)
+
+    monkeypatch.setattr(fast.Tx, "insert", failing_insert)
+    result = storescu(node.dimse.port, ct_files[:1], "-v")
+    assert "Refused: OutOfResources" in result.stdout + result.stderr
+    assert not list((node.settings.data_dir / "spool").rglob("*.dcm"))
+    assert list((node.settings.data_dir / "tmp").iterdir()) == []
+
+
+def test_studies_cli_prints_what_the_api_returns(node, ct_files):
+    assert storescu(node.dimse.port, ct_files).returncode == 0
+    api = httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies", timeout=10).json()
+    cli = subprocess.run([sys.executable, "-m", "node", "studies", "--data-dir", str(node.settings.data_dir)],
+                         capture_output=True, text=True, timeout=60)
+    import json
+
+    assert cli.returncode == 0 and json.loads(cli.stdout) == api
+    assert api[0]["series"][0]["instances"] == len(ct_files)
+
+
+def test_silent_connection_is_closed_after_the_acse_timeout(start_node):
+    node = start_node(dimse={"acse_timeout": 0.5})
+    sock = socket.create_connection(("127.0.0.1", node.dimse.port), timeout=10)
+    start = time.monotonic()
+    data = sock.recv(100)  # nothing sent: the node gives up on us
+    assert time.monotonic() - start < 5
+    assert data in (b"",) or data[0] == 0x07  # closed, or an A-ABORT first
+    sock.close()
+    assert echo_ok(node)
+
+
+def test_stalled_association_is_aborted_after_the_network_timeout(start_node):
+    node = start_node(dimse={"network_timeout": 0.5})
+    ae = AE("STALLER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert echo_ok(node)
+
+
+def test_associations_over_the_limit_are_rejected_transiently(start_node):
+    node = start_node(dimse={"max_associations": 1})
+    ae = AE("HOLDER")
+    ae.add_requested_context(CTImageStorage)
+    held = ae.associate("127.0.0.1", node.dimse.port, ae_title="SEGNODE")
+    assert held.is_established
+    second = echoscu(node.dimse.port)
+    assert second.returncode != 0 and "Local Limit Exceeded" in second.stdout + second.stderr
+    held.release()
+    deadline = time.monotonic() + 5
+    while not echo_ok(node):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_failed_overwrite_restores_the_previous_version(node, ct_files, tmp_path, monkeypatch):
+    from pydicom import dcmread
+
+    from node.db import fast
+
+    assert storescu(node.dimse.port, ct_files[:1]).returncode == 0
+    before = instances(node)[0]
+    original = (node.settings.data_dir / before.path).read_bytes()
+    ds = dcmread(ct_files[0])
+    ds.SeriesDescription = "changed"
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+    monkeypatch.setattr(fast.Tx, "update", lambda self, table, row_id, values: (_ for _ in ()).throw(
+        RuntimeError("database unavailable")))
+    result = storescu(node.dimse.port, [changed], "-v")
+    assert "Refused: OutOfResources" in result.stdout + result.stderr
+    after = instances(node)[0]
+    assert after.sha256 == before.sha256 and after.version == 1
+    assert (node.settings.data_dir / after.path).read_bytes() == original
+    assert list((node.settings.data_dir / "superseded").iterdir()) == []

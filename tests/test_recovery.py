@@ -1,0 +1,41 @@
+"""Start-up recovery: what a crash can leave behind is resolved before the listeners open."""
+
+from __future__ import annotations
+
+import shutil
+
+from node.service import Node
+from tests.conftest import audit_events, instances, make_settings
+
+
+def test_restart_indexes_placed_files_and_drops_partial_ones(tmp_path, ct_files):
+    settings = make_settings(tmp_path / "data")
+    node = Node(settings)
+    node.start(http=False)
+    node.stop()
+    # As a crash would leave them: a file renamed into the spool but not indexed (it may have been
+    # acknowledged), a half-written temp file (never acknowledged), and a broken file in the spool.
+    from pydicom import dcmread
+
+    ds = dcmread(ct_files[0])
+    placed = settings.data_dir / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    placed.parent.mkdir(parents=True)
+    shutil.copy(ct_files[0], placed)
+    (settings.data_dir / "tmp" / "abc.part").write_bytes(ct_files[1].read_bytes()[:1000])
+    broken = settings.data_dir / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(ct_files[2].read_bytes()[:3000])
+
+    node = Node(settings)
+    node.start(http=False)
+    try:
+        rows = instances(node)
+        assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID]
+        assert (settings.data_dir / rows[0].path).read_bytes() == ct_files[0].read_bytes()
+        assert list((settings.data_dir / "tmp").iterdir()) == []
+        assert not broken.exists()
+        events = audit_events(node)
+        assert any('"protocol":"recovery"' in e.actor and e.outcome == 0 for e in events)
+        assert any('"protocol":"recovery"' in e.actor and e.status == 0xC210 for e in events)
+    finally:
+        node.stop()
