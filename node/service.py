@@ -39,7 +39,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(settings.db_url)
+        self.engine = make_engine(settings.db_url, durable=settings.storage.fsync)
         migrate(self.engine)
         self.spool = Spool(settings.data_dir, fsync=settings.storage.fsync)
         self.trail = audit.AuditTrail()

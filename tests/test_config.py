@@ -73,3 +73,14 @@ def test_serve_runs_with_flags_and_no_config_file(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_sqlite_commits_are_fsynced_when_storage_fsync_is_on(tmp_path):
+    from node.db.session import make_engine
+
+    for durable, expected in ((True, 2), (False, 1)):  # PRAGMA synchronous: 2 = FULL, 1 = NORMAL
+        engine = make_engine(f"sqlite:///{tmp_path}/x{durable}.db", durable=durable)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()

@@ -1,8 +1,9 @@
 """Engine creation and migrations at start.
 
-SQLite runs in WAL mode with synchronous=NORMAL: a committed row survives a process crash, and
-the spool (fsynced before any acknowledgement) is the durable record the index is reconciled
-from after a power loss.
+SQLite runs in WAL mode. With `durable` (storage.fsync, the default) every commit is fsynced
+(synchronous=FULL), so an acknowledged instance's index row and audit event survive a power loss,
+not just a process crash; without it (synchronous=NORMAL) they survive a process crash and the
+start-up recovery re-indexes the spool after a power loss.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, durable: bool = True) -> Engine:
     if url.startswith("sqlite"):
+        synchronous = "FULL" if durable else "NORMAL"
+
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
