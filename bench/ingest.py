@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.peers import free_port, orthanc, storescp  # noqa: E402
+from node.peers import orthanc, start_node_process, storescp  # noqa: E402
 from node.testdata import write_ct_series  # noqa: E402
 from node.tools import dcmtk  # noqa: E402
 
@@ -93,26 +92,14 @@ class RssSampler:
 @contextmanager
 def segnode(data_dir: Path, fsync: bool) -> Iterator[tuple[int, int]]:
     """segnode as its own process (as deployed); yields (dimse port, pid)."""
-    dimse, http = free_port(), free_port()
     cfg = data_dir.with_suffix(".yaml")
     cfg.write_text(f"storage: {{fsync: {str(fsync).lower()}, free_space_floor_mb: 0, free_space_watermark_mb: 0}}\n"
                    "log_level: WARNING\n")
-    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(cfg), "--data-dir", str(data_dir),
-                             "--dimse-port", str(dimse), "--http-port", str(http)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("segnode did not start")
-            time.sleep(0.1)
+    node = start_node_process(data_dir, "--config", str(cfg))
     try:
-        yield dimse, proc.pid
+        yield node.dimse_port, node.proc.pid
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        node.stop()
 
 
 def main() -> int:

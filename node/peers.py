@@ -7,10 +7,12 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import httpx
 
@@ -24,6 +26,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200; fail early if the process exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not answer {url} within {timeout} s")
+
+
+@dataclass
+class NodeProcess:
+    """`segnode serve` as its own process, as it is deployed."""
+
+    proc: subprocess.Popen[bytes]
+    dimse_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+def start_node_process(data_dir: Path, *args: str, dimse_port: int | None = None, http_port: int | None = None,
+                       stderr: int | IO[bytes] | None = subprocess.DEVNULL,
+                       env: dict[str, str] | None = None) -> NodeProcess:
+    """Start `segnode serve` on free (or given) ports and wait until its HTTP side answers."""
+    dimse, http = dimse_port or free_port(), http_port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--data-dir", str(data_dir), "--dimse-port",
+                             str(dimse), "--http-port", str(http), *args], stderr=stderr, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{http}/healthz", proc, "segnode")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return NodeProcess(proc, dimse, http)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
@@ -73,17 +124,9 @@ class Orthanc:
         # Orthanc's DICOM stack is DCMTK: without TCP_NODELAY=1 each message stalls ~40 ms (Nagle)
         self.proc = subprocess.Popen([ORTHANC, str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
                                      cwd=self.workdir, env=dict(os.environ, TCP_NODELAY="1"))
-        _wait_port(self.http_port, self.proc, "Orthanc")
+        wait_http(f"{self.url}/system", self.proc, "Orthanc")
         _wait_port(self.dicom_port, self.proc, "Orthanc")
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/system", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("Orthanc REST API did not answer")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

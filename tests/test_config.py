@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from node.config import ConfigError, load_settings
+from node.peers import start_node_process
 from tests.conftest import echoscu
 
 
@@ -47,32 +45,16 @@ def test_flags_override_the_file(tmp_path):
     assert s.dimse.ae_title == "FROMFLAG" and s.dimse.port == 104 and s.http.port == 9000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_runs_with_flags_and_no_config_file(tmp_path):
-    dimse, http = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "SEGNODE_CONFIG"}
-    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--data-dir", str(tmp_path / "d"),
-                             "--dimse-port", str(dimse), "--http-port", str(http), "--ae-title", "FLAGNODE"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    node = start_node_process(tmp_path / "d", "--ae-title", "FLAGNODE", stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        assert echoscu(dimse, aec="FLAGNODE").returncode == 0
+        assert echoscu(node.dimse_port, aec="FLAGNODE").returncode == 0
         assert (tmp_path / "d" / "segnode.db").exists()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+        node.proc.send_signal(signal.SIGTERM)
+        _, err = node.proc.communicate(timeout=30)
+    assert node.proc.returncode == 0, err
 
 
 def test_sqlite_commits_are_fsynced_when_storage_fsync_is_on(tmp_path):

@@ -4,48 +4,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pydicom.uid import CTImageStorage
 
+from node.peers import start_node_process
 from node.testdata import ct_series
 from tests.conftest import dataset_bytes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(data_dir: Path, dimse: int, http: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "node", "serve", "--data-dir", str(data_dir), "--dimse-port",
-                             str(dimse), "--http-port", str(http)], stderr=log.open("ab"))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"node did not start: {log.read_text()[-2000:]}")
-
-
 def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
     data_dir, log = tmp_path / "data", tmp_path / "node.log"
-    dimse, http = _free_port(), _free_port()
     series = list(ct_series(n_slices=1000, rows=24, cols=24, seed=1234, patient_name="Crash^Test"))
-    proc = _serve(data_dir, dimse, http, log)
+    node = start_node_process(data_dir, stderr=log.open("ab"))
+    proc, dimse, http = node.proc, node.dimse_port, node.http_port
 
     acked: list[str] = []
     kill_after = 400
@@ -69,7 +48,7 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert kill_after <= len(acked) < len(series), "the kill did not land mid-series"
 
-    proc = _serve(data_dir, dimse, http, log)  # restart: recovery runs before listening
+    node = start_node_process(data_dir, dimse_port=dimse, http_port=http, stderr=log.open("ab"))  # recovery first
     try:
         with sqlite3.connect(data_dir / "segnode.db") as db:
             rows = dict(db.execute("SELECT sop_instance_uid, path FROM instances").fetchall())
@@ -90,6 +69,5 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
         studies = httpx.get(f"http://127.0.0.1:{http}/api/studies", timeout=10).json()
         assert studies[0]["series"][0]["instances"] == 1000
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        node.stop()
     assert "Crash^Test" not in log.read_text()
