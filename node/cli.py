@@ -106,8 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from node.tools import dcmtk
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
-    settings = load_settings(None, {"data_dir": str(data_dir), "dimse": {"port": 0}, "http": {"port": 0},
-                                    "log_level": "WARNING"})
+    settings = load_settings(None, {"data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
+                                    "dimse": {"port": 0, "allowed_peers": [{"ae_title": "DEMO_CT",
+                                                                            "hosts": ["127.0.0.1/32"]}]}})
     _setup_logging(settings.log_level)
     node = Node(settings)
     node.start()

@@ -51,6 +51,8 @@ class PeerRule(_Model):
         if self.ae_title not in ("*", ae_title):
             return False
         addr = ipaddress.ip_address(ip)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
         return any(addr in ipaddress.ip_network(h, strict=False) for h in self.hosts)
 
 

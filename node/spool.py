@@ -9,12 +9,15 @@ Layout under the data directory:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 from node.dicom.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
 
 
 class SpoolWriter:
@@ -105,6 +108,9 @@ class Spool:
     def set_aside(self, relative: str, sop_uid: str, version: int, sha256: str) -> str:
         """Move an older version out of the way; return its new relative path."""
         target = f"superseded/{sop_uid}.v{version}.{sha256[:16]}.dcm"
+        if not (self.root / relative).exists():
+            log.error("the stored file %s of version %d is missing; nothing to keep aside", relative, version)
+            return f"missing:{relative}"
         os.replace(self.root / relative, self.root / target)
         self._fsync_dir(self.superseded)
         return target

@@ -21,8 +21,6 @@ from sqlalchemy import Engine, select
 from node.audit import trail as audit
 from node.db.fast import FastDB
 from node.db.models import Instance, SupersededInstance
-
-INSTANCES, SUPERSEDED = Instance.__table__, SupersededInstance.__table__
 from node.dicom import status as st
 from node.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from node.dicom.part10 import parse_meta
@@ -30,6 +28,7 @@ from node.dicom.uids import is_valid_uid
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
+INSTANCES, SUPERSEDED = Instance.__table__, SupersededInstance.__table__
 
 
 @dataclass
@@ -44,7 +43,7 @@ class _Row:
 class Peer:
     """Who sent it: enough for the audit trail, nothing about the patient."""
 
-    protocol: str  # "dimse" or "stow"
+    protocol: str  # "dimse", "stow", "http", "recovery" or "local"
     host: str
     port: int = 0
     ae_title: str = ""
@@ -141,8 +140,11 @@ class StoreService:
             objs.setdefault("sop_instance_uid", result.sop_instance_uid)
         if rec is not None and rec.ids.study_uid and is_valid_uid(rec.ids.study_uid):
             objs.setdefault("study_uid", rec.ids.study_uid)
-        self.record(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_CREATE, audit.SERIOUS_FAILURE,
-                                peer.actor(), objs, result.status, result.comment))
+        try:
+            self.record(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_CREATE, audit.SERIOUS_FAILURE,
+                                    peer.actor(), objs, result.status, result.comment))
+        except Exception:  # the sender still gets its status; the operator gets the reason
+            log.exception("could not write the audit event for a refused instance; check the database")
         log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
                     st.HINTS.get(result.status, ""))
         return result
@@ -194,7 +196,8 @@ class StoreService:
                             outcome, action, detail = "stored", audit.ACTION_CREATE, ""
                         else:
                             aside = self.spool.set_aside(row.path, ids.sop_instance_uid, row.version, row.sha256)
-                            undo.append(lambda: os.replace(self.spool.root / aside, self.spool.root / row.path))
+                            if not aside.startswith("missing:"):
+                                undo.append(lambda: os.replace(self.spool.root / aside, self.spool.root / row.path))
                             placed = self.spool.place(rec.tmp_path, relative)
                             undo.append(lambda: placed.unlink(missing_ok=True))
                             tx.insert(SUPERSEDED, dict(sop_instance_uid=ids.sop_instance_uid, version=row.version,

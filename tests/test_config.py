@@ -66,3 +66,14 @@ def test_sqlite_commits_are_fsynced_when_storage_fsync_is_on(tmp_path):
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         engine.dispose()
+
+
+def test_allow_list_rules_match_address_and_ae_title():
+    from node.config import PeerRule
+
+    rule = PeerRule(ae_title="CT01", hosts=["10.1.0.0/16"])
+    assert rule.matches("CT01", "10.1.2.3")
+    assert rule.matches("CT01", "::ffff:10.1.2.3")  # IPv4 peer seen by a dual-stack listener
+    assert not rule.matches("CT02", "10.1.2.3")
+    assert not rule.matches("CT01", "10.2.0.1")
+    assert PeerRule(ae_title="*", hosts=["::1/128"]).matches("ANY", "::1")

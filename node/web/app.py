@@ -41,6 +41,11 @@ def _boundary(content_type: str) -> str:
     return params["boundary"]
 
 
+def _peer(request: Request, protocol: str, user: str = "") -> Peer:
+    client = request.client
+    return Peer(protocol, client.host if client else "", client.port if client else 0, user=user)
+
+
 def create_app(node: "Node") -> FastAPI:
     app = FastAPI(title="segnode", version=__version__)
     token = node.settings.http.token
@@ -51,8 +56,7 @@ def create_app(node: "Node") -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token.get_secret_value()):
-            node.store.record_security(Peer("http", request.client.host if request.client else "", 
-                                            request.client.port if request.client else 0),
+            node.store.record_security(_peer(request, "http"),
                                        f"{request.method} {request.url.path}: missing or wrong bearer token")
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         return "bearer"
@@ -68,13 +72,11 @@ def create_app(node: "Node") -> FastAPI:
             return list_studies(conn)
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
-        user = authorize(request)
+        user = await run_in_threadpool(authorize, request)  # a refusal writes an audit event
         if study is not None and not is_valid_uid(study):
             raise HTTPException(400, "the study in the URL is not a valid UID")
         boundary = _boundary(request.headers.get("content-type", ""))
-        client = request.client
-        peer = Peer("stow", client.host if client else "", client.port if client else 0, user=user)
-        session = StowSession(node.store, boundary, peer, study)
+        session = StowSession(node.store, boundary, _peer(request, "stow", user), study)
         try:
             async for chunk in request.stream():
                 session.feed(chunk)
