@@ -86,9 +86,14 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit.trail import verify_connection
+    from node.service import audit_anchor
 
+    anchor = audit_anchor(_settings(args))
     with _open_engine(args).connect() as conn:
-        result = verify_connection(conn)
+        result = verify_connection(conn, anchor)
+    if not result.anchored:
+        print(f"note: no head anchor at {anchor}: events deleted from the end of the trail cannot be detected "
+              "(pass the node's --data-dir)")
     if result.ok:
         print(f"audit trail intact: {result.count} events, chain verified")
         return 0
@@ -129,7 +134,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with node.engine.connect() as conn:
             from node.audit.trail import verify_connection
 
-            ok = verify_connection(conn)
+            from node.service import audit_anchor
+
+            ok = verify_connection(conn, audit_anchor(settings))
             assert list_studies(conn) == studies
         print(f"audit trail: {ok.count} events, {'intact' if ok.ok else 'BROKEN'}")
         print(f"data directory: {data_dir}")

@@ -33,6 +33,11 @@ def load_secret(data_dir: Path) -> bytes:
     return path.read_bytes()
 
 
+def audit_anchor(settings: Settings) -> Path:
+    """Where the audit trail's head anchor lives: beside the data, whatever the database."""
+    return settings.data_dir / "audit.head"
+
+
 class Node:
     """A running segnode. `start()` recovers from any earlier crash before accepting anything."""
 
@@ -42,7 +47,7 @@ class Node:
         self.engine = make_engine(settings.db_url, durable=settings.storage.fsync)
         migrate(self.engine)
         self.spool = Spool(settings.data_dir, fsync=settings.storage.fsync)
-        self.trail = audit.AuditTrail()
+        self.trail = audit.AuditTrail(anchor=audit_anchor(settings))
         self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data_dir),
                                   settings.storage.free_space_floor_mb, settings.storage.free_space_watermark_mb)
         self.dimse = DimseServer(settings.dimse, self.store)
@@ -84,4 +89,5 @@ class Node:
         self.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SUCCESS,
                                       Peer("local", "localhost", ae_title=self.settings.dimse.ae_title).actor(),
                                       {}, None, f"segnode {__version__} stopped"))
+        self.trail.close()
         self.engine.dispose()

@@ -33,6 +33,7 @@ def test_intact_trail_verifies(trail):
     result = verify(trail)
     assert result.returncode == 0, result.stdout
     assert "intact: 8 events" in result.stdout  # started, 6 instances, stopped
+    assert "no head anchor" not in result.stdout
 
 
 def test_edited_event_is_named(trail):
@@ -82,3 +83,11 @@ def test_rehashed_forgery_still_breaks_the_chain(trail):
         db.execute("UPDATE audit_events SET detail = ?, hash = ? WHERE seq = 4", ("forged", digest))
     result = verify(trail)
     assert result.returncode == 1 and "event 5 does not follow" in result.stdout
+
+
+def test_events_deleted_from_the_end_are_named(trail):
+    with _db(trail) as db:
+        db.execute("DELETE FROM audit_events WHERE seq >= 7")
+    result = verify(trail)
+    assert result.returncode == 1
+    assert "events 7..8 are missing (deleted from the end of the trail)" in result.stdout

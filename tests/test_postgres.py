@@ -64,6 +64,7 @@ def test_node_on_postgresql(start_node, pg_url, ct_files, tmp_path):
     node.stop()
     cfg = tmp_path / "pg.yaml"
     cfg.write_text(f"database_url: {pg_url}\n")
-    verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--config", str(cfg)],
-                            capture_output=True, text=True, timeout=60)
+    verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--config", str(cfg), "--data-dir",
+                             str(node.settings.data_dir)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and f"{2 * len(ct_files) + 2} events" in verify.stdout, verify.stdout
+    assert "no head anchor" not in verify.stdout

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -63,12 +65,46 @@ def _digest(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+class HeadAnchor:
+    """The newest event's sequence number and hash, kept in a file beside the database.
+
+    The chain alone cannot show that its last events were deleted; the anchor can. One pwrite
+    per event (no fsync: after a power loss the anchor may lag the fsynced database, never lead
+    it). Someone able to rewrite both the table and this file defeats it; exporting events off
+    the machine (ATNA) is the answer to that.
+    """
+
+    SIZE = 100
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+
+    def write(self, seq: int, digest: str) -> None:
+        os.pwrite(self._fd, f"{seq} {digest}".ljust(self.SIZE - 1).encode() + b"\n", 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    @staticmethod
+    def read(path: Path) -> tuple[int, str] | None:
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text:
+            return None
+        seq, digest = text.split()
+        return int(seq), digest
+
+
 class AuditTrail:
     """Appends events inside the caller's transaction; one writer at a time keeps the chain linear."""
 
-    def __init__(self) -> None:
+    def __init__(self, anchor: Path | None = None) -> None:
         self.lock = threading.RLock()
         self._head: tuple[int, str] | None = None
+        self._anchor = HeadAnchor(anchor) if anchor is not None else None
 
     def append(self, tx: Tx, event: Event) -> int:
         """Write `event` in `tx`; the caller holds `self.lock` until commit, then calls `committed()`."""
@@ -97,6 +133,12 @@ class AuditTrail:
     def committed(self) -> None:
         """Advance the cached head once the transaction holding the last append has committed."""
         self._head = getattr(self, "_pending", self._head)
+        if self._anchor is not None and self._head is not None:
+            self._anchor.write(*self._head)
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor.close()
 
     def rolled_back(self) -> None:
         self._head = None  # reload from the database next time
@@ -107,11 +149,14 @@ class VerifyResult:
     ok: bool
     count: int
     problems: list[str]
+    anchored: bool = False
 
 
-def verify(rows: Iterable[Any]) -> VerifyResult:
-    """Walk the chain and name every event that was edited, deleted, inserted or reordered."""
+def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk the chain and name every event that was edited, deleted, inserted or reordered;
+    with the head anchor, also events deleted from the end."""
     problems: list[str] = []
+    seen: dict[int, str] = {}
     prev_hash, expected_seq, count = GENESIS, 1, 0
     for ev in rows:
         count += 1
@@ -128,8 +173,17 @@ def verify(rows: Iterable[Any]) -> VerifyResult:
                 f"event {ev.seq} does not follow the event before it (an event was inserted or deleted before it)"
             )
         prev_hash, expected_seq = ev.hash, ev.seq + 1
-    return VerifyResult(ok=not problems, count=count, problems=problems)
+        if anchor is not None and ev.seq == anchor[0]:
+            seen[ev.seq] = ev.hash
+    if anchor is not None:
+        last = expected_seq - 1
+        if anchor[0] > last:
+            problems.append(f"events {last + 1}..{anchor[0]} are missing (deleted from the end of the trail)")
+        elif anchor[0] in seen and seen[anchor[0]] != anchor[1]:
+            problems.append(f"event {anchor[0]} does not match the recorded head of the trail")
+    return VerifyResult(ok=not problems, count=count, problems=problems, anchored=anchor is not None)
 
 
-def verify_connection(conn: Connection) -> VerifyResult:
-    return verify(conn.execute(select(TABLE).order_by(TABLE.c.seq)))
+def verify_connection(conn: Connection, anchor_path: Path | None = None) -> VerifyResult:
+    anchor = HeadAnchor.read(anchor_path) if anchor_path is not None else None
+    return verify(conn.execute(select(TABLE).order_by(TABLE.c.seq)), anchor)
