@@ -105,9 +105,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a node, send a generated CT series with dcmtk's storescu as a modality would."""
+    from node.phantom.ct import CTOptions, generate_ct, write_phantom
     from node.queries import list_studies
     from node.service import Node
-    from node.testdata import write_ct_series
     from node.tools import dcmtk
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
@@ -119,7 +119,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     node.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            files = write_ct_series(Path(tmp), n_slices=args.slices, rows=256, cols=256, seed=args.seed)
+            phantom = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
+            files = write_phantom(phantom, Path(tmp))
+            print(f"abdominal CT phantom (seed {args.seed}): {len(files)} slices of 256x256, "
+                  f"{args.slice_spacing} mm apart, with its ground-truth labels")
             print(f"sending {len(files)} CT slices with storescu to {settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}")
             start = time.perf_counter()
             subprocess.run([dcmtk("storescu"), "-aec", settings.dimse.ae_title, "-aet", "DEMO_CT",
@@ -141,9 +144,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"audit trail: {ok.count} events, {'intact' if ok.ok else 'BROKEN'}")
         print(f"data directory: {data_dir}")
         received = sum(s["instances"] for st in studies for s in st["series"])
-        return 0 if received == args.slices and ok.ok else 1
+        return 0 if received == len(files) and ok.ok else 1
     finally:
         node.stop()
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write phantoms (DICOM + labels.npz) into OUT/<kind>-<seed>/."""
+    out = Path(args.out)
+    for seed in range(args.seed, args.seed + args.count):
+        target = out / f"{args.kind}-{seed:05d}"
+        if args.kind == "ct":
+            from node.phantom.ct import CTOptions, generate_ct, write_phantom
+
+            opts = CTOptions(matrix=args.matrix or 256, slice_spacing=args.slice_spacing, z_extent_mm=args.z_extent,
+                             reversed_order=args.reversed, oblique_deg=args.oblique, tilt_deg=args.tilt)
+            phantom = generate_ct(seed, opts)
+            write_phantom(phantom, target)
+            ds = phantom.datasets[0]
+            print(f"{target}: CT, {len(phantom.datasets)} slices {ds.Rows}x{ds.Columns}, pixel "
+                  f"{phantom.pixel_spacing[0]:.2f} mm, slice {float(ds.SliceThickness):.2f} mm, labels "
+                  + ", ".join(phantom.label_names.values()))
+        else:
+            from node.phantom.dx import DXOptions, generate_dx, write_dx
+
+            dx = generate_dx(seed, DXOptions(matrix=args.matrix or 512))
+            write_dx(dx, target)
+            print(f"{target}: DX {dx.dataset.Rows}x{dx.dataset.Columns}, pixel {float(dx.dataset.PixelSpacing[0]):.2f}"
+                  " mm, labels " + ", ".join(dx.label_names.values()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,9 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(verify)
     verify.set_defaults(func=cmd_audit_verify)
 
-    demo = sub.add_parser("demo", help="start a node and send it a generated CT series with storescu")
+    phantom = sub.add_parser("phantom", help="write synthetic phantoms (DICOM + ground-truth labels.npz)")
+    phantom.add_argument("kind", choices=["ct", "dx"], help="3D abdominal CT or 2D chest radiograph")
+    phantom.add_argument("--out", required=True, help="output folder; each phantom goes to OUT/<kind>-<seed>/")
+    phantom.add_argument("--seed", type=int, default=0, help="first seed (deterministic)")
+    phantom.add_argument("--count", type=int, default=1)
+    phantom.add_argument("--matrix", type=int, help="rows and columns (CT 256, DX 512)")
+    phantom.add_argument("--slice-spacing", type=float, help="CT slice spacing in mm (default: random 0.6-5)")
+    phantom.add_argument("--z-extent", type=float, help="CT coverage along z in mm (default: random 180-280)")
+    phantom.add_argument("--reversed", action="store_true", help="CT: instance 1 is the most superior slice")
+    phantom.add_argument("--oblique", type=float, default=0.0, help="CT: tilt the image plane by up to DEG")
+    phantom.add_argument("--tilt", type=float, default=0.0, help="CT: gantry tilt in degrees")
+    phantom.set_defaults(func=cmd_phantom)
+
+    demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
     demo.add_argument("--data-dir")
-    demo.add_argument("--slices", type=int, default=40)
+    demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
     demo.add_argument("--seed", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
     return p
