@@ -175,6 +175,37 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.models.registry import ModelError, default_models_dir, list_models, read_manifest
+
+    root = Path(args.models_dir) if args.models_dir else default_models_dir()
+    folders = list_models(root)
+    if not folders:
+        print(f"no models in {root}")
+    for folder in folders:
+        try:
+            m = read_manifest(folder)
+            labels = ", ".join(label.name for label in m.labels)
+            print(f"{m.name:28s} {m.version:8s} {m.modality:3s} {m.spatial_dims}D {m.network.architecture:15s} {labels}")
+        except ModelError as exc:
+            print(f"{folder.name:28s} INVALID: {exc}")
+    return 0
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    from node.models.registry import check_model, default_models_dir
+
+    root = Path(args.models_dir) if args.models_dir else default_models_dir()
+    folder = root / args.name
+    if not folder.is_dir():
+        print(f"no model folder {folder}", file=sys.stderr)
+        return 1
+    checks = check_model(folder)
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name:8s} {c.detail}")
+    return 0 if all(c.ok for c in checks) and len(checks) == 3 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segnode", description="PACS-integrated DICOM segmentation node")
     p.add_argument("--version", action="version", version=f"segnode {__version__}")
@@ -214,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--oblique", type=float, default=0.0, help="CT: tilt the image plane by up to DEG")
     phantom.add_argument("--tilt", type=float, default=0.0, help="CT: gantry tilt in degrees")
     phantom.set_defaults(func=cmd_phantom)
+
+    models = sub.add_parser("models", help="list and check model folders")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    mlist = models_sub.add_parser("list", help="the models in the models folder")
+    mlist.add_argument("--models-dir", help="default: SEGNODE_MODELS or models/ of this checkout")
+    mlist.set_defaults(func=cmd_models_list)
+    mcheck = models_sub.add_parser("check", help="manifest, weights hash, build, forward pass; exit 1 on a failure")
+    mcheck.add_argument("name")
+    mcheck.add_argument("--models-dir")
+    mcheck.set_defaults(func=cmd_models_check)
 
     demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
     demo.add_argument("--data-dir")

@@ -1,0 +1,1 @@
+"""Model folders: models/<name>/ with model.json, weights.safetensors and MODEL_CARD.md."""
