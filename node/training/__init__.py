@@ -1,0 +1,1 @@
+"""Training: dataset fingerprint -> plan, losses, augmentation, loop, metrics, model folder."""
