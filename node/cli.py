@@ -206,6 +206,38 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) and len(checks) == 3 else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fingerprint -> plan (written, editable) -> training -> model folder."""
+    from node.training.data import load_cases
+    from node.training.plan import Plan, make_plan
+    from node.training.trainer import train
+
+    _setup_logging("WARNING")
+    out = Path(args.out)
+    cases = load_cases(Path(args.data))
+    if args.plan:
+        plan = Plan.load(Path(args.plan))
+    else:
+        plan = make_plan(cases, args.name or out.name, budget_voxels=args.budget, base_filters=args.base_filters,
+                         min_spacing=args.min_spacing, loss=args.loss, seed=args.seed)
+    updates = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps, "seed": args.seed,
+                                 "batch_size": args.batch_size, "validation_cases": args.validation_cases,
+                                 "validate_every": args.validate_every}.items() if v is not None}
+    plan = plan.model_copy(update=updates)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    print(f"plan: {out / 'plan.json'} ({len(cases)} cases, spacing {plan.target_spacing} mm, patch {plan.patch_size}, "
+          f"filters {plan.network_args.get('filters')})")
+    if args.plan_only:
+        return 0
+    command = "segnode " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("segnode", "__main__.py")) else ""
+    result = train(plan, cases, out, device=args.device, command=command)
+    print(f"model folder: {out} ({result.seconds:.0f} s, final loss {result.epoch_losses[-1]:.4f})")
+    for name, m in result.validation.items():
+        print(f"  {name:14s} Dice {m['dice']:.3f}  IoU {m['iou']:.3f}  HD95 {m['hd95']:.1f} mm")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segnode", description="PACS-integrated DICOM segmentation node")
     p.add_argument("--version", action="version", version=f"segnode {__version__}")
@@ -255,6 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     mcheck.add_argument("name")
     mcheck.add_argument("--models-dir")
     mcheck.set_defaults(func=cmd_models_check)
+
+    tr = sub.add_parser("train", help="plan and train a model on labelled cases (e.g. segnode phantom output)")
+    tr.add_argument("--data", required=True, help="folder of cases: <case>/labels.npz with ct*.dcm or dx.dcm")
+    tr.add_argument("--out", required=True, help="model folder to write (plan.json, model.json, weights, card)")
+    tr.add_argument("--name", help="model name (default: the --out folder's name)")
+    tr.add_argument("--plan", help="use this plan.json instead of planning from the data")
+    tr.add_argument("--plan-only", action="store_true", help="write plan.json and stop (edit it, then --plan)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--steps", type=int, help="steps per epoch")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--validation-cases", type=int)
+    tr.add_argument("--validate-every", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    tr.add_argument("--budget", type=int, default=96**3, help="voxels per patch (memory budget)")
+    tr.add_argument("--base-filters", type=int, default=32, help="filters at the first level (nnU-Net: 32)")
+    tr.add_argument("--min-spacing", type=float, help="never finer than this (mm): coarse, fast CPU models")
+    tr.add_argument("--loss", default="dice_ce", choices=["dice_ce", "focal", "weighted_ce"])
+    tr.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
     demo.add_argument("--data-dir")

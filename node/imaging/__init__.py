@@ -1,0 +1,1 @@
+"""Images as arrays with geometry."""

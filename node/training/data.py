@@ -1,0 +1,44 @@
+"""Training cases from phantom folders (or any folder laid out the same way): DICOM + labels.npz."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from node.imaging.volume import read_image, read_series
+
+
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray  # float32 [z, y, x] or [y, x]
+    labels: np.ndarray  # uint8, same shape
+    spacing: tuple[float, ...]
+    modality: str
+    label_names: dict[int, str]
+
+
+def load_case(folder: Path) -> Case:
+    """A folder with dx.dcm or ct*.dcm (in instance order, as labels.npz) and labels.npz."""
+    saved = np.load(folder / "labels.npz")
+    names = {int(k): v for k, v in (s.split(":", 1) for s in saved["names"])}
+    if (folder / "dx.dcm").exists():
+        vol, modality = read_image(folder / "dx.dcm"), "DX"
+    else:
+        files = sorted(folder.glob("ct*.dcm"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no dx.dcm or ct*.dcm")
+        vol, modality = read_series(files, sort=False), "CT"  # labels.npz follows instance order
+    labels = saved["labels"].astype(np.uint8)
+    if labels.shape != vol.array.shape:
+        raise ValueError(f"{folder}: labels {labels.shape} do not match the image {vol.array.shape}")
+    return Case(folder.name, vol.array, labels, vol.spacing, modality, names)
+
+
+def load_cases(data_dir: Path) -> list[Case]:
+    folders = sorted(p.parent for p in data_dir.glob("*/labels.npz"))
+    if not folders:
+        raise FileNotFoundError(f"no cases (folders with labels.npz) under {data_dir}")
+    return [load_case(f) for f in folders]

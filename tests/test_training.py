@@ -1,0 +1,65 @@
+"""Planning and training on tiny phantoms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from node.models.registry import check_model, load_model
+from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from node.phantom.dx import DXOptions, generate_dx, write_dx
+from node.training.data import load_cases
+from node.training.plan import Plan, make_plan
+from node.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def ct_cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct")
+    for seed in range(3):
+        write_phantom(generate_ct(seed, CTOptions(matrix=48, slice_spacing=6.0, z_extent_mm=180.0)),
+                      root / f"ct-{seed:05d}")
+    return load_cases(root)
+
+
+def test_plan_follows_the_fingerprint(ct_cases, tmp_path):
+    plan = make_plan(ct_cases, "tiny", budget_voxels=24**3, base_filters=4, min_spacing=6.0)
+    assert plan.spatial_dims == 3 and plan.labels == ["liver", "spleen", "kidney_right", "kidney_left", "spine"]
+    assert all(s >= 6.0 for s in plan.target_spacing)
+    assert np.prod(plan.patch_size) <= 24**3 * 1.2
+    assert plan.normalization.method == "ct" and plan.normalization.clip[0] < plan.normalization.clip[1]
+    assert 2 not in plan.mirror_axes  # never mirror across left/right: kidneys would swap
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan  # the written plan is what trains
+    assert json.loads((tmp_path / "plan.json").read_text())["fingerprint"]["cases"] == 3
+
+
+def test_two_epochs_lower_the_loss_and_write_a_loadable_model(ct_cases, tmp_path):
+    plan = make_plan(ct_cases, "tiny-ct", budget_voxels=24**3, base_filters=4, min_spacing=6.0)
+    plan = plan.model_copy(update={"epochs": 2, "steps_per_epoch": 6, "validation_cases": 1, "validate_every": 1})
+    result = train(plan, ct_cases, tmp_path / "tiny-ct", device="cpu", command="test", progress=False)
+    assert len(result.epoch_losses) == 2 and result.epoch_losses[1] < result.epoch_losses[0]
+    assert [c.ok for c in check_model(tmp_path / "tiny-ct")] == [True, True, True]
+    manifest, net = load_model(tmp_path / "tiny-ct")
+    assert manifest.training["validation_cases"] == ["ct-00000"] and set(result.validation) == set(plan.labels)
+    assert manifest.labels[0].type.value == "10200004"  # liver, SNOMED CT
+    card = (tmp_path / "tiny-ct" / "MODEL_CARD.md").read_text()
+    assert "synthetic" in card.lower() and "Command: `test`" in card
+    assert (tmp_path / "tiny-ct" / "plan.json").exists()
+
+
+def test_2d_training_runs(tmp_path):
+    for seed in range(2):
+        write_dx(generate_dx(seed, DXOptions(matrix=96)), tmp_path / "data" / f"dx-{seed:05d}")
+    cases = load_cases(tmp_path / "data")
+    plan = make_plan(cases, "tiny-dx", budget_voxels=32**2, base_filters=4, min_spacing=8.0)
+    assert plan.spatial_dims == 2 and plan.normalization.method == "percentile"
+    plan = plan.model_copy(update={"epochs": 1, "steps_per_epoch": 2, "validation_cases": 1})
+    result = train(plan, cases, tmp_path / "tiny-dx", device="cpu", progress=False)
+    _, net = load_model(tmp_path / "tiny-dx")
+    with torch.inference_mode():
+        assert net(torch.zeros(1, 1, *plan.patch_size)).shape[1] == 5
+    assert "lung_right" in result.validation
