@@ -10,7 +10,9 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY node ./node
+COPY models ./models
 RUN pip install --no-cache-dir .
+ENV SEGNODE_MODELS=/app/models
 
 USER segnode
 VOLUME /data

@@ -12,7 +12,11 @@ from node.models.manifest import Normalization
 
 
 def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
-    img = image.astype(np.float32)
+    """float32 in, float32 out (the network's dtype), whatever the statistics' dtype."""
+    return _normalize(image.astype(np.float32), norm).astype(np.float32, copy=False)
+
+
+def _normalize(img: np.ndarray, norm: Normalization) -> np.ndarray:
     if norm.method == "ct":
         assert norm.clip is not None and norm.mean is not None and norm.std is not None
         return (np.clip(img, *norm.clip) - norm.mean) / norm.std

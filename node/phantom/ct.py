@@ -8,6 +8,8 @@ the written series by construction.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,8 @@ class CTOptions:
 
 @dataclass
 class CTPhantom:
+    seed: int
+    options: CTOptions
     datasets: list[Dataset]  # in instance order
     labels: np.ndarray  # uint8 [slice, row, col], same order as datasets
     hu: np.ndarray  # int16 [slice, row, col], what the pixels encode
@@ -201,7 +205,7 @@ def generate_ct(seed: int, options: CTOptions | None = None, patient_id: str | N
         datasets.append(ds)
         labels.append(lab)
         hus.append(hu_i)
-    return CTPhantom(datasets, np.stack(labels), np.stack(hus), positions, orientation, (float(spacing), float(spacing)))
+    return CTPhantom(seed, opts, datasets, np.stack(labels), np.stack(hus), positions, orientation, (float(spacing), float(spacing)))
 
 
 def write_phantom(phantom: CTPhantom, out: Path) -> list[Path]:
@@ -215,4 +219,6 @@ def write_phantom(phantom: CTPhantom, out: Path) -> list[Path]:
     np.savez_compressed(out / "labels.npz", labels=phantom.labels, positions=phantom.positions,
                         orientation=phantom.orientation, pixel_spacing=np.array(phantom.pixel_spacing),
                         names=np.array([f"{k}:{v}" for k, v in phantom.label_names.items()]))
+    (out / "phantom.json").write_text(json.dumps({"generator": "ct", "seed": phantom.seed,
+                                                  "options": dataclasses.asdict(phantom.options)}) + "\n")
     return paths

@@ -7,6 +7,8 @@ Columns run toward the patient's left and rows toward the feet (Patient Orientat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,8 @@ class DXOptions:
 
 @dataclass
 class DXPhantom:
+    seed: int
+    options: DXOptions
     dataset: Dataset
     labels: np.ndarray  # uint8 [row, col]
     label_names: dict[int, str] = field(default_factory=lambda: dict(LABELS))
@@ -126,7 +130,7 @@ def generate_dx(seed: int, options: DXOptions | None = None, patient_id: str | N
     ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LIN", 1
     ds.LossyImageCompression = "00"
     set_pixels(ds, pixels, bits_stored=12)
-    return DXPhantom(ds, labels)
+    return DXPhantom(seed, opts, ds, labels)
 
 
 def write_dx(phantom: DXPhantom, out: Path) -> Path:
@@ -137,4 +141,6 @@ def write_dx(phantom: DXPhantom, out: Path) -> Path:
     np.savez_compressed(out / "labels.npz", labels=phantom.labels,
                         pixel_spacing=np.array([float(v) for v in phantom.dataset.PixelSpacing]),
                         names=np.array([f"{k}:{v}" for k, v in phantom.label_names.items()]))
+    (out / "phantom.json").write_text(json.dumps({"generator": "dx", "seed": phantom.seed,
+                                                  "options": dataclasses.asdict(phantom.options)}) + "\n")
     return path

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ class Case:
     spacing: tuple[float, ...]
     modality: str
     label_names: dict[int, str]
+    origin: dict = field(default_factory=dict)  # phantom.json when the case is a generated phantom
 
 
 def load_case(folder: Path) -> Case:
@@ -34,7 +36,8 @@ def load_case(folder: Path) -> Case:
     labels = saved["labels"].astype(np.uint8)
     if labels.shape != vol.array.shape:
         raise ValueError(f"{folder}: labels {labels.shape} do not match the image {vol.array.shape}")
-    return Case(folder.name, vol.array, labels, vol.spacing, modality, names)
+    origin = json.loads((folder / "phantom.json").read_text()) if (folder / "phantom.json").exists() else {}
+    return Case(folder.name, vol.array, labels, vol.spacing, modality, names, origin)
 
 
 def load_cases(data_dir: Path) -> list[Case]:

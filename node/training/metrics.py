@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -21,9 +22,11 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int],
 
     k = max(max(labels), int(pred.max()), int(ref.max())) + 1
     p, r = _onehot(pred, k), _onehot(ref, k)
-    dice = compute_dice(p, r, include_background=True, ignore_empty=True)[0]
-    iou = compute_iou(p, r, include_background=True, ignore_empty=True)[0]
-    hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing))[0]
+    with warnings.catch_warnings():  # MONAI warns about its own deprecations and about empty labels (NaN here)
+        warnings.simplefilter("ignore")
+        dice = compute_dice(p, r, include_background=True, ignore_empty=True)[0]
+        iou = compute_iou(p, r, include_background=True, ignore_empty=True)[0]
+        hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing))[0]
     out = {}
     for label in labels:
         present = bool(p[0, label].any() and r[0, label].any())

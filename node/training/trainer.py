@@ -175,11 +175,22 @@ def train(plan: Plan, cases: list[Case], out: Path, device: str = "auto", comman
     manifest = manifest.model_copy(update={"training": {
         "command": command, "seed": plan.seed, "epochs": plan.epochs, "steps_per_epoch": plan.steps_per_epoch,
         "train_cases": [c.name for c in train_cases], "validation_cases": [c.name for c in val_cases],
+        "data": _data_summary(cases),
         "validation": validation, "loss": plan.loss, "device": str(dev), "seconds": round(seconds),
         "final_loss": losses[-1] if losses else None}})
     manifest = write_model_folder(out, manifest, net, model_card(manifest, plan))
     plan.save(out / "plan.json")
     return TrainResult(manifest, losses, validation, seconds)
+
+
+def _data_summary(cases: list[Case]) -> str:
+    origins = [c.origin for c in cases if c.origin]
+    if len(origins) != len(cases):
+        return f"{len(cases)} labelled cases"
+    seeds = sorted(o["seed"] for o in origins)
+    opts = {k: v for k, v in origins[0]["options"].items() if v not in (None, False, 0.0)}
+    return (f"segnode {origins[0]['generator'].upper()} phantoms, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), "
+            f"options {opts}")
 
 
 def model_card(manifest: Manifest, plan: Plan) -> str:
@@ -200,8 +211,8 @@ has not been validated on patient images, and must not be used for diagnosis or 
 
 ## Training
 
-- Data: {len(t.get('train_cases', []))} phantoms for training, {len(t.get('validation_cases', []))} for
-  validation ({', '.join(t.get('validation_cases', []))}).
+- Data: {t.get('data')}; {len(t.get('train_cases', []))} for training, {len(t.get('validation_cases', []))}
+  for validation ({', '.join(t.get('validation_cases', []))}).
 - Command: `{t.get('command') or '(library call)'}`
 - Seed {t.get('seed')}, {t.get('epochs')} epochs x {t.get('steps_per_epoch')} steps, loss {t.get('loss')},
   device {t.get('device')}, {t.get('seconds')} s.

@@ -1,0 +1,1 @@
+"""Inference: label maps from images with a model folder."""
