@@ -32,8 +32,10 @@ def load_case(folder: Path) -> Case:
         files = sorted(folder.glob("ct*.dcm"))
         if not files:
             raise FileNotFoundError(f"{folder}: no dx.dcm or ct*.dcm")
-        vol, modality = read_series(files, sort=False), "CT"  # labels.npz follows instance order
+        vol, modality = read_series(files), "CT"  # slices sorted along the normal, as inference sees them
     labels = saved["labels"].astype(np.uint8)
+    if labels.ndim == 3:
+        labels = labels[vol.order]  # labels.npz follows instance (file) order
     if labels.shape != vol.array.shape:
         raise ValueError(f"{folder}: labels {labels.shape} do not match the image {vol.array.shape}")
     origin = json.loads((folder / "phantom.json").read_text()) if (folder / "phantom.json").exists() else {}
