@@ -4,7 +4,9 @@
 # reproduces the model (fixed seed).
 #
 # How the plans were made: `segnode train ... --plan-only` from the data, then edited:
-# - dx-chest-phantom-2d: unedited (--budget 25600 --base-filters 16 --min-spacing 2.5).
+# - dx-chest-phantom-2d: unedited (--budget 25600 --base-filters 16 --min-spacing 2.5), except that it
+#   was trained with weaker elastic deformation than the paper's (4x4 control grid, sigma 0.5-2 px, now
+#   recorded in its plan; new plans default to 3x3 and 10 px).
 # - ct-abdomen-phantom-3d (--budget 175616 --base-filters 12 --min-spacing 4): normalization set to an
 #   abdominal window (clip -200..400 HU, mean 50, std 100) because nnU-Net's rule (foreground 0.5-99.5
 #   percentiles) gave 16..831 HU here, clipping air and fat to soft tissue; no mirroring, no elastic,

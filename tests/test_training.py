@@ -75,3 +75,15 @@ def test_reversed_series_loads_in_canonical_order(tmp_path):
     assert np.array_equal(a.labels, b.labels)  # same anatomy, same orientation
     # noise is drawn per instance, so compare slice means (noise averages out over 1024 pixels)
     assert np.abs(a.image.mean(axis=(1, 2)) - b.image.mean(axis=(1, 2))).max() < 3.0
+
+
+def test_elastic_deformation_follows_the_plan(ct_cases):
+    """The U-Net paper's setting by default: 3x3 control points, displacement sigma 10 px."""
+    from node.training.trainer import _augmenter
+
+    plan = make_plan(ct_cases, "x", budget_voxels=24**3, base_filters=4, min_spacing=6.0)
+    assert plan.elastic_grid == 3 and plan.elastic_magnitude_px == (10.0, 10.0)
+    plan2d = plan.model_copy(update={"spatial_dims": 2, "patch_size": [64, 64], "rotate_degrees": 0.0})
+    elastic = [t for t in _augmenter(plan2d).transforms if type(t).__name__ == "Rand2DElasticd"][0]
+    deform = elastic.rand_2d_elastic.deform_grid
+    assert list(deform.spacing) == [32.0, 32.0] and deform.magnitude == (10.0, 10.0)

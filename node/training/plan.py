@@ -64,6 +64,9 @@ class Plan(BaseModel):
     rotate_degrees: float = 15.0
     scale_range: float = 0.15
     elastic: bool = True
+    elastic_grid: int = Field(3, ge=2, description="2D: control points per axis (the U-Net paper: 3x3)")
+    elastic_magnitude_px: tuple[float, float] = Field(
+        (10.0, 10.0), description="2D: range of the displacement sigma in pixels (the U-Net paper: 10)")
     validation_cases: int = 2
     validate_every: int = 5
     seed: int = 0

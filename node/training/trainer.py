@@ -74,9 +74,9 @@ def _augmenter(plan: Plan):  # type: ignore[no-untyped-def]
     steps: list[Any] = [T.RandAffined(keys, prob=0.25, rotate_range=rotate, scale_range=(plan.scale_range,) * dims,
                                       mode=("bilinear", "nearest"), padding_mode="border")]
     if plan.elastic:  # Ronneberger: random displacements on a coarse grid, smoothly interpolated
-        if dims == 2:
-            grid = [max(4, p // 3) for p in plan.patch_size]
-            steps.append(T.Rand2DElasticd(keys, spacing=grid, magnitude_range=(0.5, 2.0), prob=0.2,
+        if dims == 2:  # displacements ~ N(0, magnitude^2) px on the control points, smoothly interpolated
+            grid = [max(1.0, p / (plan.elastic_grid - 1)) for p in plan.patch_size]
+            steps.append(T.Rand2DElasticd(keys, spacing=grid, magnitude_range=plan.elastic_magnitude_px, prob=0.2,
                                           mode=("bilinear", "nearest"), padding_mode="border"))
         else:
             steps.append(T.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(20, 60), prob=0.1,
