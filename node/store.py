@@ -23,7 +23,7 @@ from node.db.fast import FastDB
 from node.db.models import Instance, SupersededInstance
 from node.dicom import status as st
 from node.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
-from node.dicom.part10 import parse_meta
+from node.dicom.part10 import NotPart10, parse_meta
 from node.dicom.uids import is_valid_uid
 from node.spool import Spool
 
@@ -242,14 +242,19 @@ class StoreService:
             if relative in known:
                 continue
             with open(path, "rb") as f:
-                meta = parse_meta(f.read(65536))
+                try:
+                    meta = parse_meta(f.read(65536))
+                except NotPart10:
+                    meta = None
                 f.seek(0)
                 sha = hashlib.file_digest(f, "sha256").hexdigest()
+            if meta is None:  # not ours to judge: keep it aside, never delete it
+                os.replace(path, self.spool.superseded / f"unreadable.{path.name}")
+                self.refuse(peer, Result(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta; kept in "
+                                         "superseded/", "failed"))
+                continue
             tmp = self.spool.tmp / f"recover.{path.name}"
             os.replace(path, tmp)
-            if meta is None:
-                self.refuse(peer, Result(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta", "failed"))
-                continue
             rec = Received(tmp, sha, tmp.stat().st_size, meta.transfer_syntax_uid, meta.dataset_offset)
             refusal = self.identify(rec)
             result = self.refuse(peer, refusal, rec) if refusal else self.commit(rec, peer)

@@ -25,6 +25,8 @@ def test_restart_indexes_placed_files_and_drops_partial_ones(tmp_path, ct_files)
     broken = settings.data_dir / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(ct_files[2].read_bytes()[:3000])
+    no_meta = settings.data_dir / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.6.dcm"
+    no_meta.write_bytes(b"not a DICOM file at all" * 20)
 
     node = Node(settings)
     node.start(http=False)
@@ -34,6 +36,9 @@ def test_restart_indexes_placed_files_and_drops_partial_ones(tmp_path, ct_files)
         assert (settings.data_dir / rows[0].path).read_bytes() == ct_files[0].read_bytes()
         assert list((settings.data_dir / "tmp").iterdir()) == []
         assert not broken.exists()
+        assert not no_meta.exists()  # kept aside, never deleted
+        kept = settings.data_dir / "superseded" / "unreadable.1.2.3.4.6.dcm"
+        assert kept.read_bytes() == b"not a DICOM file at all" * 20
         events = audit_events(node)
         assert any('"protocol":"recovery"' in e.actor and e.outcome == 0 for e in events)
         assert any('"protocol":"recovery"' in e.actor and e.status == 0xC210 for e in events)
