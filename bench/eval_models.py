@@ -20,12 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.inference.reference import segment  # noqa: E402
+from node.inference.reference import evaluate_case  # noqa: E402
 from node.models.registry import default_models_dir, load_model  # noqa: E402
 from node.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
 from node.phantom.dx import DXOptions, generate_dx, write_dx  # noqa: E402
 from node.training.data import load_case  # noqa: E402
-from node.training.metrics import label_metrics  # noqa: E402
 
 log = logging.getLogger("bench.eval")
 HELD_OUT = 100_000  # training seeds are small integers; these are never used for training
@@ -46,10 +45,8 @@ def evaluate(model: str, cases: list[tuple[str, Path]]) -> dict:
     seconds = []
     for what, folder in cases:
         case = load_case(folder)
-        start = time.perf_counter()
-        pred = segment(net, manifest, case.image, case.spacing)
-        seconds.append(time.perf_counter() - start)
-        metrics = label_metrics(pred, case.labels, [label.value for label in manifest.labels], case.spacing)
+        metrics, took = evaluate_case(net, manifest, case.image, case.labels, case.spacing)
+        seconds.append(took)
         for label in manifest.labels:
             per_label[label.name].append(metrics[label.value])
         log.info("  %-22s %s", f"{folder.name} ({what})",

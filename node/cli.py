@@ -175,10 +175,16 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from node.models.registry import ModelError, default_models_dir, list_models, read_manifest
+def _models_root(args: argparse.Namespace) -> Path:
+    from node.models.registry import default_models_dir
 
-    root = Path(args.models_dir) if args.models_dir else default_models_dir()
+    return Path(args.models_dir) if args.models_dir else default_models_dir()
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.models.registry import ModelError, list_models, read_manifest
+
+    root = _models_root(args)
     folders = list_models(root)
     if not folders:
         print(f"no models in {root}")
@@ -193,10 +199,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from node.models.registry import check_model, default_models_dir
+    from node.models.registry import check_model
 
-    root = Path(args.models_dir) if args.models_dir else default_models_dir()
-    folder = root / args.name
+    folder = _models_root(args) / args.name
     if not folder.is_dir():
         print(f"no model folder {folder}", file=sys.stderr)
         return 1

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from node.inference.reference import segment
+from node.inference.reference import evaluate_case
 from node.models.registry import default_models_dir, load_model
 from node.phantom.ct import CTOptions, generate_ct, write_phantom
 from node.phantom.dx import DXOptions, generate_dx, write_dx
 from node.training.data import load_case
-from node.training.metrics import label_metrics
 
 SHIPPED = ["ct-abdomen-phantom-3d", "dx-chest-phantom-2d"]
 HELD_OUT = 200_000  # never a training seed
@@ -30,8 +29,7 @@ def test_shipped_model_passes_its_check(name):
 def _dice(name, folder):
     manifest, net = load_model(default_models_dir() / name)
     case = load_case(folder)
-    pred = segment(net, manifest, case.image, case.spacing)
-    metrics = label_metrics(pred, case.labels, [label.value for label in manifest.labels], case.spacing)
+    metrics, _ = evaluate_case(net, manifest, case.image, case.labels, case.spacing)
     return {label.name: metrics[label.value]["dice"] for label in manifest.labels}
 
 

@@ -156,7 +156,7 @@ def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> Verify
     """Walk the chain and name every event that was edited, deleted, inserted or reordered;
     with the head anchor, also events deleted from the end."""
     problems: list[str] = []
-    seen: dict[int, str] = {}
+    anchored_hash: str | None = None  # the stored hash of the event the anchor names
     prev_hash, expected_seq, count = GENESIS, 1, 0
     for ev in rows:
         count += 1
@@ -174,12 +174,12 @@ def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> Verify
             )
         prev_hash, expected_seq = ev.hash, ev.seq + 1
         if anchor is not None and ev.seq == anchor[0]:
-            seen[ev.seq] = ev.hash
+            anchored_hash = ev.hash
     if anchor is not None:
         last = expected_seq - 1
         if anchor[0] > last:
             problems.append(f"events {last + 1}..{anchor[0]} are missing (deleted from the end of the trail)")
-        elif anchor[0] in seen and seen[anchor[0]] != anchor[1]:
+        elif anchored_hash is not None and anchored_hash != anchor[1]:
             problems.append(f"event {anchor[0]} does not match the recorded head of the trail")
     return VerifyResult(ok=not problems, count=count, problems=problems, anchored=anchor is not None)
 

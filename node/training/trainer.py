@@ -45,7 +45,7 @@ def prepare(case: Case, plan: Plan) -> Prepared:
     image = normalize(resample(case.image, case.spacing, plan.target_spacing, order=1), plan.normalization)
     labels = resample(case.labels, case.spacing, plan.target_spacing, order=0).astype(np.uint8)
     flat = labels.ravel()
-    return Prepared(case.name, image.astype(np.float32), labels,
+    return Prepared(case.name, image, labels,
                     {k: np.flatnonzero(flat == k) for k in range(1, len(plan.labels) + 1) if (flat == k).any()})
 
 
