@@ -105,6 +105,15 @@ def audit_events(node: Node) -> list[Any]:
         return list(conn.execute(select(AuditEvent).order_by(AuditEvent.seq)).all())
 
 
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll until check() is truthy: for what the node records after the peer has already gone away."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"not true within {timeout} s: {getattr(check, '__name__', check)}"
+        time.sleep(0.05)
+    return result
+
+
 def echo_ok(node: Node) -> bool:
     """The node still answers C-ECHO."""
     return echoscu(node.dimse.port).returncode == 0

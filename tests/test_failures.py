@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification
 
 from node.dicom import status as st
 from node.spool import Spool
-from tests.conftest import audit_events, echo_ok, echoscu, instances, storescu
+from tests.conftest import audit_events, echo_ok, echoscu, eventually, instances, storescu
 
 
 def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch):
@@ -95,10 +95,7 @@ def test_associations_over_the_limit_are_rejected_transiently(start_node):
     second = echoscu(node.dimse.port)
     assert second.returncode != 0 and "Local Limit Exceeded" in second.stdout + second.stderr
     held.release()
-    deadline = time.monotonic() + 5
-    while not echo_ok(node):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: echo_ok(node), timeout=5)
 
 
 def test_failed_overwrite_restores_the_previous_version(node, ct_files, tmp_path, monkeypatch):

@@ -132,11 +132,11 @@ class Association:
         except socket.timeout:
             log.warning("association from %s timed out; aborted", self.peer.label())
             self._send_abort(*AB_NOT_SPECIFIED)
-        except Abort as exc:
-            self._send_abort(*exc.source_reason)
-            log.warning("aborted association from %s: %s", self.peer.label(), exc)
+        except Abort as exc:  # recorded before the peer hears of it, so the record never lags the abort
+            log.warning("aborting association from %s: %s", self.peer.label(), exc)
             code = audit.SECURITY_ALERT if exc.security else audit.APPLICATION_ACTIVITY
             self._audit(code, audit.SERIOUS_FAILURE, f"association aborted: {exc}")
+            self._send_abort(*exc.source_reason)
         except OSError as exc:
             log.info("association from %s: connection error %s", self.peer.label(), exc)
         except Exception:  # a bug must not take the listener down
