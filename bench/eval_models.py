@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.inference.reference import evaluate_case  # noqa: E402
+from node.inference.evaluate import evaluate_case  # noqa: E402
 from node.models.registry import default_models_dir, load_model  # noqa: E402
 from node.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
 from node.phantom.dx import DXOptions, generate_dx, write_dx  # noqa: E402

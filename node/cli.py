@@ -211,6 +211,37 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) and len(checks) == 3 else 1
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """A series folder -> label map (NIfTI) + segmentation.json, with the timing breakdown."""
+    from node.imaging.volume import SeriesError
+    from node.inference.engine import EngineOptions
+    from node.inference.infer import infer_series
+    from node.models.registry import ModelError
+
+    _setup_logging("WARNING")
+    folder = _models_root(args) / args.model
+    if not folder.is_dir():
+        print(f"segnode infer: no model folder {folder} (see `segnode models list`)", file=sys.stderr)
+        return 2
+    options = EngineOptions(device=args.device, overlap=args.overlap, batch_size=args.batch_size,
+                            precision=args.precision, mirror=args.mirror, compile=args.compile,
+                            largest_component=args.largest_component)
+    try:
+        result = infer_series(folder, Path(args.series), Path(args.out), options, tilt=args.tilt)
+    except SeriesError as exc:
+        print(f"segnode infer: refused: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"segnode infer: model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    seg = result.segmentation
+    print(f"{result.labels_path}: {'x'.join(map(str, seg.labels.shape))} labels in the series' geometry")
+    for note in seg.notes:
+        print(f"  note: {note}")
+    print("  " + str(seg.timings))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fingerprint -> plan (written, editable) -> training -> model folder."""
     from node.training.data import load_cases
@@ -311,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--min-spacing", type=float, help="never finer than this (mm): coarse, fast CPU models")
     tr.add_argument("--loss", default="dice_ce", choices=["dice_ce", "focal", "weighted_ce"])
     tr.set_defaults(func=cmd_train)
+
+    inf = sub.add_parser("infer", help="segment one series folder with a model; writes a NIfTI label map")
+    inf.add_argument("--model", required=True, help="model folder name (segnode models list)")
+    inf.add_argument("series", help="folder holding the series' DICOM files")
+    inf.add_argument("--out", required=True, help="output folder: labels.nii.gz and segmentation.json")
+    inf.add_argument("--models-dir")
+    inf.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    inf.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="autocast on the GPU")
+    inf.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0-1)")
+    inf.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    inf.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation")
+    inf.add_argument("--compile", action="store_true", help="torch.compile the network")
+    inf.add_argument("--largest-component", action="store_true", help="keep the largest component per label")
+    inf.add_argument("--tilt", default="resample", choices=["resample", "refuse"],
+                     help="gantry-tilted series: segment on an orthogonal grid, or refuse")
+    inf.set_defaults(func=cmd_infer)
 
     demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
     demo.add_argument("--data-dir")

@@ -10,7 +10,7 @@
 # - ct-abdomen-phantom-3d (--budget 175616 --base-filters 12 --min-spacing 4): normalization set to an
 #   abdominal window (clip -200..400 HU, mean 50, std 100) because nnU-Net's rule (foreground 0.5-99.5
 #   percentiles) gave 16..831 HU here, clipping air and fat to soft tissue; no mirroring, no elastic,
-#   10 degree rotations, lr 0.005, 36 epochs of 25 steps. With nnU-Net's defaults the same small CPU
+#   10 degree rotations, lr 0.005, 40 epochs of 25 steps. With nnU-Net's defaults the same small CPU
 #   network stalled at a validation Dice of 0.37.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +18,8 @@ cd "$(dirname "$0")/.."
 segnode phantom dx --out data/dx-train --seed 0 --count 30 --matrix 512
 segnode train --data data/dx-train --out models/dx-chest-phantom-2d --plan models/dx-chest-phantom-2d/plan.json
 
-segnode phantom ct --out data/ct-train --seed 0 --count 20 --matrix 128
+# the acquisitions a scanner may send: mostly axial (random spacing 0.6-5 mm), some oblique, some tilted
+segnode phantom ct --out data/ct-train --seed 0 --count 16 --matrix 128
+segnode phantom ct --out data/ct-train --seed 16 --count 4 --matrix 128 --oblique 12
+segnode phantom ct --out data/ct-train --seed 20 --count 4 --matrix 128 --tilt 15
 segnode train --data data/ct-train --out models/ct-abdomen-phantom-3d --plan models/ct-abdomen-phantom-3d/plan.json

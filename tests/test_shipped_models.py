@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node.inference.reference import evaluate_case
+from node.inference.evaluate import evaluate_case
 from node.models.registry import default_models_dir, load_model
 from node.phantom.ct import CTOptions, generate_ct, write_phantom
 from node.phantom.dx import DXOptions, generate_dx, write_dx

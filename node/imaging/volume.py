@@ -1,52 +1,256 @@
-"""DICOM series <-> volume with geometry: array axes (slice, row, column), spacing in mm, and the
-affine from array index to patient coordinates (LPS)."""
+"""DICOM series -> volume with exact geometry: array axes (slice, row, column), spacing in mm, and
+the affine from array index to patient coordinates (LPS).
+
+Slices are ordered by their position along the slice normal, never by InstanceNumber. A series
+that cannot become one regular volume (mixed sizes or orientations, duplicate or missing slices,
+no geometry) is refused with a SeriesError that names the series and the reason, because a label
+map computed on a wrongly stacked volume would be returned to the PACS looking plausible.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+TiltPolicy = Literal["resample", "refuse"]
+GEOMETRY_TOLERANCE = 1e-3  # direction cosines and pixel spacings that differ by less are the same
+SPACING_TOLERANCE = 0.1  # a gap between slices more than 10 % off the usual spacing is a gap
+
+
+class SeriesError(ValueError):
+    """The series cannot be turned into one regular volume; the message says which and why."""
 
 
 @dataclass
 class Volume:
-    array: np.ndarray  # float32, [slice, row, col] (3D) or [row, col] (2D), rescaled values (HU for CT)
-    spacing: tuple[float, ...]  # mm along each array axis; for a tilted stack, the distance between planes
-    affine: np.ndarray  # 4x4 (3D) or 3x3 (2D): array index -> patient mm (LPS)
-    order: list[int]  # index into the input paths of each slice, in array order
+    array: np.ndarray  # float32 [slice, row, col], rescaled values (HU for CT); a 2D image has one slice
+    spacing: tuple[float, float, float]  # mm along each array axis; for a tilted stack, between planes
+    affine: np.ndarray  # 4x4: array index (slice, row, col, 1) -> patient mm (LPS)
+    order: list[tuple[int, int]]  # (input file, frame) of each slice, in array order
+    series_uid: str = ""
+    notes: list[str] = field(default_factory=list)  # decisions taken on the way (recorded with the result)
+
+    @property
+    def is_2d(self) -> bool:
+        return self.array.shape[0] == 1
+
+    @property
+    def sheared(self) -> bool:
+        """Gantry tilt: the slice axis is not perpendicular to the image plane."""
+        a = self.affine[:3, :3]
+        normal = np.cross(a[:, 2], a[:, 1])
+        step = a[:, 0]
+        return bool(np.linalg.norm(np.cross(step, normal)) > GEOMETRY_TOLERANCE * np.linalg.norm(step) * np.linalg.norm(normal))
 
 
-def _pixels(ds) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0))
+@dataclass
+class _Frame:
+    file: int
+    frame: int
+    rows: int
+    cols: int
+    position: np.ndarray | None  # Image Position (Patient)
+    orientation: np.ndarray | None  # Image Orientation (Patient), 6 cosines
+    spacing: tuple[float, float]  # (between rows, between columns)
+    thickness: float | None
+    slope: float
+    intercept: float
 
 
-def read_series(paths: Sequence[Path], sort: bool = True) -> Volume:
-    """Stack a single-frame series; sorted along the slice normal unless `sort` is False."""
+def _first(ds: Dataset, *path: str) -> Any:
+    """ds.A[0].B[0]...C, or None where any step is absent."""
+    node: Any = ds
+    for i, name in enumerate(path):
+        node = getattr(node, name, None)
+        if node is None:
+            return None
+        if i < len(path) - 1:
+            if len(node) == 0:
+                return None
+            node = node[0]
+    return node
+
+
+def _group(ds: Dataset, frame: int, sequence: str, attribute: str) -> Any:
+    """An attribute from the per-frame functional group, else the shared one (enhanced multi-frame)."""
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if per_frame is not None and frame < len(per_frame):
+        value = _first(per_frame[frame], sequence, attribute)
+        if value is not None:
+            return value
+    shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    return _first(shared[0], sequence, attribute) if shared else None
+
+
+def _frames(datasets: list[Dataset]) -> list[_Frame]:
+    frames = []
+    for f, ds in enumerate(datasets):
+        n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+        for k in range(n):
+            if enhanced:
+                ipp = _group(ds, k, "PlanePositionSequence", "ImagePositionPatient")
+                iop = _group(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")
+                spacing = _group(ds, k, "PixelMeasuresSequence", "PixelSpacing")
+                thickness = _group(ds, k, "PixelMeasuresSequence", "SliceThickness")
+                slope = _group(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
+                intercept = _group(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
+            else:
+                ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+                spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+                thickness, slope, intercept = ds.get("SliceThickness"), ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+            frames.append(_Frame(
+                f, k, int(ds.Rows), int(ds.Columns),
+                None if ipp is None else np.array(ipp, dtype=float),
+                None if iop is None else np.array(iop, dtype=float),
+                tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),  # type: ignore[arg-type]
+                None if thickness is None else float(thickness),
+                1.0 if slope is None else float(slope), 0.0 if intercept is None else float(intercept)))
+    return frames
+
+
+def _describe(values: Counter) -> str:
+    return " and ".join(f"{v} ({n} slice{'s' if n > 1 else ''})" for v, n in values.most_common())
+
+
+def _refuse(series: str, reason: str) -> SeriesError:
+    return SeriesError(f"series {series or '(no Series Instance UID)'}: {reason}")
+
+
+def _check_uniform(series: str, frames: list[_Frame]) -> None:
+    sizes = Counter(f"{f.rows}x{f.cols}" for f in frames)
+    if len(sizes) > 1:
+        raise _refuse(series, f"mixed image sizes {_describe(sizes)}; one series must have one size")
+    if any(f.orientation is None for f in frames) or any(f.position is None for f in frames):
+        raise _refuse(series, "slices without Image Position/Orientation (Patient); cannot place them in space")
+    ref = frames[0]
+    orientations = Counter(
+        "same" if np.allclose(f.orientation, ref.orientation, atol=GEOMETRY_TOLERANCE)  # type: ignore[arg-type]
+        else ",".join(f"{v:.3f}" for v in f.orientation) for f in frames)  # type: ignore[union-attr]
+    if len(orientations) > 1:
+        raise _refuse(series, "mixed orientations: " + _describe(Counter(
+            {(",".join(f"{v:.3f}" for v in ref.orientation) if k == "same" else k): n  # type: ignore[union-attr]
+             for k, n in orientations.items()})) + "; send each orientation as its own series")
+    spacings = Counter(f"{f.spacing[0]:.4f}x{f.spacing[1]:.4f} mm" for f in frames)
+    if len(spacings) > 1:
+        raise _refuse(series, f"mixed pixel spacings {_describe(spacings)}")
+
+
+def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
+    cache: dict[int, np.ndarray] = {}
+    out = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
+    for i, f in enumerate(frames):
+        if f.file not in cache:
+            try:
+                cache = {f.file: datasets[f.file].pixel_array}  # one file's pixels at a time
+            except Exception as exc:  # missing decoder, truncated or absent pixel data
+                raise _refuse(str(datasets[f.file].get("SeriesInstanceUID", "")),
+                              f"cannot decode the pixels of instance {f.file + 1}: {exc}") from exc
+        px = cache[f.file]
+        out[i] = (px[f.frame] if px.ndim == 3 and int(getattr(datasets[f.file], "NumberOfFrames", 1) or 1) > 1
+                  else px) * np.float32(f.slope) + np.float32(f.intercept)
+    return out
+
+
+def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
+    """One volume from a series: single-frame slices, enhanced multi-frame, or one 2D image.
+
+    tilt="resample": a gantry-tilted stack keeps its exact sheared affine and the engine resamples it
+    to an orthogonal grid (and back); "refuse" raises instead. Either way the choice is in `notes`."""
+    if not paths:
+        raise SeriesError("no instances given")
     datasets = [dcmread(p) for p in paths]
-    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
-    row_dir, col_dir = iop[:3], iop[3:]
+    uids = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
+    series = uids.most_common(1)[0][0]
+    if len(uids) > 1:
+        raise _refuse(series, f"the instances belong to {len(uids)} series ({', '.join(uids)}); read one at a time")
+    if any("PixelData" not in ds for ds in datasets):
+        raise _refuse(series, "an instance has no pixel data (not an image)")
+    frames = _frames(datasets)
+    if len(frames) == 1 and (frames[0].position is None or frames[0].orientation is None):
+        return _projection(datasets[0], frames, series)  # a radiograph: no position in patient space
+    _check_uniform(series, frames)
+    iop = frames[0].orientation
+    assert iop is not None
+    row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     normal = np.cross(row_dir, col_dir)
-    order = list(range(len(datasets)))
-    if sort:
-        order.sort(key=lambda i: float(np.dot(np.array(datasets[i].ImagePositionPatient, float), normal)))
-    datasets = [datasets[i] for i in order]
-    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=float)
-    dr, dc = (float(v) for v in datasets[0].PixelSpacing)
-    step = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal * float(
-        getattr(datasets[0], "SliceThickness", 1.0))
+    normal /= np.linalg.norm(normal)
+    along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
+    order = np.argsort(along, kind="stable")
+    frames, along = [frames[i] for i in order], along[order]
+    dr, dc = frames[0].spacing
+    notes: list[str] = []
+    if len(frames) == 1:
+        thickness = frames[0].thickness or 1.0
+        step = normal * thickness
+        notes.append(f"a single slice; slice thickness {thickness:g} mm used as its depth")
+    else:
+        gaps = np.diff(along)
+        usual = float(np.median(gaps))
+        dup = np.flatnonzero(gaps < GEOMETRY_TOLERANCE)
+        if dup.size:
+            raise _refuse(series, f"two or more slices share a position ({dup.size} duplicate"
+                                  f"{'s' if dup.size > 1 else ''}, first at {along[dup[0]]:.2f} mm along the normal); "
+                                  f"duplicate or mixed acquisitions")
+        odd = np.flatnonzero(np.abs(gaps - usual) > SPACING_TOLERANCE * usual)
+        if odd.size:
+            i = int(odd[0])
+            raise _refuse(series, f"uneven slice spacing: {gaps[i]:.2f} mm between the slices at {along[i]:.2f} and "
+                                  f"{along[i + 1]:.2f} mm along the normal where {usual:.2f} mm is usual "
+                                  f"({odd.size} such gap{'s' if odd.size > 1 else ''}; missing slices?); "
+                                  f"send the complete series")
+        positions = np.array([f.position for f in frames])
+        step = (positions[-1] - positions[0]) / (len(frames) - 1)
+        residual = np.abs(positions - (positions[0] + np.outer(np.arange(len(frames)), step))).max()
+        if residual > max(0.01, SPACING_TOLERANCE * usual):
+            raise _refuse(series, f"slice positions do not lie on a line (off by up to {residual:.2f} mm)")
+        lateral = np.linalg.norm(step - np.dot(step, normal) * normal)
+        if lateral > GEOMETRY_TOLERANCE * np.linalg.norm(step):
+            angle = float(np.degrees(np.arctan2(lateral, np.dot(step, normal))))
+            if tilt == "refuse":
+                raise _refuse(series, f"gantry tilt of {angle:.1f} degrees (sheared slices); the tilt policy is "
+                                      f"'refuse' (set it to 'resample' to segment on an orthogonal grid)")
+            notes.append(f"gantry tilt of {angle:.1f} degrees: resampled to an orthogonal grid and back")
+        else:  # what is left is the rounding of decimal strings: the stack is orthogonal
+            step = normal * float(np.dot(step, normal))
     affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col_dir * dr, row_dir * dc, positions[0]
-    dz = abs(float(np.dot(step, normal))) or float(getattr(datasets[0], "SliceThickness", 1.0))
-    return Volume(np.stack([_pixels(ds) for ds in datasets]), (dz, dr, dc), affine, order)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col_dir * dr, row_dir * dc, frames[0].position
+    dz = abs(float(np.dot(step, normal)))
+    return Volume(_pixels(datasets, frames), (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, notes)
+
+
+def _projection(ds: Dataset, frames: list[_Frame], series: str) -> Volume:
+    """A projection image (DX, CR): its plane is the detector; depth 1 mm by convention."""
+    dr, dc = frames[0].spacing
+    affine = np.diag([1.0, dr, dc, 1.0])
+    return Volume(_pixels([ds], frames), (1.0, dr, dc), affine, [(0, 0)], series,
+                  ["projection image: pixel spacing only, no patient coordinates"])
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The Part 10 files directly in `folder` (by their 'DICM' marker), sorted by name; other files
+    (labels, notes) are passed over."""
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.is_file():
+            with path.open("rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                found.append(path)
+    if not found:
+        raise SeriesError(f"{folder}: no DICOM files (Part 10, with the 'DICM' marker) in this folder")
+    return found
 
 
 def read_image(path: Path) -> Volume:
-    """A single 2D image (e.g. DX): [row, col] with its pixel spacing."""
-    ds = dcmread(path)
-    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None) or [1.0, 1.0]
-    dr, dc = (float(v) for v in spacing)
-    return Volume(_pixels(ds), (dr, dc), np.diag([dr, dc, 1.0]), [0])
+    """A single 2D image (e.g. DX)."""
+    return read_series([path])

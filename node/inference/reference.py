@@ -6,8 +6,6 @@ Straightforward and CPU-friendly; it is also the baseline the GPU engine is meas
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from scipy import ndimage
@@ -21,19 +19,6 @@ def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     out = array[(slice(None),) + tuple(slice(0, s) for s in shape)]
     pad = [(0, 0)] + [(0, s - o) for s, o in zip(shape, out.shape[1:])]
     return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
-
-
-def evaluate_case(net: torch.nn.Module, manifest: Manifest, image: np.ndarray, labels: np.ndarray,
-                  spacing: tuple[float, ...]) -> tuple[dict[int, dict[str, float]], float]:
-    """Segment `image` and score it against `labels` in the image's own grid.
-
-    Returns ({label value: dice/iou/hd95}, seconds the segmentation took)."""
-    from node.training.metrics import label_metrics
-
-    start = time.perf_counter()
-    pred = segment(net, manifest, image, spacing)
-    seconds = time.perf_counter() - start
-    return label_metrics(pred, labels, [label.value for label in manifest.labels], spacing), seconds
 
 
 def segment(net: torch.nn.Module, manifest: Manifest, image: np.ndarray, spacing: tuple[float, ...],

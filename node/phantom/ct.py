@@ -22,6 +22,7 @@ from node.phantom.fields import SmoothField, rotation
 
 LABELS = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left", 5: "spine"}
 AIR, FAT, SOFT = -1000.0, -95.0, 35.0
+VISCERAL_FAT_LEVEL = 0.15  # mesentery field threshold: about 60 % of the viscera is fat
 
 
 @dataclass
@@ -98,6 +99,8 @@ class _Anatomy:
         self.spine_curve = (rng.uniform(4, 10), rng.uniform(120, 200), rng.uniform(0, 2 * np.pi))
         self.disc_phase = rng.uniform(0, 32)
         self.texture = SmoothField(rng, 3, 9.0, wavelength=25.0, components=10)
+        # drawn last so that a seed's organs stay where they were before the viscera had fat
+        self.mesentery = SmoothField(rng, 3, 1.0, wavelength=45.0, components=8)
         self.hu = {"liver": rng.uniform(50, 70), "spleen": rng.uniform(40, 55), "kidney": rng.uniform(140, 190),
                    "medulla": rng.uniform(25, 45), "bone": rng.uniform(220, 320), "cortex": rng.uniform(600, 900)}
 
@@ -108,8 +111,12 @@ class _Anatomy:
         labels = np.zeros(q.shape[:-1], dtype=np.uint8)
         body_r2 = self.body.radius2(q)
         body = body_r2 < 1
-        hu[body] = FAT
-        hu[body_r2 < 0.80] = SOFT
+        hu[body] = FAT  # subcutaneous fat
+        hu[body_r2 < 0.80] = SOFT  # abdominal wall muscle
+        # visceral fat interleaved with soft tissue (mesentery, vessels, muscle): organs border fat
+        # in places and soft tissue in others, as in a real abdomen, not a uniform 35 HU filler
+        viscera = body_r2 < 0.66
+        hu[viscera & (self.mesentery(q)[..., 0] < VISCERAL_FAT_LEVEL)] = FAT
         for shape, value in zip(self.bowel, self.bowel_hu):
             hu[(shape.radius2(q) < 1) & (body_r2 < 0.75)] = value
         liver = (self.liver.radius2(q) < 1) & (body_r2 < 0.85)

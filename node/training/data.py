@@ -26,20 +26,21 @@ def load_case(folder: Path) -> Case:
     """A folder with dx.dcm or ct*.dcm (in instance order, as labels.npz) and labels.npz."""
     saved = np.load(folder / "labels.npz")
     names = {int(k): v for k, v in (s.split(":", 1) for s in saved["names"])}
+    labels = saved["labels"].astype(np.uint8)
     if (folder / "dx.dcm").exists():
         vol, modality = read_image(folder / "dx.dcm"), "DX"
+        image, spacing = vol.array[0], vol.spacing[1:]
     else:
         files = sorted(folder.glob("ct*.dcm"))
         if not files:
             raise FileNotFoundError(f"{folder}: no dx.dcm or ct*.dcm")
         vol, modality = read_series(files), "CT"  # slices sorted along the normal, as inference sees them
-    labels = saved["labels"].astype(np.uint8)
-    if labels.ndim == 3:
-        labels = labels[vol.order]  # labels.npz follows instance (file) order
-    if labels.shape != vol.array.shape:
-        raise ValueError(f"{folder}: labels {labels.shape} do not match the image {vol.array.shape}")
+        image, spacing = vol.array, vol.spacing
+        labels = labels[[file for file, _ in vol.order]]  # labels.npz follows instance (file) order
+    if labels.shape != image.shape:
+        raise ValueError(f"{folder}: labels {labels.shape} do not match the image {image.shape}")
     origin = json.loads((folder / "phantom.json").read_text()) if (folder / "phantom.json").exists() else {}
-    return Case(folder.name, vol.array, labels, vol.spacing, modality, names, origin)
+    return Case(folder.name, image, labels, spacing, modality, names, origin)
 
 
 def load_cases(data_dir: Path) -> list[Case]:

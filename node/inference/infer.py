@@ -1,0 +1,58 @@
+"""One series through one model: read, segment, write the label map and what produced it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from node import __version__
+from node.imaging.nifti import write_labels
+from node.imaging.volume import TiltPolicy, Volume, dicom_files, read_series
+from node.inference.engine import EngineOptions, Segmentation, engine_for
+
+log = logging.getLogger(__name__)
+LABELS_FILE = "labels.nii.gz"
+RECORD_FILE = "segmentation.json"
+
+
+@dataclass
+class Result:
+    volume: Volume
+    segmentation: Segmentation
+    labels_path: Path
+    record_path: Path
+
+
+def infer_series(model_folder: Path, series_dir: Path, out: Path, options: EngineOptions | None = None,
+                 tilt: TiltPolicy = "resample") -> Result:
+    """Segment the one series in `series_dir`; write OUT/labels.nii.gz and OUT/segmentation.json.
+
+    Raises SeriesError (named series and reason) when the series cannot be one volume."""
+    start = time.perf_counter()
+    volume = read_series(dicom_files(series_dir), tilt=tilt)
+    read = time.perf_counter() - start
+    engine = engine_for(model_folder, options)
+    seg = engine.segment(volume)
+    seg.timings.read = read
+    out.mkdir(parents=True, exist_ok=True)
+    labels_path, record_path = out / LABELS_FILE, out / RECORD_FILE
+    write_labels(labels_path, seg.labels, volume.affine)
+    m = engine.manifest
+    record = {
+        "series_instance_uid": volume.series_uid,
+        "model": {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256},
+        "software": {"name": "segnode", "version": __version__},
+        "device": str(engine.device),
+        "options": {k: v for k, v in vars(engine.options).items()},
+        "shape": list(seg.labels.shape),
+        "labels": {str(label.value): label.name for label in m.labels},
+        "voxels": {label.name: int((seg.labels == label.value).sum()) for label in m.labels},
+        "notes": seg.notes,
+        "timings_s": seg.timings.as_dict(),
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("segmented series with %s %s: %s", m.name, m.version, seg.timings)
+    return Result(volume, seg, labels_path, record_path)
