@@ -242,6 +242,49 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from node.models.registry import list_models
+    from node.routing.rules import load_rules
+
+    models = [folder.name for folder in list_models(_models_root(args))]
+    return load_rules(Path(args.rules) if args.rules else None, models=models)
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from node.routing.rules import RulesError
+
+    try:
+        ruleset = _rules(args)
+    except RulesError as exc:
+        print(f"segnode rules: {exc}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(ruleset.rules)} rules, mode {ruleset.mode}, sha256 {ruleset.sha256}")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    """For each series under the paths: every rule, every condition, the value seen and why."""
+    from node.routing.facts import series_in
+    from node.routing.rules import RulesError, decide
+
+    try:
+        ruleset = _rules(args)
+    except RulesError as exc:
+        print(f"segnode rules: {exc}", file=sys.stderr)
+        return 2
+    found = series_in(Path(p) for p in args.paths)
+    if not found:
+        print("no DICOM series found under " + ", ".join(args.paths), file=sys.stderr)
+        return 1
+    print(f"rules: {args.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
+    for uid, (facts, files) in found.items():
+        print(f"\nseries {uid}: {facts.instances} instance(s), {facts.dimensions}D, in {files[0].parent}")
+        print("  sender: unknown (read from files): sender conditions fail")
+        for line in decide(ruleset, facts).explain():
+            print("  " + line)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fingerprint -> plan (written, editable) -> training -> model folder."""
     from node.training.data import load_cases
@@ -358,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--tilt", default="resample", choices=["resample", "refuse"],
                      help="gantry-tilted series: segment on an orthogonal grid, or refuse")
     inf.set_defaults(func=cmd_infer)
+
+    rules = sub.add_parser("rules", help="check routing rules and explain their decisions")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    rcheck = rules_sub.add_parser("check", help="validate a rule file (models must be installed)")
+    rexplain = rules_sub.add_parser("explain", help="which rules match each series found, condition by condition")
+    rexplain.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
+    for sp in (rcheck, rexplain):
+        sp.add_argument("--rules", help="rule file (default: the built-in rules)")
+        sp.add_argument("--models-dir")
+    rcheck.set_defaults(func=cmd_rules_check)
+    rexplain.set_defaults(func=cmd_rules_explain)
 
     demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
     demo.add_argument("--data-dir")
