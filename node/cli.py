@@ -213,7 +213,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """A series folder -> label map (NIfTI) + segmentation.json, with the timing breakdown."""
-    from node.imaging.volume import SeriesError
+    from node.imaging.volume import SeriesError, dicom_files
     from node.inference.engine import EngineOptions
     from node.inference.infer import infer_series
     from node.models.registry import ModelError
@@ -227,7 +227,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             precision=args.precision, mirror=args.mirror, compile=args.compile,
                             largest_component=args.largest_component)
     try:
-        result = infer_series(folder, Path(args.series), Path(args.out), options, tilt=args.tilt)
+        result = infer_series(folder, dicom_files(Path(args.series)), Path(args.out), options, tilt=args.tilt)
     except SeriesError as exc:
         print(f"segnode infer: refused: {exc}", file=sys.stderr)
         return 2

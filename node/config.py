@@ -107,6 +107,21 @@ class StorageConfig(_Model):
         return self
 
 
+class RoutingConfig(_Model):
+    rules: Path | None = Field(None, description="rule file (YAML); default: the built-in rules")
+    stable_seconds: float = Field(10.0, gt=0, description="a study is complete after this long without an instance")
+    poll_seconds: float = Field(1.0, gt=0, description="how often completion looks for quiet studies")
+
+
+class JobsConfig(_Model):
+    workers: int = Field(1, ge=0, le=64, description="worker processes (0: receive and route only)")
+    max_attempts: int = Field(3, ge=1, description="tries before a job is dead")
+    backoff_seconds: float = Field(30.0, ge=0, description="first retry delay; doubles with each try")
+    lease_seconds: float = Field(120.0, gt=0, description="a running job not renewed for this long is requeued")
+    device: str = Field("auto", description="inference device: auto (CUDA when present), cpu, cuda, cuda:N")
+    models_dir: Path | None = Field(None, description="model folders; default SEGNODE_MODELS or the shipped ones")
+
+
 class Settings(_Model):
     data_dir: Path = Path("segnode-data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -114,6 +129,8 @@ class Settings(_Model):
     dimse: DimseConfig = Field(default_factory=DimseConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @field_validator("log_level")
     @classmethod

@@ -9,6 +9,7 @@ Event codes are the DICOM audit message vocabulary (DCM, PS3.15 A.5 / PS3.16 CID
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -27,12 +28,18 @@ from node.db.models import AuditEvent
 TABLE = AuditEvent.__table__
 
 GENESIS = "0" * 64
+APPEND_LOCK = 0x5E6A0D17  # PostgreSQL advisory lock key held while an event is appended
 
 # (code, display name) from DCM: what happened.
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 SECURITY_ALERT = ("110113", "Security Alert")
 BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
+# segnode's own steps between receiving and delivering (no DICOM audit event type covers them)
+SERIES_COMPLETE = ("SN-COMPLETE", "Series Complete")
+SERIES_REOPENED = ("SN-REOPEN", "Series Reopened")
+ROUTING_DECISION = ("SN-ROUTE", "Routing Decision")
+JOB_EVENT = ("SN-JOB", "Job State Change")
 
 # Event action codes and outcomes (RFC 3881 / PS3.15)
 ACTION_CREATE, ACTION_READ, ACTION_UPDATE, ACTION_EXECUTE = "C", "R", "U", "E"
@@ -81,7 +88,15 @@ class HeadAnchor:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
 
     def write(self, seq: int, digest: str) -> None:
-        os.pwrite(self._fd, f"{seq} {digest}".ljust(self.SIZE - 1).encode() + b"\n", 0)
+        """Advance the anchor; never move it back (processes commit and then write in either order)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            current = os.pread(self._fd, self.SIZE, 0).split()
+            if current and current[0].isdigit() and int(current[0]) >= seq:
+                return
+            os.pwrite(self._fd, f"{seq} {digest}".ljust(self.SIZE - 1).encode() + b"\n", 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -103,15 +118,19 @@ class AuditTrail:
 
     def __init__(self, anchor: Path | None = None) -> None:
         self.lock = threading.RLock()
-        self._head: tuple[int, str] | None = None
+        self._pending: tuple[int, str] | None = None
         self._anchor = HeadAnchor(anchor) if anchor is not None else None
 
     def append(self, tx: Tx, event: Event) -> int:
-        """Write `event` in `tx`; the caller holds `self.lock` until commit, then calls `committed()`."""
-        if self._head is None:
-            row = tx.last(TABLE, ("seq", "hash"), "seq")
-            self._head = (row[0], row[1]) if row else (0, GENESIS)
-        seq, prev = self._head
+        """Write `event` in `tx`; the caller holds `self.lock` until commit, then calls `committed()`.
+
+        The head is read inside the transaction, never cached: other processes (completion, router,
+        workers) append to the same chain. SQLite transactions hold the write lock from their start;
+        on PostgreSQL an advisory lock serializes appenders until commit."""
+        if not tx.db.sqlite:
+            tx.cursor.execute("SELECT pg_advisory_xact_lock(%s)" % APPEND_LOCK)
+        row = tx.last(TABLE, ("seq", "hash"), "seq")
+        seq, prev = (row[0], row[1]) if row else (0, GENESIS)
         row: dict[str, Any] = {
             "seq": seq + 1,
             "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
@@ -131,17 +150,18 @@ class AuditTrail:
         return row["seq"]
 
     def committed(self) -> None:
-        """Advance the cached head once the transaction holding the last append has committed."""
-        self._head = getattr(self, "_pending", self._head)
-        if self._anchor is not None and self._head is not None:
-            self._anchor.write(*self._head)
+        """Record the new head in the anchor once the transaction holding the append has committed."""
+        head = getattr(self, "_pending", None)
+        if self._anchor is not None and head is not None:
+            self._anchor.write(*head)
+        self._pending = None
 
     def close(self) -> None:
         if self._anchor is not None:
             self._anchor.close()
 
     def rolled_back(self) -> None:
-        self._head = None  # reload from the database next time
+        self._pending = None
 
 
 @dataclass

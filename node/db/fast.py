@@ -62,6 +62,7 @@ class Tx:
 class FastDB:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
         self._cache: dict[tuple[Any, ...], _Statement] = {}
 
     def statement(self, key: tuple[Any, ...], make: Any) -> _Statement:
@@ -76,6 +77,8 @@ class FastDB:
         try:
             cursor = conn.cursor()
             try:
+                if self.sqlite:
+                    cursor.execute("BEGIN IMMEDIATE")  # see node.db.session: several processes write
                 yield Tx(self, cursor)
                 conn.commit()
             except BaseException:

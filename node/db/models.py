@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, Float, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -37,7 +37,7 @@ class Instance(Base):
     patient_key: Mapped[str] = mapped_column(String(64), default="")
     source: Mapped[str] = mapped_column(String(200), default="")
     version: Mapped[int] = mapped_column(Integer, default=1)
-    received_at: Mapped[str] = mapped_column(String(40), doc="UTC, ISO 8601")
+    received_at: Mapped[str] = mapped_column(String(40), index=True, doc="UTC, ISO 8601")
 
 
 class SupersededInstance(Base):
@@ -72,3 +72,67 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_audit_events_event_id", "event_id"),)
+
+
+class SeriesState(Base):
+    """Where a series stands between arrival and routing. A series reopens (its generation goes up)
+    when instances arrive after it was completed."""
+
+    __tablename__ = "series"
+
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), doc="open | complete")
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    instances: Mapped[int] = mapped_column(Integer, default=0, doc="instance count when last completed")
+    last_received_at: Mapped[str] = mapped_column(String(40), default="", doc="newest arrival accounted for")
+    completed_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    completed_by: Mapped[str] = mapped_column(String(16), default="", doc="quiet | expected | manual")
+    complete_requested: Mapped[int] = mapped_column(Integer, default=0, doc="1: complete at the next poll")
+
+
+class RoutingDecision(Base):
+    """What the rules decided for one generation of a series, and under which rule set."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    ruleset_sha256: Mapped[str] = mapped_column(String(64))
+    rules: Mapped[str] = mapped_column(Text, doc="JSON: names of the rules applied")
+    models: Mapped[str] = mapped_column(Text, doc="JSON: model names, empty when ignored")
+    decided_at: Mapped[str] = mapped_column(String(40))
+
+
+class Job(Base):
+    """One model run over one version of a series' instances."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True,
+                                                 doc="sha256 of series + model version + instance hashes")
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    input_sha256: Mapped[str] = mapped_column(String(64), doc="sha256 over the instances' (UID, sha256)")
+    instances: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[str] = mapped_column(String(64))
+    ruleset_sha256: Mapped[str] = mapped_column(String(64))
+    destinations: Mapped[str] = mapped_column(Text, default="[]")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), index=True, doc="queued | running | succeeded | failed | dead")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    next_run_at: Mapped[float] = mapped_column(Float, default=0.0, doc="epoch seconds")
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    output: Mapped[str] = mapped_column(String(512), default="", doc="result folder, relative to the data dir")
+    supersedes: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the job whose result this replaces")
+    created_at: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))

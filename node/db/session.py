@@ -27,11 +27,19 @@ def make_engine(url: str, durable: bool = True) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # transactions are begun explicitly, below and in FastDB
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # type: ignore[no-untyped-def]
+            # Take the write lock up front: a deferred transaction that reads, then writes after another
+            # process committed fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn. The
+            # listener, completion, router and workers are separate processes writing one database.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

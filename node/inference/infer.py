@@ -7,10 +7,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from node import __version__
 from node.imaging.nifti import write_labels
-from node.imaging.volume import TiltPolicy, Volume, dicom_files, read_series
+from node.imaging.volume import TiltPolicy, Volume, read_series
 from node.inference.engine import EngineOptions, Segmentation, engine_for
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,13 @@ class Result:
     record_path: Path
 
 
-def infer_series(model_folder: Path, series_dir: Path, out: Path, options: EngineOptions | None = None,
+def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: EngineOptions | None = None,
                  tilt: TiltPolicy = "resample") -> Result:
-    """Segment the one series in `series_dir`; write OUT/labels.nii.gz and OUT/segmentation.json.
+    """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
 
     Raises SeriesError (named series and reason) when the series cannot be one volume."""
     start = time.perf_counter()
-    volume = read_series(dicom_files(series_dir), tilt=tilt)
+    volume = read_series(files, tilt=tilt)
     read = time.perf_counter() - start
     engine = engine_for(model_folder, options)
     seg = engine.segment(volume)

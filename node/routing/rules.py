@@ -165,6 +165,7 @@ class Action(_Strict):
     models: list[str] = Field(min_length=1)
     destinations: list[str] = Field(default_factory=list)
     priority: int = 0
+    expected_instances: int | None = Field(None, ge=1, description="complete the series as soon as it has this many")
 
 
 class Rule(_Strict):

@@ -1,0 +1,101 @@
+"""The worker loop: reap expired leases, claim a job, run its model on the series, record the result.
+
+Any number of workers (processes) may share one queue. A job's lease is renewed while it runs; a
+worker that dies stops renewing and the job is queued again. Until delivery exists, a job's output
+is the label map the engine writes (results/<job id>/labels.nii.gz + segmentation.json).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from node.audit.ledger import Ledger
+from node.imaging.volume import SeriesError
+from node.inference.engine import EngineOptions
+from node.inference.infer import infer_series
+from node.jobs import queue
+from node.models.registry import read_manifest
+from node.routing.router import series_input
+
+log = logging.getLogger(__name__)
+RESULTS = "results"
+
+Runner = Callable[[dict[str, Any], list[Path], Path], str]  # (job, instance files, output folder) -> detail
+
+
+class Worker:
+    def __init__(self, ledger: Ledger, data_dir: Path, spool_root: Path, models_dir: Path, lease_seconds: float,
+                 backoff_seconds: float, device: str = "auto", runner: Runner | None = None) -> None:
+        self.ledger, self.data_dir, self.spool_root, self.models_dir = ledger, data_dir, spool_root, models_dir
+        self.lease, self.backoff = lease_seconds, backoff_seconds
+        self.options = EngineOptions(device=device)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.runner = runner or self._infer
+
+    def _infer(self, job: dict[str, Any], files: list[Path], out: Path) -> str:
+        folder = self.models_dir / job["model"]
+        manifest = read_manifest(folder)
+        if (manifest.version, manifest.weights_sha256) != (job["model_version"], job["weights_sha256"]):
+            raise RuntimeError(f"model {job['model']} is now {manifest.version} (weights {manifest.weights_sha256[:12]}),"
+                               f" the job was queued for {job['model_version']} ({job['weights_sha256'][:12]}); "
+                               f"retry the job to run the installed version")
+        result = infer_series(folder, files, out, self.options)
+        return f"{job['model']} {job['model_version']} -> {out.name}/ ({result.segmentation.timings})"
+
+    def run_once(self) -> bool:
+        """Handle at most one job; False when there was nothing to do."""
+        queue.reap(self.ledger)
+        job = queue.claim(self.ledger.engine, self.owner, self.lease)
+        if job is None:
+            return False
+        log.info("job %d: %s on series (attempt %d of %d)", job["id"], job["model"], job["attempts"],
+                 job["max_attempts"])
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(job["id"], stop), daemon=True)
+        renewer.start()
+        try:
+            with self.ledger.engine.connect() as conn:
+                series = series_input(conn, job["series_uid"], job["generation"])
+            if series.input_sha256 != job["input_sha256"]:
+                queue.finish(self.ledger, job, self.owner, "", "the series changed before this job ran; the job "
+                             "for its new version covers it", state="superseded")
+                return True
+            out = self.data_dir / RESULTS / str(int(job["id"]))
+            files = [self.spool_root / path for _, _, path in series.instances]
+            detail = self.runner(job, files, out)
+            if not queue.finish(self.ledger, job, self.owner, str(out.relative_to(self.data_dir)), detail):
+                log.warning("job %d finished after its lease was lost; another worker owns it now", job["id"])
+        except SeriesError as exc:  # the input itself cannot be segmented: retrying will not help
+            log.warning("job %d refused its series: %s", job["id"], exc)
+            job = dict(job, attempts=job["max_attempts"])
+            queue.fail(self.ledger, job, self.owner, f"refused: {exc}", self.backoff)
+        except Exception as exc:
+            log.exception("job %d failed", job["id"])
+            state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", self.backoff)
+            log.warning("job %d is now %s", job["id"], state)
+        finally:
+            stop.set()
+            renewer.join()
+        return True
+
+    def _renew(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.lease / 3):
+            if not queue.renew(self.ledger.engine, job_id, self.owner, self.lease):
+                log.warning("job %d: lease lost", job_id)
+                return
+
+    def run(self, stop: Callable[[], bool], idle_seconds: float = 0.5) -> None:
+        while not stop():
+            try:
+                busy = self.run_once()
+            except Exception:
+                log.exception("worker loop error; continuing")
+                busy = False
+            if not busy:
+                time.sleep(idle_seconds)

@@ -1,0 +1,261 @@
+"""Completion, routing and the job queue, in-process against a real node fed by dcmtk's storescu."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from node import pipeline
+from node.audit.ledger import Ledger
+from node.audit.trail import verify_connection
+from node.completion import request_completion
+from node.db.models import RoutingDecision, SeriesState
+from node.jobs import queue
+from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from tests.conftest import audit_events, storescu
+
+
+@pytest.fixture
+def series(tmp_path: Path):
+    """Write CT phantom series (default rules route them to the 3D model); same seed = same study."""
+    def _write(seed: int = 1, name: str = "ct", slices_mm: float = 60.0, **options) -> list[Path]:
+        return write_phantom(generate_ct(seed, CTOptions(matrix=16, slice_spacing=5.0, z_extent_mm=slices_mm,
+                                                         **options)), tmp_path / name)
+    return _write
+
+
+def _stage(node, **routing):
+    node.settings.routing = node.settings.routing.model_copy(update=routing)
+    led = Ledger(node.engine, node.trail)
+    return led, pipeline.completion(node.settings, led)
+
+
+def _jobs(node, **filters):
+    with node.engine.connect() as conn:
+        return queue.list_jobs(conn, **filters)
+
+
+def _series_rows(node):
+    with node.engine.connect() as conn:
+        return {r.series_uid: r for r in conn.execute(select(SeriesState)).all()}
+
+
+def _events(node, code):
+    return [e for e in audit_events(node) if e.event_id == code]
+
+
+def test_a_quiet_study_completes_once_and_is_routed_with_the_rule_set_hash(node, series):
+    led, completion = _stage(node, stable_seconds=0.5)
+    files = series()
+    assert storescu(node.dimse.port, files).returncode == 0
+    assert completion.poll() == []  # still arriving as far as anyone can tell
+    time.sleep(0.6)
+    done = completion.poll()
+    assert len(done) == 1 and completion.poll() == []
+    (job,) = _jobs(node)
+    assert job["model"] == "ct-abdomen-phantom-3d" and job["state"] == "queued" and job["instances"] == len(files)
+    assert job["rule"] == "ct-abdomen" and len(job["ruleset_sha256"]) == 64
+    (route,) = _events(node, "SN-ROUTE")
+    assert json.loads(route.objects)["ruleset_sha256"] == job["ruleset_sha256"] == completion.rules().sha256
+    assert len(_events(node, "SN-COMPLETE")) == 1 and len(_events(node, "SN-JOB")) == 1
+    with node.engine.connect() as conn:
+        assert verify_connection(conn).ok
+
+
+def test_a_slow_series_is_not_cut_while_its_study_keeps_arriving(node, series):
+    led, completion = _stage(node, stable_seconds=1.0)
+    files = series()
+    for f in files[:4]:  # one instance every 0.6 s: always less than the quiet time apart
+        assert storescu(node.dimse.port, [f]).returncode == 0
+        assert completion.poll() == []
+        time.sleep(0.6)
+    assert completion.poll() == []
+    time.sleep(0.5)
+    assert len(completion.poll()) == 1
+    assert _jobs(node)[0]["instances"] == 4
+
+
+def test_any_instance_of_the_study_restarts_the_clock(node, series):
+    led, completion = _stage(node, stable_seconds=1.0)
+    first = series()
+    assert storescu(node.dimse.port, first).returncode == 0
+    time.sleep(0.7)
+    second = series(seed=1, name="second", slices_mm=30.0, reversed_order=True)  # same study, its own series
+    for path in second:  # a different series UID in the same study
+        ds = dcmread(path)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1432.99"
+        ds.SOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.10.1432.", entropy_srcs=[str(path)])
+        ds.save_as(path, enforce_file_format=True)
+    assert storescu(node.dimse.port, second).returncode == 0
+    time.sleep(0.5)
+    assert completion.poll() == []  # 1.2 s after the first series, but the study was busy 0.5 s ago
+    time.sleep(0.6)
+    assert len(completion.poll()) == 2
+
+
+def test_expected_instance_count_completes_at_once(node, series, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("""mode: first
+rules:
+  - name: counted
+    match: {attribute: Modality, equals: CT}
+    action: {models: [ct-abdomen-phantom-3d], expected_instances: 12}
+""")
+    led, completion = _stage(node, stable_seconds=3600, rules=rules)
+    files = series()
+    assert len(files) == 12
+    assert storescu(node.dimse.port, files[:11]).returncode == 0
+    assert completion.poll() == []
+    assert storescu(node.dimse.port, files[11:]).returncode == 0
+    assert len(completion.poll()) == 1
+    assert next(iter(_series_rows(node).values())).completed_by == "expected"
+
+
+def test_completion_on_request(node, series):
+    led, completion = _stage(node, stable_seconds=3600)
+    files = series()
+    assert storescu(node.dimse.port, files).returncode == 0
+    study = dcmread(files[0]).StudyInstanceUID
+    assert request_completion(led, study, "test") == 1
+    assert len(completion.poll()) == 1
+    assert next(iter(_series_rows(node).values())).completed_by == "manual"
+
+
+def _run_jobs(node, led, runner=None):
+    worker = pipeline.worker(node.settings, led, runner=runner or (lambda job, files, out: f"{len(files)} files"))
+    while worker.run_once():
+        pass
+    return worker
+
+
+def test_a_late_instance_reopens_the_series_and_its_new_result_supersedes(node, series):
+    led, completion = _stage(node, stable_seconds=0.3)
+    files = series()
+    assert storescu(node.dimse.port, files[:-1]).returncode == 0
+    time.sleep(0.4)
+    assert len(completion.poll()) == 1
+    _run_jobs(node, led)
+    assert storescu(node.dimse.port, files[-1:]).returncode == 0
+    time.sleep(0.4)
+    assert len(completion.poll()) == 1
+    first, second = _jobs(node)
+    assert first["state"] == "succeeded" and second["state"] == "queued"
+    assert second["supersedes"] == first["id"] and second["generation"] == 2 and second["instances"] == len(files)
+    (reopened,) = _events(node, "SN-REOPEN")
+    assert "supersede" in reopened.detail
+    with node.engine.connect() as conn:
+        decisions = conn.execute(select(RoutingDecision)).all()
+    assert [d.generation for d in decisions] == [1, 2]
+
+
+def test_the_same_input_is_never_queued_twice(node, series):
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    (job,) = _jobs(node)
+    spec = queue.JobSpec(job["series_uid"], job["study_uid"], 1, job["model"], job["model_version"],
+                         job["weights_sha256"], job["input_sha256"], job["instances"], "again", "x" * 64, [])
+    with led.transaction() as (conn, append):
+        assert queue.enqueue(conn, append, spec, 3) == (job["id"], False)
+    assert len(_jobs(node)) == 1
+
+
+def _queue_jobs(node, led, count: int) -> list[int]:
+    ids = []
+    with led.transaction() as (conn, append):
+        for i in range(count):
+            # series without instances: the worker finds the same (empty) input and runs the job
+            spec = queue.JobSpec(f"1.2.3.{i}", "1.2.3", 1, "m", "1", "0" * 64, queue.input_hash([]), 0, "r", "0" * 64, [])
+            ids.append(queue.enqueue(conn, append, spec, 3)[0])
+    return ids
+
+
+def test_two_workers_never_run_the_same_job(node):
+    led = Ledger(node.engine, node.trail)
+    ids = _queue_jobs(node, led, 12)
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def runner(job, files, out):
+        with lock:
+            ran.append(job["id"])
+        time.sleep(0.02)
+        return "ok"
+
+    workers = []
+    for n in range(2):  # each with its own database connections and owner name
+        w = pipeline.worker(node.settings, pipeline.ledger(node.settings), runner=runner)
+        w.owner += f"-{n}"
+        workers.append(w)
+    threads = [threading.Thread(target=lambda w=w: [None for _ in iter(w.run_once, False)]) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ran) == ids  # every job exactly once
+    assert {j["state"] for j in _jobs(node)} == {"succeeded"}
+    assert {j["lease_owner"] for j in _jobs(node)} == {""}  # leases released
+    owners = {json.loads(e.actor)["worker"] for e in _events(node, "SN-JOB") if e.detail.startswith("succeeded")}
+    assert owners == {w.owner for w in workers}  # both took part
+
+
+def test_a_failing_job_retries_with_backoff_then_dies_and_can_be_retried(node, series):
+    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0.2, "max_attempts": 3})
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+
+    def broken(job, files, out):
+        raise RuntimeError("GPU fell off the bus")
+
+    worker = pipeline.worker(node.settings, led, runner=broken)
+    assert worker.run_once()
+    (job,) = _jobs(node)
+    assert job["state"] == "failed" and job["attempts"] == 1 and "GPU fell off the bus" in job["last_error"]
+    assert job["next_run_at"] == pytest.approx(time.time() + 0.2, abs=0.15)
+    assert not worker.run_once()  # not before its backoff
+    time.sleep(0.25)
+    assert worker.run_once()
+    assert _jobs(node)[0]["next_run_at"] == pytest.approx(time.time() + 0.4, abs=0.15)  # doubled
+    time.sleep(0.45)
+    assert worker.run_once()
+    (job,) = _jobs(node)
+    assert job["state"] == "dead" and job["attempts"] == 3
+    assert queue.retry(led, job["id"])
+    _run_jobs(node, led)
+    assert _jobs(node)[0]["state"] == "succeeded"
+
+
+def test_a_job_whose_worker_died_is_queued_again(node, series):
+    node.settings.jobs = node.settings.jobs.model_copy(update={"lease_seconds": 0.3})
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    ghost = queue.claim(node.engine, "ghost", lease_seconds=0.2)  # a worker that then vanishes
+    assert ghost is not None and _jobs(node)[0]["state"] == "running"
+    time.sleep(0.3)
+    ran = []
+    _run_jobs(node, led, runner=lambda job, files, out: ran.append(job["attempts"]) or "ok")
+    (job,) = _jobs(node)
+    assert ran == [2] and job["state"] == "succeeded"
+    assert any("stopped renewing its lease" in e.detail for e in _events(node, "SN-JOB"))
+
+
+def test_completion_survives_a_restart_without_losing_or_repeating(node, series):
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    fresh = pipeline.completion(node.settings, led)  # a new process: nothing in memory
+    assert len(fresh.poll()) == 1
+    assert completion.poll() == [] and pipeline.completion(node.settings, led).poll() == []
+    assert len(_jobs(node)) == 1
