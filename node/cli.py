@@ -44,6 +44,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["dimse"] = dimse
     if http:
         overrides["http"] = http
+    if getattr(args, "rules", None) and getattr(args, "command", "") == "serve":
+        overrides["routing"] = {"rules": args.rules}
+    if getattr(args, "stable_seconds", None) is not None:
+        overrides.setdefault("routing", {})["stable_seconds"] = args.stable_seconds
+    if getattr(args, "workers", None) is not None:
+        overrides["jobs"] = {"workers": args.workers}
     config = args.config or os.environ.get("SEGNODE_CONFIG")
     return load_settings(Path(config) if config else None, overrides)
 
@@ -51,19 +57,103 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
+    from node import pipeline
+    from node.audit import trail as audit
+    from node.routing.rules import RulesError
+    from node.store import Peer
+    from node.supervisor import Supervisor
+
     settings = _settings(args)
     _setup_logging(settings.log_level)
+    try:
+        rules = pipeline.ruleset(settings)  # a bad rule file stops the node before it accepts anything
+    except RulesError as exc:
+        print(f"segnode: {exc}", file=sys.stderr)
+        return 2
     node = Node(settings)
     node.start()
-    log.info("segnode %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d (data in %s)", __version__,
-             settings.dimse.ae_title, settings.dimse.host, node.dimse.port, settings.http.host, node.http_port,
-             settings.data_dir)
+
+    def exited(name: str, code: int, delay: float) -> None:
+        node.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE,
+                                      Peer("local", "localhost").actor(), {"component": name, "exit_status": code},
+                                      None, f"{name} exited with status {code}; restarted in {delay:.1f} s"))
+
+    supervisor = Supervisor(settings, on_exit=exited)
+    supervisor.start()
+    log.info("segnode %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d (data in %s); rules %s (sha256 %s), "
+             "completion after %.1f s quiet, %d worker(s)", __version__, settings.dimse.ae_title, settings.dimse.host,
+             node.dimse.port, settings.http.host, node.http_port, settings.data_dir,
+             settings.routing.rules or "built-in", rules.sha256[:12], settings.routing.stable_seconds,
+             settings.jobs.workers)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping")
+    supervisor.stop()
     node.stop()
+    return 0
+
+
+def cmd_component(args: argparse.Namespace) -> int:
+    """One supervised stage of `segnode serve` (not for direct use)."""
+    from node import pipeline
+    from node.supervisor import component_settings
+
+    settings = component_settings()
+    _setup_logging(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.kind == "completion":
+        pipeline.completion(settings).run(stop.is_set, settings.routing.poll_seconds)
+    else:
+        worker = pipeline.worker(settings)
+        worker.owner += f"/{args.name}"
+        worker.run(stop.is_set)
+    return 0
+
+
+def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from node import pipeline
+
+    return pipeline.ledger(_settings(args))
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from node.completion import request_completion
+
+    count = request_completion(_ledger(args), args.study_uid, "cli")
+    if not count:
+        print(f"no open series in study {args.study_uid} (unknown study, or everything already completed)",
+              file=sys.stderr)
+        return 1
+    print(f"{count} series will be completed and routed at the next poll")
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from node.jobs.queue import list_jobs
+
+    with _ledger(args).engine.connect() as conn:
+        jobs = list_jobs(conn, state=args.state)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    for j in jobs:
+        print(f"{j['id']:6d} {j['state']:10s} {j['model']:24s} {j['model_version']:8s} try {j['attempts']}/"
+              f"{j['max_attempts']} series {j['series_uid']} gen {j['generation']}"
+              + (f"  {j['last_error'][:100]}" if j["last_error"] else "") + (f"  -> {j['output']}" if j["output"] else ""))
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from node.jobs.queue import retry
+
+    if not retry(_ledger(args), args.job_id, who="cli"):
+        print(f"job {args.job_id} is not failed or dead (see `segnode jobs list`)", file=sys.stderr)
+        return 1
+    print(f"job {args.job_id} queued again")
     return 0
 
 
@@ -332,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--ae-title")
     serve.add_argument("--host", help="address both listeners bind to")
+    serve.add_argument("--rules", help="routing rule file (default: the built-in rules)")
+    serve.add_argument("--stable-seconds", type=float, help="a study is complete after this long without instances")
+    serve.add_argument("--workers", type=int, help="worker processes (0: receive and route only)")
     serve.set_defaults(func=cmd_serve)
 
     studies = sub.add_parser("studies", help="print received studies as JSON")
@@ -401,6 +494,28 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--tilt", default="resample", choices=["resample", "refuse"],
                      help="gantry-tilted series: segment on an orthogonal grid, or refuse")
     inf.set_defaults(func=cmd_infer)
+
+    comp = sub.add_parser("component", help=argparse.SUPPRESS)
+    comp.add_argument("kind", choices=["completion", "worker"])
+    comp.add_argument("--name", default="")
+    comp.set_defaults(func=cmd_component)
+
+    complete = sub.add_parser("complete", help="complete (and route) a study's open series now")
+    complete.add_argument("study_uid")
+    common(complete)
+    complete.set_defaults(func=cmd_complete)
+
+    jobs = sub.add_parser("jobs", help="the job queue")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jlist = jobs_sub.add_parser("list", help="jobs, oldest first")
+    jlist.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "dead", "superseded"])
+    jlist.add_argument("--json", action="store_true")
+    jretry = jobs_sub.add_parser("retry", help="queue a failed or dead job again")
+    jretry.add_argument("job_id", type=int)
+    for sp in (jlist, jretry):
+        common(sp)
+    jlist.set_defaults(func=cmd_jobs_list)
+    jretry.set_defaults(func=cmd_jobs_retry)
 
     rules = sub.add_parser("rules", help="check routing rules and explain their decisions")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)

@@ -12,6 +12,7 @@ import uvicorn
 
 from node import __version__
 from node.audit import trail as audit
+from node.audit.ledger import Ledger
 from node.config import Settings
 from node.db.session import make_engine, migrate
 from node.dicom.scp import DimseServer
@@ -50,6 +51,7 @@ class Node:
         self.trail = audit.AuditTrail(anchor=audit_anchor(settings))
         self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data_dir),
                                   settings.storage.free_space_floor_mb, settings.storage.free_space_watermark_mb)
+        self.ledger = Ledger(self.engine, self.trail)  # state changes with their audit events (completion API)
         self.dimse = DimseServer(settings.dimse, self.store)
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None

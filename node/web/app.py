@@ -71,6 +71,27 @@ def create_app(node: "Node") -> FastAPI:
         with node.engine.connect() as conn:
             return list_studies(conn)
 
+    @app.post("/api/studies/{study}/complete", status_code=202)
+    def complete(request: Request, study: str) -> dict[str, Any]:
+        """Complete (and route) the study's open series at the next completion poll."""
+        from node.completion import request_completion
+
+        authorize(request)
+        if not is_valid_uid(study):
+            raise HTTPException(400, "the study in the URL is not a valid UID")
+        count = request_completion(node.ledger, study, "http")
+        if not count:
+            raise HTTPException(404, "no open series in this study (unknown, or already completed)")
+        return {"study_uid": study, "series": count}
+
+    @app.get("/api/jobs")
+    def jobs(request: Request, state: str | None = None) -> list[dict[str, Any]]:
+        from node.jobs.queue import list_jobs
+
+        authorize(request)
+        with node.engine.connect() as conn:
+            return list_jobs(conn, state=state)
+
     async def stow(request: Request, study: str | None) -> JSONResponse:
         user = await run_in_threadpool(authorize, request)  # a refusal writes an audit event
         if study is not None and not is_valid_uid(study):

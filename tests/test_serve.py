@@ -1,0 +1,122 @@
+"""`segnode serve` as deployed: listener, completion and workers as supervised processes. A series
+sent with storescu ends as one label map, also when a worker or the whole node is killed mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from pydicom import dcmread
+from sqlalchemy import create_engine, select
+
+from node.db.models import AuditEvent
+from node.imaging.nifti import read_labels
+from node.peers import free_port, start_node_process
+from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from tests.conftest import echoscu, eventually, storescu
+
+
+def _config(tmp_path: Path, workers: int = 1) -> Path:
+    path = tmp_path / "segnode.yaml"
+    path.write_text(f"""
+routing: {{stable_seconds: 0.5, poll_seconds: 0.2}}
+jobs: {{workers: {workers}, lease_seconds: 2, backoff_seconds: 0}}
+""")
+    return path
+
+
+def _jobs(node) -> list[dict]:
+    return httpx.get(f"{node.url}/api/jobs", timeout=10).json()
+
+
+def _events(data_dir: Path, code: str) -> list:
+    engine = create_engine(f"sqlite:///{data_dir / 'segnode.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(select(AuditEvent).where(AuditEvent.event_id == code)).all()
+    engine.dispose()
+    return rows
+
+
+def _children(node, kind: str) -> list[psutil.Process]:
+    return [p for p in psutil.Process(node.proc.pid).children() if "component" in p.cmdline() and kind in p.cmdline()]
+
+
+def _phantom(tmp_path: Path, seed: int, slices: float = 2.0) -> list[Path]:
+    return write_phantom(generate_ct(seed, CTOptions(matrix=64, slice_spacing=slices, z_extent_mm=240.0)),
+                         tmp_path / f"ct-{seed}")
+
+
+def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
+    data = tmp_path / "data"
+    log = tmp_path / "node.log"
+    node = start_node_process(data, "--config", str(_config(tmp_path, workers=2)), stderr=log.open("ab"))
+    try:
+        files = _phantom(tmp_path, 200_100, slices=4.0)
+        assert storescu(node.dimse_port, files).returncode == 0
+        job = eventually(lambda: [j for j in _jobs(node) if j["state"] == "succeeded"], timeout=180)[0]
+        labels, affine = read_labels(data / job["output"] / "labels.nii.gz")
+        assert labels.shape == (len(files), 64, 64) and set(np.unique(labels)) >= {0, 1, 2, 5}
+        record = json.loads((data / job["output"] / "segmentation.json").read_text())
+        assert record["model"]["weights_sha256"] == job["weights_sha256"]
+        study = dcmread(files[0]).StudyInstanceUID
+        again = httpx.post(f"{node.url}/api/studies/{study}/complete", timeout=10)
+        assert again.status_code == 404  # completed already: nothing open
+        assert len(_jobs(node)) == 1
+    finally:
+        node.stop()
+    text = log.read_text()
+    assert "Traceback" not in text, text
+
+
+def test_a_killed_worker_is_restarted_and_its_job_runs_once(tmp_path):
+    data = tmp_path / "data"
+    log = tmp_path / "node.log"
+    node = start_node_process(data, "--config", str(_config(tmp_path)), stderr=log.open("ab"))
+    try:
+        assert storescu(node.dimse_port, _phantom(tmp_path, 200_101)).returncode == 0
+        eventually(lambda: [j for j in _jobs(node) if j["state"] == "running"], timeout=120)
+        (worker,) = _children(node, "worker")
+        os.kill(worker.pid, signal.SIGKILL)
+        assert echoscu(node.dimse_port).returncode == 0  # the listener does not notice
+        (job,) = eventually(lambda: [j for j in _jobs(node) if j["state"] == "succeeded"], timeout=180)
+        assert job["attempts"] == 2 and len(_jobs(node)) == 1
+        (restarted,) = eventually(lambda: _children(node, "worker"), timeout=30)
+        assert restarted.pid != worker.pid
+    finally:
+        node.stop()
+    crashed = [e for e in _events(data, "110100") if "exited with status -9" in e.detail]
+    assert len(crashed) == 1
+    assert any("stopped renewing its lease" in e.detail for e in _events(data, "SN-JOB"))
+
+
+def test_a_node_killed_mid_job_finishes_the_job_once_after_restart(tmp_path):
+    data = tmp_path / "data"
+    config = _config(tmp_path)
+    dimse, http = free_port(), free_port()
+    log = tmp_path / "node.log"
+    node = start_node_process(data, "--config", str(config), dimse_port=dimse, http_port=http, stderr=log.open("ab"))
+    files = _phantom(tmp_path, 200_102)
+    assert storescu(node.dimse_port, files).returncode == 0
+    eventually(lambda: [j for j in _jobs(node) if j["state"] == "running"], timeout=120)
+    children = psutil.Process(node.proc.pid).children()
+    node.proc.kill()
+    node.proc.wait()
+    psutil.wait_procs(children, timeout=10)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)  # died with it
+    node = start_node_process(data, "--config", str(config), dimse_port=dimse, http_port=http, stderr=log.open("ab"))
+    try:
+        (job,) = eventually(lambda: [j for j in _jobs(node) if j["state"] == "succeeded"], timeout=180)
+        assert len(_jobs(node)) == 1 and (data / job["output"] / "labels.nii.gz").exists()
+    finally:
+        node.stop()
+    assert len(_events(data, "SN-COMPLETE")) == 1  # completed and routed once, before the kill
+    verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--data-dir", str(data)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
