@@ -375,6 +375,28 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_replay(args: argparse.Namespace) -> int:
+    """The series already received, decided again with a rule file: what would be routed differently."""
+    from node.routing.router import replay
+    from node.routing.rules import RulesError
+
+    try:
+        ruleset = _rules(args)
+    except RulesError as exc:
+        print(f"segnode rules: {exc}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    with _open_engine(args).connect() as conn:
+        results = replay(conn, settings.data_dir, ruleset)
+    changed = [r for r in results if r.changed]
+    print(f"dry run of {args.rules or 'the built-in rules'} (sha256 {ruleset.sha256[:16]}...) over {len(results)} "
+          f"routed series: {len(changed)} would be routed differently")
+    for r in changed:
+        print(f"  series {r.series_uid}: {', '.join(r.before) or 'ignored'} (rules {', '.join(r.rules_before) or '-'})"
+              f" -> {', '.join(r.after) or 'ignored'} (rules {', '.join(r.rules_after) or '-'})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fingerprint -> plan (written, editable) -> training -> model folder."""
     from node.training.data import load_cases
@@ -522,9 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     rcheck = rules_sub.add_parser("check", help="validate a rule file (models must be installed)")
     rexplain = rules_sub.add_parser("explain", help="which rules match each series found, condition by condition")
     rexplain.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
-    for sp in (rcheck, rexplain):
+    rreplay = rules_sub.add_parser("replay", help="dry run over the series already received: what would change")
+    common(rreplay)
+    for sp in (rcheck, rexplain, rreplay):
         sp.add_argument("--rules", help="rule file (default: the built-in rules)")
         sp.add_argument("--models-dir")
+    rreplay.set_defaults(func=cmd_rules_replay)
     rcheck.set_defaults(func=cmd_rules_check)
     rexplain.set_defaults(func=cmd_rules_explain)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,3 +261,26 @@ def test_completion_survives_a_restart_without_losing_or_repeating(node, series)
     assert len(fresh.poll()) == 1
     assert completion.poll() == [] and pipeline.completion(node.settings, led).poll() == []
     assert len(_jobs(node)) == 1
+
+
+def test_rules_replay_shows_what_a_new_rule_file_would_route_differently(node, series, tmp_path):
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("""mode: first
+rules:
+  - name: thin-only
+    match: {attribute: SliceThickness, range: {max: 1.5}}
+    action: {models: [ct-abdomen-phantom-3d]}
+""")
+    run = subprocess.run([sys.executable, "-m", "node", "rules", "replay", "--rules", str(strict), "--data-dir",
+                          str(node.settings.data_dir)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "over 1 routed series: 1 would be routed differently" in run.stdout
+    assert "ct-abdomen-phantom-3d (rules ct-abdomen) -> ignored (rules -)" in run.stdout
+    same = subprocess.run([sys.executable, "-m", "node", "rules", "replay", "--data-dir", str(node.settings.data_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert "1 routed series: 0 would be routed differently" in same.stdout
+    assert len(_jobs(node)) == 1  # a dry run

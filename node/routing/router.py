@@ -97,3 +97,34 @@ def route(conn: Connection, append: Append, series: SeriesInput, ruleset: RuleSe
                                           ruleset.sha256, rule.action.destinations, rule.action.priority),
                     max_attempts)
     return decision
+
+
+@dataclass
+class Replayed:
+    series_uid: str
+    before: list[str]  # models the recorded decision chose (empty: ignored)
+    after: list[str]  # models the given rules choose
+    rules_before: list[str]
+    rules_after: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def replay(conn: Connection, spool_root: Path, ruleset: RuleSet) -> list[Replayed]:
+    """Decide every routed series again with `ruleset`, as a dry run: nothing is written."""
+    latest = select(DECISIONS.c.series_uid, DECISIONS.c.generation, DECISIONS.c.rules, DECISIONS.c.models).order_by(
+        DECISIONS.c.id)
+    last: dict[str, Any] = {}
+    for row in conn.execute(latest):
+        last[row.series_uid] = row  # the newest decision per series wins
+    out = []
+    for uid, row in last.items():
+        series = series_input(conn, uid, row.generation)
+        if not series.instances:
+            continue
+        decision = decide(ruleset, facts(spool_root, series))
+        out.append(Replayed(uid, json.loads(row.models), decision.models, json.loads(row.rules),
+                            [r.name for r in decision.applied]))
+    return out
