@@ -59,17 +59,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from node import pipeline
     from node.audit import trail as audit
-    from node.routing.rules import RulesError
     from node.store import Peer
     from node.supervisor import Supervisor
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
-    try:
-        rules = pipeline.ruleset(settings)  # a bad rule file stops the node before it accepts anything
-    except RulesError as exc:
-        print(f"segnode: {exc}", file=sys.stderr)
-        return 2
+    rules = pipeline.ruleset(settings)  # a bad rule file (RulesError) stops the node before it accepts anything
     node = Node(settings)
     node.start()
 
@@ -341,13 +336,7 @@ def _rules(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    from node.routing.rules import RulesError
-
-    try:
-        ruleset = _rules(args)
-    except RulesError as exc:
-        print(f"segnode rules: {exc}", file=sys.stderr)
-        return 2
+    ruleset = _rules(args)  # a RulesError is reported by main()
     print(f"ok: {len(ruleset.rules)} rules, mode {ruleset.mode}, sha256 {ruleset.sha256}")
     return 0
 
@@ -355,13 +344,9 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 def cmd_rules_explain(args: argparse.Namespace) -> int:
     """For each series under the paths: every rule, every condition, the value seen and why."""
     from node.routing.facts import series_in
-    from node.routing.rules import RulesError, decide
+    from node.routing.rules import decide
 
-    try:
-        ruleset = _rules(args)
-    except RulesError as exc:
-        print(f"segnode rules: {exc}", file=sys.stderr)
-        return 2
+    ruleset = _rules(args)  # a RulesError is reported by main()
     found = series_in(Path(p) for p in args.paths)
     if not found:
         print("no DICOM series found under " + ", ".join(args.paths), file=sys.stderr)
@@ -378,13 +363,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
 def cmd_rules_replay(args: argparse.Namespace) -> int:
     """The series already received, decided again with a rule file: what would be routed differently."""
     from node.routing.router import replay
-    from node.routing.rules import RulesError
-
-    try:
-        ruleset = _rules(args)
-    except RulesError as exc:
-        print(f"segnode rules: {exc}", file=sys.stderr)
-        return 2
+    ruleset = _rules(args)  # a RulesError is reported by main()
     settings = _settings(args)
     with _open_engine(args).connect() as conn:
         results = replay(conn, settings.data_dir, ruleset)
@@ -562,10 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.routing.rules import RulesError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, RulesError) as exc:
         print(f"segnode: {exc}", file=sys.stderr)
         return 2
 

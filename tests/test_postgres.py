@@ -8,14 +8,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from node import pipeline
+from node.audit.ledger import Ledger
+from node.audit.trail import verify_connection
+from node.jobs import queue
 from node.peers import free_port
 from tests.conftest import instances, storescu
+from tests.test_pipeline import _queue_jobs
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -68,3 +75,30 @@ def test_node_on_postgresql(start_node, pg_url, ct_files, tmp_path):
                              str(node.settings.data_dir)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and f"{2 * len(ct_files) + 2} events" in verify.stdout, verify.stdout
     assert "no head anchor" not in verify.stdout
+
+
+def test_workers_share_a_postgresql_queue_without_running_a_job_twice(start_node, pg_url):
+    node = start_node(database_url=pg_url)
+    ids = _queue_jobs(node, Ledger(node.engine, node.trail), 16)
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def runner(job, files, out):
+        with lock:
+            ran.append(job["id"])
+        return "ok"
+
+    workers = [pipeline.worker(node.settings, pipeline.ledger(node.settings), runner=runner) for _ in range(3)]
+    for n, w in enumerate(workers):
+        w.owner += f"-{n}"
+    threads = [threading.Thread(target=lambda w=w: [None for _ in iter(w.run_once, False)]) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ran) == ids
+    with node.engine.connect() as conn:
+        assert {j["state"] for j in queue.list_jobs(conn) if j["id"] in ids} == {"succeeded"}
+        assert conn.execute(text("select count(*) from jobs where state = 'running'")).scalar() == 0
+    with node.engine.connect() as conn:
+        assert verify_connection(conn).ok  # concurrent appends from three workers kept one chain

@@ -64,11 +64,11 @@ class EngineOptions:
 class Timings:
     """Seconds per stage; on the GPU each stage is synchronized before it is timed."""
 
+    read: float = 0.0  # DICOM -> volume, filled in by callers that read
     preprocess: float = 0.0  # upload, resample to the model grid, normalize
     windows: float = 0.0  # sliding window: network and accumulation
     resample: float = 0.0  # logits back to the source grid, argmax, download
     postprocess: float = 0.0  # connected components
-    read: float = 0.0  # DICOM -> volume, filled in by callers that read
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
@@ -340,7 +340,7 @@ class Engine:
         acc /= weight.to(dtype)
         if any(pad):
             acc = acc[(slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)])]
-        return acc.to(self.device)
+        return acc  # on the host when it did not fit the device: labels_in_source then works there too
 
     def _fits(self, shape: Sequence[int]) -> bool:
         """Whether input, accumulators and the back-resampled logits fit in free device memory."""
