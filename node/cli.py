@@ -189,14 +189,23 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a node, send a generated CT series with dcmtk's storescu as a modality would."""
+    """Start a node, send a generated CT series with dcmtk's storescu as a modality would, let the
+    pipeline complete, route and segment it, and compare the label map with the phantom's truth."""
+    import httpx
+
+    from node import pipeline
+    from node.audit.trail import verify_connection
+    from node.imaging.nifti import read_labels
+    from node.imaging.volume import read_series
+    from node.jobs.queue import list_jobs
     from node.phantom.ct import CTOptions, generate_ct, write_phantom
-    from node.queries import list_studies
-    from node.service import Node
+    from node.service import Node, audit_anchor
     from node.tools import dcmtk
+    from node.training.metrics import label_metrics
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
     settings = load_settings(None, {"data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
+                                    "routing": {"stable_seconds": 1.0},
                                     "dimse": {"port": 0, "allowed_peers": [{"ae_title": "DEMO_CT",
                                                                             "hosts": ["127.0.0.1/32"]}]}})
     _setup_logging(settings.log_level)
@@ -214,22 +223,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             "127.0.0.1", str(node.dimse.port), *map(str, files)],
                            check=True, env=dict(os.environ, TCP_NODELAY="1"))
             print(f"sent in {time.perf_counter() - start:.2f} s")
-        import httpx
-
+            truth = phantom.labels[[f for f, _ in read_series(files).order]]  # instance order -> position order
         studies = httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies", timeout=10).json()
-        print("GET /api/studies ->")
-        print(json.dumps(studies, indent=2))
+        received = sum(s["instances"] for st in studies for s in st["series"])
+        print(f"GET /api/studies -> {len(studies)} study, {received} instances indexed")
+
+        # completion, routing and a worker, in this process (`segnode serve` runs them as processes)
+        completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
+        time.sleep(settings.routing.stable_seconds + 0.1)
+        completion.poll()
+        worker.run_once()
         with node.engine.connect() as conn:
-            from node.audit.trail import verify_connection
-
-            from node.service import audit_anchor
-
+            jobs = list_jobs(conn)
             ok = verify_connection(conn, audit_anchor(settings))
-            assert list_studies(conn) == studies
+        for job in jobs:
+            print(f"job {job['id']}: rule {job['rule']} -> {job['model']} {job['model_version']}: {job['state']}"
+                  + (f" ({job['last_error']})" if job["last_error"] else ""))
+        scores = {}
+        if jobs and jobs[0]["state"] == "succeeded":
+            labels, _ = read_labels(data_dir / jobs[0]["output"] / "labels.nii.gz")
+            metrics = label_metrics(labels, truth, list(phantom.label_names), (1.0, 1.0, 1.0))
+            scores = {name: metrics[value]["dice"] for value, name in phantom.label_names.items()}
+            print(f"label map: {data_dir / jobs[0]['output'] / 'labels.nii.gz'}; Dice against the phantom's truth: "
+                  + ", ".join(f"{name} {d:.3f}" for name, d in scores.items()))
         print(f"audit trail: {ok.count} events, {'intact' if ok.ok else 'BROKEN'}")
         print(f"data directory: {data_dir}")
-        received = sum(s["instances"] for st in studies for s in st["series"])
-        return 0 if received == len(files) and ok.ok else 1
+        return 0 if received == len(files) and ok.ok and scores and min(scores.values()) > 0.5 else 1
     finally:
         node.stop()
 

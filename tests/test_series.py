@@ -78,6 +78,7 @@ def _rewrite(files: list[Path], index: int, change) -> None:
     (lambda files: _rewrite(files, 2, lambda ds: delattr(ds, "ImagePositionPatient")), r"without Image Position"),
     (lambda files: _rewrite(files, 2, lambda ds: delattr(ds, "PixelData")), r"no pixel data"),
     (lambda files: _rewrite(files, 2, lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5])), r"mixed pixel spacings"),
+    (lambda files: _rewrite(files, 0, lambda ds: setattr(ds, "SamplesPerPixel", 3)), r"color images"),
 ])
 def test_irregular_series_are_refused_with_the_series_and_reason(tmp_path, damage, reason):
     files, phantom = _series(tmp_path)

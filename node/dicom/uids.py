@@ -10,3 +10,13 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 def is_valid_uid(value: str) -> bool:
     """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 characters."""
     return 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1432."  # segnode's root (under the pydicom organisation's arc)
+
+
+def derived_uid(*parts: str) -> str:
+    """The same parts give the same UID: re-encoding or re-pushing a result creates no duplicate."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=[*parts]))

@@ -175,6 +175,8 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
         raise _refuse(series, f"the instances belong to {len(uids)} series ({', '.join(uids)}); read one at a time")
     if any("PixelData" not in ds for ds in datasets):
         raise _refuse(series, "an instance has no pixel data (not an image)")
+    if any(int(ds.get("SamplesPerPixel", 1)) != 1 for ds in datasets):
+        raise _refuse(series, "color images (SamplesPerPixel > 1) cannot be segmented; send grayscale")
     frames = _frames(datasets)
     if len(frames) == 1 and (frames[0].position is None or frames[0].orientation is None):
         return _projection(datasets[0], frames, series)  # a radiograph: no position in patient space

@@ -6,7 +6,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-UID_ROOT = "1.2.826.0.1.3680043.10.1432."  # segnode's synthetic-data root
+from node.dicom.uids import UID_ROOT
+
 STUDY_DATE = "20260101"
 
 
