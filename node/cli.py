@@ -169,6 +169,20 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    """Everything that happened to a study, from arrival to delivery."""
+    from node.lineage import render, trace
+
+    settings = _settings(args)
+    with _open_engine(args).connect() as conn:
+        story = trace(conn, settings.data_dir, args.study_uid)
+    if not story["series"] and not story["jobs"]:
+        print(f"nothing is known about study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(json.dumps(story, indent=2, default=str) if args.json else "\n".join(render(story)))
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit.trail import verify_connection
     from node.service import audit_anchor
@@ -188,69 +202,105 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _demo_settings(data_dir: Path, pacs: Any) -> Settings:
+    return load_settings(None, {
+        "data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
+        "dimse": {"port": 0, "allowed_peers": [{"ae_title": "DEMO_*", "hosts": ["127.0.0.1/32"]}]},
+        "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
+        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
+                                     "port": pacs.dicom_port, "orthanc_url": pacs.url}}})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a node, send a generated CT series with dcmtk's storescu as a modality would, let the
-    pipeline complete, route and segment it, and compare the label map with the phantom's truth."""
-    import httpx
+    """Orthanc (Debian package) + segnode; a CT and a chest radiograph phantom go in with storescu as a
+    modality would send them; SEG and SR come out in Orthanc, confirmed; volumes, Dice and lineage."""
+    import numpy as np
 
     from node import pipeline
     from node.audit.trail import verify_connection
     from node.imaging.nifti import read_labels
     from node.imaging.volume import read_series
     from node.jobs.queue import list_jobs
+    from node.lineage import render, trace
+    from node.peers import orthanc
     from node.phantom.ct import CTOptions, generate_ct, write_phantom
+    from node.phantom.dx import DXOptions, generate_dx, write_dx
     from node.service import Node, audit_anchor
     from node.tools import dcmtk
     from node.training.metrics import label_metrics
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
-    settings = load_settings(None, {"data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
-                                    "routing": {"stable_seconds": 1.0},
-                                    "dimse": {"port": 0, "allowed_peers": [{"ae_title": "DEMO_CT",
-                                                                            "hosts": ["127.0.0.1/32"]}]}})
-    _setup_logging(settings.log_level)
-    node = Node(settings)
-    node.start()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            phantom = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
-            files = write_phantom(phantom, Path(tmp))
-            print(f"abdominal CT phantom (seed {args.seed}): {len(files)} slices of 256x256, "
-                  f"{args.slice_spacing} mm apart, with its ground-truth labels")
-            print(f"sending {len(files)} CT slices with storescu to {settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}")
-            start = time.perf_counter()
-            subprocess.run([dcmtk("storescu"), "-aec", settings.dimse.ae_title, "-aet", "DEMO_CT",
-                            "127.0.0.1", str(node.dimse.port), *map(str, files)],
-                           check=True, env=dict(os.environ, TCP_NODELAY="1"))
-            print(f"sent in {time.perf_counter() - start:.2f} s")
-            truth = phantom.labels[[f for f, _ in read_series(files).order]]  # instance order -> position order
-        studies = httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies", timeout=10).json()
-        received = sum(s["instances"] for st in studies for s in st["series"])
-        print(f"GET /api/studies -> {len(studies)} study, {received} instances indexed")
+    env = dict(os.environ, TCP_NODELAY="1")
+    with orthanc(data_dir / "orthanc") as pacs:
+        settings = _demo_settings(data_dir, pacs)
+        _setup_logging(settings.log_level)
+        node = Node(settings)
+        node.start()
+        try:
+            print(f"Orthanc (test PACS) at {pacs.url}, DICOM {pacs.aet}@127.0.0.1:{pacs.dicom_port}; segnode "
+                  f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
+            phantoms = data_dir / "phantoms"
+            ct = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
+            dx = generate_dx(args.seed, DXOptions(matrix=512))
+            cases = [("CT", "DEMO_CT", write_phantom(ct, phantoms / "ct"), ct.labels, ct.label_names),
+                     ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
+            truths = {}
+            for what, aet, files, labels, names in cases:
+                for ae, port in ((settings.dimse.ae_title, node.dimse.port), (pacs.aet, pacs.dicom_port)):
+                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, "127.0.0.1", str(port),
+                                    *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
+                vol = read_series(files)
+                truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
+                print(f"{what} phantom (seed {args.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
+            completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                completion.poll()
+                while worker.run_once():
+                    pass
+                with node.engine.connect() as conn:
+                    jobs = list_jobs(conn)
+                if len([j for j in jobs if j["kind"] == "deliver" and j["state"] in ("succeeded", "dead")]) >= 2:
+                    break
+                time.sleep(0.5)
+            ok = True
+            for job in (j for j in jobs if j["kind"] == "segment"):
+                labels_truth, names, vol = truths[job["series_uid"]]
+                out = data_dir / job["output"]
+                record = json.loads((out / "segmentation.json").read_text())
+                labels, _ = read_labels(out / "labels.nii.gz")
+                metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
+                voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
+                print(f"\n{job['model']} {job['model_version']} (rule {job['rule']}): {job['state']}")
+                for value, name in names.items():
+                    truth_ml = float((labels_truth == value).sum()) * voxel_ml
+                    got = record.get("outputs", {}).get("volumes_ml", {}).get(name, 0.0)
+                    print(f"  {name:14s} {got:9.1f} mL (truth {truth_ml:9.1f} mL)  Dice {metrics[value]['dice']:.3f}")
+                ok &= job["state"] == "succeeded"
+            for job in (j for j in jobs if j["kind"] == "deliver"):
+                print(f"delivery job {job['id']} to {job['destination']}: {job['state']}"
+                      + (f" ({job['last_error']})" if job["last_error"] else ""))
+                ok &= job["state"] == "succeeded"
+            study = _study_of(cases[0][2][0])
+            print(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
+            with node.engine.connect() as conn:
+                print("\n".join(render(trace(conn, data_dir, study))))
+                verified = verify_connection(conn, audit_anchor(settings))
+            print(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {data_dir}")
+            if args.keep:
+                print("running until Ctrl-C (--keep)")
+                stop = threading.Event()
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                stop.wait()
+            return 0 if ok and verified.ok else 1
+        finally:
+            node.stop()
 
-        # completion, routing and a worker, in this process (`segnode serve` runs them as processes)
-        completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
-        time.sleep(settings.routing.stable_seconds + 0.1)
-        completion.poll()
-        worker.run_once()
-        with node.engine.connect() as conn:
-            jobs = list_jobs(conn)
-            ok = verify_connection(conn, audit_anchor(settings))
-        for job in jobs:
-            print(f"job {job['id']}: rule {job['rule']} -> {job['model']} {job['model_version']}: {job['state']}"
-                  + (f" ({job['last_error']})" if job["last_error"] else ""))
-        scores = {}
-        if jobs and jobs[0]["state"] == "succeeded":
-            labels, _ = read_labels(data_dir / jobs[0]["output"] / "labels.nii.gz")
-            metrics = label_metrics(labels, truth, list(phantom.label_names), (1.0, 1.0, 1.0))
-            scores = {name: metrics[value]["dice"] for value, name in phantom.label_names.items()}
-            print(f"label map: {data_dir / jobs[0]['output'] / 'labels.nii.gz'}; Dice against the phantom's truth: "
-                  + ", ".join(f"{name} {d:.3f}" for name, d in scores.items()))
-        print(f"audit trail: {ok.count} events, {'intact' if ok.ok else 'BROKEN'}")
-        print(f"data directory: {data_dir}")
-        return 0 if received == len(files) and ok.ok and scores and min(scores.values()) > 0.5 else 1
-    finally:
-        node.stop()
+
+def _study_of(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -456,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 and name each broken event")
     common(verify)
     verify.set_defaults(func=cmd_audit_verify)
+    trace_cmd = audit_sub.add_parser("trace", help="the whole story of a study: inputs, rule, model, outputs, deliveries")
+    trace_cmd.add_argument("study_uid")
+    trace_cmd.add_argument("--json", action="store_true")
+    common(trace_cmd)
+    trace_cmd.set_defaults(func=cmd_audit_trace)
 
     phantom = sub.add_parser("phantom", help="write synthetic phantoms (DICOM + ground-truth labels.npz)")
     phantom.add_argument("kind", choices=["ct", "dx"], help="3D abdominal CT or 2D chest radiograph")
@@ -551,10 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     rcheck.set_defaults(func=cmd_rules_check)
     rexplain.set_defaults(func=cmd_rules_explain)
 
-    demo = sub.add_parser("demo", help="start a node and send it a CT phantom with storescu")
+    demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc")
     demo.add_argument("--data-dir")
     demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
     demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--keep", action="store_true", help="keep Orthanc and segnode running to look around")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -107,10 +107,44 @@ class StorageConfig(_Model):
         return self
 
 
+class ClientTLS(_Model):
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle that signed the peer's certificate")
+    cert_file: Path | None = Field(None, description="our certificate, when the peer asks for one")
+    key_file: Path | None = None
+
+
+class Destination(_Model):
+    """Where results go: a DIMSE peer (C-STORE) or a DICOMweb server (STOW-RS). With `orthanc_url`,
+    delivery is confirmed by asking that Orthanc's REST API for every instance sent."""
+
+    kind: Literal["dimse", "dicomweb"]
+    ae_title: str | None = Field(None, max_length=16)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: ClientTLS = Field(default_factory=ClientTLS)
+    url: str | None = Field(None, description="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(None, description="bearer token (DICOMweb)")
+    orthanc_url: str | None = Field(None, description="Orthanc REST root used to confirm delivery")
+    timeout: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Destination":
+        if self.kind == "dimse" and not (self.ae_title and self.host and self.port):
+            raise ValueError("a dimse destination needs ae_title, host and port")
+        if self.kind == "dicomweb" and not self.url:
+            raise ValueError("a dicomweb destination needs url")
+        return self
+
+
 class RoutingConfig(_Model):
     rules: Path | None = Field(None, description="rule file (YAML); default: the built-in rules")
     stable_seconds: float = Field(10.0, gt=0, description="a study is complete after this long without an instance")
     poll_seconds: float = Field(1.0, gt=0, description="how often completion looks for quiet studies")
+    default_destinations: list[str] = Field(default_factory=list,
+                                            description="where results go when the matching rule names none")
 
 
 class JobsConfig(_Model):
@@ -131,6 +165,15 @@ class Settings(_Model):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_destinations(self) -> "Settings":
+        unknown = [d for d in self.routing.default_destinations if d not in self.destinations]
+        if unknown:
+            raise ValueError(f"routing.default_destinations names {', '.join(unknown)}, not among destinations "
+                             f"({', '.join(self.destinations) or 'none configured'})")
+        return self
 
     @field_validator("log_level")
     @classmethod

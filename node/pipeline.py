@@ -22,7 +22,7 @@ def models_dir(settings: Settings) -> Path:
 def ruleset(settings: Settings) -> RuleSet:
     """The configured rules, validated against the installed models (RulesError names the problem)."""
     installed = [folder.name for folder in list_models(models_dir(settings))]
-    return load_rules(settings.routing.rules, models=installed)
+    return load_rules(settings.routing.rules, models=installed, destinations=settings.destinations)
 
 
 def ledger(settings: Settings) -> Ledger:
@@ -42,4 +42,5 @@ def completion(settings: Settings, shared: Ledger | None = None) -> Completion:
 
 def worker(settings: Settings, shared: Ledger | None = None, runner: Runner | None = None) -> Worker:
     return Worker(shared or ledger(settings), settings.data_dir, settings.data_dir, models_dir(settings),
-                  settings.jobs.lease_seconds, settings.jobs.backoff_seconds, settings.jobs.device, runner)
+                  settings.jobs.lease_seconds, settings.jobs.backoff_seconds, settings.jobs.device, runner,
+                  settings.destinations, settings.routing.default_destinations, settings.dimse.ae_title)

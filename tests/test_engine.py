@@ -44,7 +44,7 @@ def _manifest(spatial_dims: int, spacing: list[float], patch: list[int], classes
         "network": {"architecture": "unet", "args": {}}, "target_spacing": spacing, "patch_size": patch,
         "normalization": {"method": "ct", "clip": [0, 255], "mean": 0, "std": 1},
         "labels": [{"value": v, "name": f"l{v}", "category": code, "type": code, "color": [v, v, v]}
-                   for v in range(1, classes)],
+                   for v in range(1, classes)], "mirror_axes": list(range(spatial_dims)),
         "weights_sha256": "0" * 64})
 
 

@@ -65,6 +65,12 @@ def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
         assert labels.shape == (len(files), 64, 64) and set(np.unique(labels)) >= {0, 1, 2, 5}
         record = json.loads((data / job["output"] / "segmentation.json").read_text())
         assert record["model"]["weights_sha256"] == job["weights_sha256"]
+        seg = dcmread(data / job["output"] / "seg.dcm")
+        sr = dcmread(data / job["output"] / "sr.dcm")
+        assert seg.SOPInstanceUID == record["outputs"]["seg"]["sop_instance_uid"] and seg.Modality == "SEG"
+        assert sr.SOPInstanceUID == record["outputs"]["sr"]["sop_instance_uid"] and sr.Modality == "SR"
+        assert seg.StudyInstanceUID == sr.StudyInstanceUID == dcmread(files[0]).StudyInstanceUID
+        assert record["outputs"]["volumes_ml"]["liver"] > 100
         study = dcmread(files[0]).StudyInstanceUID
         again = httpx.post(f"{node.url}/api/studies/{study}/complete", timeout=10)
         assert again.status_code == 404  # completed already: nothing open

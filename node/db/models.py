@@ -106,11 +106,15 @@ class RoutingDecision(Base):
 
 
 class Job(Base):
-    """One model run over one version of a series' instances."""
+    """One model run over one version of a series' instances, or the delivery of its results to one
+    destination: both share the queue's claiming, leases, retries and dead letters."""
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="segment", doc="segment | deliver")
+    destination: Mapped[str] = mapped_column(String(64), default="", doc="deliver: the destination's name")
+    parent_job: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="deliver: the job whose result it sends")
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True,
                                                  doc="sha256 of series + model version + instance hashes")
     series_uid: Mapped[str] = mapped_column(String(64), index=True)

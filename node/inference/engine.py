@@ -49,7 +49,7 @@ class EngineOptions:
     overlap: float = 0.5
     batch_size: int = 8  # windows per forward pass
     precision: Precision = "fp16"  # autocast on CUDA; the CPU always computes in fp32
-    mirror: bool = False  # test-time augmentation: every flip along the model's axes, batched with the windows
+    mirror: bool = False  # test-time augmentation: every flip along the manifest's mirror axes, batched with the windows
     compile: bool = False  # torch.compile the network (first call slower, later calls faster)
     largest_component: bool = False  # keep only the largest connected component of each label
     host_accumulation: bool | None = None  # None: only when the accumulators do not fit on the device
@@ -239,6 +239,9 @@ class Engine:
         self.net = net
         self.window = tuple(manifest.patch_size) if manifest.spatial_dims == 3 else (1, *manifest.patch_size)
         self.gauss = gaussian(self.window).to(self.device)
+        # only along the axes the model allows (a flip across left-right would swap lateral labels)
+        first = 2 if manifest.spatial_dims == 3 else 3  # tensor dim of the model's first array axis
+        self.mirror_dims = [first + axis for axis in manifest.mirror_axes]
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -285,7 +288,10 @@ class Engine:
         if self.options.largest_component:
             labels = largest_components(labels)
         timings.postprocess = time.perf_counter() - start
-        return Segmentation(labels, timings, list(volume.notes))
+        notes = list(volume.notes)
+        if self.options.mirror and not self.mirror_dims:
+            notes.append(f"mirroring requested, but {self.manifest.name} allows no mirror axis: not mirrored")
+        return Segmentation(labels, timings, notes)
 
     def labels_in_source(self, logits: torch.Tensor, grid: Grid, shape: Sequence[int]) -> np.ndarray:
         """Logits on the model grid -> uint8 labels on the source grid: resampled and reduced to
@@ -320,8 +326,8 @@ class Engine:
         boxes = [tuple(slice(c, c + w) for c, w in zip(corner, self.window)) for corner in corners]
         for box in boxes:
             weight[box] += gauss_acc
-        flips = [dims for r in range(1, 4) for dims in itertools.combinations(
-            [d for d, w in zip((2, 3, 4), self.window) if w > 1], r)] if self.options.mirror else []
+        flips = [dims for r in range(1, 4) for dims in itertools.combinations(self.mirror_dims, r)
+                 ] if self.options.mirror else []
         for i in range(0, len(boxes), self.options.batch_size):
             batch = boxes[i:i + self.options.batch_size]
             xb = torch.cat([source[(slice(None), slice(None), *b)] for b in batch]).to(self.device, non_blocking=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -52,12 +52,24 @@ class JobSpec:
     ruleset_sha256: str
     destinations: list[str]
     priority: int = 0
+    kind: str = "segment"  # or "deliver"
+    destination: str = ""  # deliver: where to
+    parent_job: int | None = None  # deliver: the segment job whose results go there
+    parent_key: str = ""  # deliver: that job's idempotency key
 
     @property
     def idempotency_key(self) -> str:
-        """Same series, same model version and weights, same instances: the same job."""
-        key = "\n".join([self.series_uid, self.model, self.model_version, self.weights_sha256, self.input_sha256])
+        """Same series, same model version and weights, same instances: the same job (and for a
+        delivery: the same results to the same destination)."""
+        if self.kind == "deliver":
+            key = "\n".join(["deliver", self.parent_key, self.destination])
+        else:
+            key = "\n".join([self.series_uid, self.model, self.model_version, self.weights_sha256, self.input_sha256])
         return hashlib.sha256(key.encode()).hexdigest()
+
+    def delivery(self, parent_job: int, parent_key: str, destination: str) -> "JobSpec":
+        return replace(self, kind="deliver", destination=destination, parent_job=parent_job, parent_key=parent_key,
+                       destinations=[destination])
 
 
 def _actor(owner: str = "") -> dict[str, Any]:
@@ -75,17 +87,20 @@ def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) 
     found = conn.execute(select(JOBS.c.id).where(JOBS.c.idempotency_key == key)).scalar()
     if found is not None:
         return int(found), False
-    previous = conn.execute(select(func.max(JOBS.c.id)).where(
-        JOBS.c.series_uid == spec.series_uid, JOBS.c.model == spec.model, JOBS.c.state == "succeeded")).scalar()
+    previous = None if spec.kind == "deliver" else conn.execute(select(func.max(JOBS.c.id)).where(
+        JOBS.c.series_uid == spec.series_uid, JOBS.c.model == spec.model, JOBS.c.kind == "segment",
+        JOBS.c.state == "succeeded")).scalar()
     stamp = now_iso()
     job_id = conn.execute(JOBS.insert().values(
+        kind=spec.kind, destination=spec.destination, parent_job=spec.parent_job,
         idempotency_key=key, series_uid=spec.series_uid, study_uid=spec.study_uid, generation=spec.generation,
         model=spec.model, model_version=spec.model_version, weights_sha256=spec.weights_sha256,
         input_sha256=spec.input_sha256, instances=spec.instances, rule=spec.rule, ruleset_sha256=spec.ruleset_sha256,
         destinations=json.dumps(spec.destinations), priority=spec.priority, state="queued", attempts=0,
         max_attempts=max_attempts, next_run_at=0.0, lease_owner="", lease_expires_at=0.0, last_error="", output="",
         supersedes=previous, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
-    detail = f"queued: {spec.model} {spec.model_version} on {spec.instances} instance(s) (rule {spec.rule})"
+    detail = (f"queued: deliver job {spec.parent_job}'s results to {spec.destination}" if spec.kind == "deliver" else
+              f"queued: {spec.model} {spec.model_version} on {spec.instances} instance(s) (rule {spec.rule})")
     if previous is not None:
         detail += f"; its result will supersede job {previous}'s"
     append(_event(int(job_id), detail, series_uid=spec.series_uid, study_uid=spec.study_uid, model=spec.model,
@@ -139,9 +154,17 @@ def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool
     return result.rowcount == 1
 
 
+def spec_of(job: dict[str, Any]) -> JobSpec:
+    return JobSpec(job["series_uid"], job["study_uid"], job["generation"], job["model"], job["model_version"],
+                   job["weights_sha256"], job["input_sha256"], job["instances"], job["rule"], job["ruleset_sha256"],
+                   json.loads(job["destinations"]), job["priority"], job["kind"], job["destination"],
+                   job["parent_job"])
+
+
 def finish(ledger: Ledger, job: dict[str, Any], owner: str, output: str, detail: str,
-           state: str = "succeeded") -> bool:
-    """Record success (or superseded); False when the lease was lost meanwhile (another worker owns it)."""
+           state: str = "succeeded", deliver_to: Sequence[str] = ()) -> bool:
+    """Record success (or superseded) and queue the deliveries of its results, in one transaction;
+    False when the lease was lost meanwhile (another worker owns the job)."""
     with ledger.transaction() as (conn, append):
         result = conn.execute(update(JOBS).where(JOBS.c.id == job["id"], JOBS.c.state == "running",
                                                  JOBS.c.lease_owner == owner)
@@ -150,6 +173,9 @@ def finish(ledger: Ledger, job: dict[str, Any], owner: str, output: str, detail:
             return False
         append(_event(job["id"], f"{state}: {detail}", owner=owner, series_uid=job["series_uid"], model=job["model"],
                       output=output))
+        for destination in deliver_to:
+            enqueue(conn, append, spec_of(job).delivery(job["id"], job["idempotency_key"], destination),
+                    int(job["max_attempts"]))
     return True
 
 

@@ -1,26 +1,33 @@
 """The worker loop: reap expired leases, claim a job, run its model on the series, record the result.
 
 Any number of workers (processes) may share one queue. A job's lease is renewed while it runs; a
-worker that dies stops renewing and the job is queued again. Until delivery exists, a job's output
-is the label map the engine writes (results/<job id>/labels.nii.gz + segmentation.json).
+worker that dies stops renewing and the job is queued again. A job's output is its folder
+results/<job id>/: labels.nii.gz, seg.dcm, sr.dcm and segmentation.json (what produced them).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from sqlalchemy import select
+
+from node.audit import trail as audit
 from node.audit.ledger import Ledger
+from node.config import Destination
+from node.delivery.send import DeliveryError, deliver
 from node.imaging.volume import SeriesError
 from node.inference.engine import EngineOptions
 from node.inference.infer import infer_series
 from node.jobs import queue
 from node.models.registry import read_manifest
+from node.outputs.results import SEG_FILE, SR_FILE, encode_results
 from node.routing.router import series_input
 
 log = logging.getLogger(__name__)
@@ -31,12 +38,48 @@ Runner = Callable[[dict[str, Any], list[Path], Path], str]  # (job, instance fil
 
 class Worker:
     def __init__(self, ledger: Ledger, data_dir: Path, spool_root: Path, models_dir: Path, lease_seconds: float,
-                 backoff_seconds: float, device: str = "auto", runner: Runner | None = None) -> None:
+                 backoff_seconds: float, device: str = "auto", runner: Runner | None = None,
+                 destinations: dict[str, Destination] | None = None, default_destinations: Sequence[str] = (),
+                 calling_ae: str = "SEGNODE") -> None:
         self.ledger, self.data_dir, self.spool_root, self.models_dir = ledger, data_dir, spool_root, models_dir
         self.lease, self.backoff = lease_seconds, backoff_seconds
         self.options = EngineOptions(device=device)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.runner = runner or self._infer
+        self.destinations = destinations or {}
+        self.default_destinations = list(default_destinations)
+        self.calling_ae = calling_ae
+
+    def _deliver(self, job: dict[str, Any]) -> str:
+        """Send the parent job's SEG and SR to the job's destination and have the PACS confirm them."""
+        name = job["destination"]
+        dest = self.destinations.get(name)
+        if dest is None:
+            raise DeliveryError(f"destination {name!r} is not configured (any more); configured: "
+                                f"{', '.join(self.destinations) or 'none'}")
+        with self.ledger.engine.connect() as conn:
+            parent = conn.execute(select(queue.JOBS.c.output).where(queue.JOBS.c.id == job["parent_job"])).scalar()
+        files = [self.data_dir / (parent or "") / SEG_FILE, self.data_dir / (parent or "") / SR_FILE]
+        missing = [str(f) for f in files if not f.is_file()]
+        if not parent or missing:
+            raise DeliveryError(f"job {job['parent_job']}'s results are missing: {', '.join(missing) or 'no output'}")
+        actor = {"component": "worker", "worker": self.owner, "destination": name}
+        objects = {"job_id": job["id"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
+                   "destination": name, "files": [f.name for f in files]}
+        with self.ledger.transaction() as (_, append):
+            append(audit.Event(audit.BEGIN_TRANSFERRING, audit.ACTION_EXECUTE, audit.SUCCESS, actor, objects, None,
+                               f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
+        try:
+            delivered = deliver(dest, files, self.calling_ae)
+        except Exception as exc:
+            with self.ledger.transaction() as (_, append):
+                append(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_EXECUTE, audit.MAJOR_FAILURE, actor,
+                                   objects, None, f"delivery to {name} failed: {exc}"))
+            raise
+        with self.ledger.transaction() as (_, append):
+            append(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_EXECUTE, audit.SUCCESS, actor,
+                               dict(objects, answers=delivered.answers), None, delivered.confirmed))
+        return f"delivered to {name}: {delivered.confirmed}"
 
     def _infer(self, job: dict[str, Any], files: list[Path], out: Path) -> str:
         folder = self.models_dir / job["model"]
@@ -46,7 +89,9 @@ class Worker:
                                f" the job was queued for {job['model_version']} ({job['weights_sha256'][:12]}); "
                                f"retry the job to run the installed version")
         result = infer_series(folder, files, out, self.options)
-        return f"{job['model']} {job['model_version']} -> {out.name}/ ({result.segmentation.timings})"
+        encoded = encode_results(result, files, manifest, job["idempotency_key"], out)
+        return (f"{job['model']} {job['model_version']} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid} "
+                f"({result.segmentation.timings})")
 
     def run_once(self) -> bool:
         """Handle at most one job; False when there was nothing to do."""
@@ -60,6 +105,9 @@ class Worker:
         renewer = threading.Thread(target=self._renew, args=(job["id"], stop), daemon=True)
         renewer.start()
         try:
+            if job["kind"] == "deliver":
+                queue.finish(self.ledger, job, self.owner, "", self._deliver(job))
+                return True
             with self.ledger.engine.connect() as conn:
                 series = series_input(conn, job["series_uid"], job["generation"])
             if series.input_sha256 != job["input_sha256"]:
@@ -69,7 +117,9 @@ class Worker:
             out = self.data_dir / RESULTS / str(int(job["id"]))
             files = [self.spool_root / path for _, _, path in series.instances]
             detail = self.runner(job, files, out)
-            if not queue.finish(self.ledger, job, self.owner, str(out.relative_to(self.data_dir)), detail):
+            targets = json.loads(job["destinations"]) or self.default_destinations
+            if not queue.finish(self.ledger, job, self.owner, str(out.relative_to(self.data_dir)), detail,
+                                deliver_to=targets):
                 log.warning("job %d finished after its lease was lost; another worker owns it now", job["id"])
         except SeriesError as exc:  # the input itself cannot be segmented: retrying will not help
             log.warning("job %d refused its series: %s", job["id"], exc)

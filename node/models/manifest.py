@@ -83,6 +83,8 @@ class Manifest(_Strict):
     patch_size: list[int]
     normalization: Normalization
     labels: list[Label]
+    mirror_axes: list[int] = Field(default_factory=list, description="array axes the model may be mirrored along "
+                                   "(test-time augmentation); never the left-right axis when labels are lateral")
     weights_sha256: str
     training: dict[str, Any] = Field(default_factory=dict, description="how it was trained: command, seed, data")
 

@@ -126,7 +126,7 @@ def train(plan: Plan, cases: list[Case], out: Path, device: str = "auto", comman
                         network=Network(architecture=plan.architecture, args=plan.network_args),
                         target_spacing=plan.target_spacing, patch_size=plan.patch_size,
                         normalization=plan.normalization, labels=coded_labels(plan.labels),
-                        weights_sha256="0" * 64)
+                        mirror_axes=list(plan.mirror_axes), weights_sha256="0" * 64)
     net = build(manifest).to(dev)
     loss_fn = make_loss(plan.loss)
     opt = torch.optim.AdamW(net.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay)
