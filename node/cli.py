@@ -205,7 +205,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def _demo_settings(data_dir: Path, pacs: Any) -> Settings:
     return load_settings(None, {
         "data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
-        "dimse": {"port": 0, "allowed_peers": [{"ae_title": "DEMO_*", "hosts": ["127.0.0.1/32"]}]},
+        "dimse": {"port": 0, "allowed_peers": [{"ae_title": aet, "hosts": ["127.0.0.1/32"]}
+                                               for aet in ("DEMO_CT", "DEMO_DX")]},
         "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
         "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
                                      "port": pacs.dicom_port, "orthanc_url": pacs.url}}})
@@ -258,8 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 completion.poll()
                 while worker.run_once():
                     pass
-                with node.engine.connect() as conn:
-                    jobs = list_jobs(conn)
+                with node.engine.connect() as conn:  # a reused data directory may hold older studies
+                    jobs = [j for j in list_jobs(conn) if j["series_uid"] in truths]
                 if len([j for j in jobs if j["kind"] == "deliver" and j["state"] in ("succeeded", "dead")]) >= 2:
                     break
                 time.sleep(0.5)

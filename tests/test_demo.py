@@ -1,4 +1,4 @@
-"""The README's first command ends in `segnode demo`: it must work and show a segmentation."""
+"""The README's first command ends in `segnode demo`: Orthanc + segnode, phantoms in, SEG + SR out."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import subprocess
 import sys
 
 
-def test_demo_receives_routes_and_segments_a_phantom(tmp_path):
+def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
     run = subprocess.run([sys.executable, "-m", "node", "demo", "--data-dir", str(tmp_path / "demo")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "rule ct-abdomen -> ct-abdomen-phantom-3d" in run.stdout and ": succeeded" in run.stdout
-    assert "Dice against the phantom's truth: liver" in run.stdout
-    assert "audit trail:" in run.stdout and "intact" in run.stdout
+                         capture_output=True, text=True, timeout=900)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    assert "ct-abdomen-phantom-3d 1.0.0 (rule ct-abdomen): succeeded" in out
+    assert "dx-chest-phantom-2d 1.0.0 (rule chest-radiograph): succeeded" in out
+    assert out.count("to orthanc: succeeded") == 2
+    assert "liver" in out and "mL (truth" in out and "Dice 0.9" in out
+    assert "DICOM Instances Transferred: confirmed by Orthanc REST" in out
+    assert "audit trail:" in out and "intact" in out
