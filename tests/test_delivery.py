@@ -104,13 +104,14 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
         (node.settings.data_dir / segment["output"] / "seg.dcm").read_bytes()).hexdigest()
 
 
-def test_delivery_waits_for_orthanc_to_come_back(node, pacs, tmp_path):
-    led = _configure(node, pacs, "pacs")
+@pytest.mark.parametrize("via, error", [("pacs", "did not accept an association"), ("web", "STOW-RS to http")])
+def test_delivery_waits_for_orthanc_to_come_back(node, pacs, tmp_path, via, error):
+    led = _configure(node, pacs, via)
     _, _, worker = _send_and_segment(node, led, tmp_path)
     pacs.stop()
     assert worker.run_once()
     delivery = _jobs(node)[1]
-    assert delivery["state"] == "failed" and "did not accept an association" in delivery["last_error"]
+    assert delivery["state"] == "failed" and error in delivery["last_error"]
     pacs.start()
     time.sleep(0.25)
     assert worker.run_once()

@@ -30,5 +30,9 @@ def test_container_config_and_pacs_config_agree():
     assert pacs["DicomModalities"]["segnode"] == [settings.dimse.ae_title, "segnode", settings.dimse.port]
     assert pacs["DicomWeb"]["Servers"]["segnode"] == [f"http://segnode:{settings.http.port}/dicom-web/"]
     assert any(p.ae_title == pacs["DicomAet"] for p in settings.dimse.allowed_peers or [])
+    (dest,) = [settings.destinations[d] for d in settings.routing.default_destinations]  # results go back to the PACS
+    assert (dest.ae_title, dest.host, dest.port) == (pacs["DicomAet"], "orthanc", pacs["DicomPort"])
+    assert dest.orthanc_url == f"http://orthanc:{pacs['HttpPort']}"
+    assert compose["services"]["orthanc"]["environment"]["OHIF_PLUGIN_ENABLED"] == "true"
     ports = compose["services"]["segnode"]["ports"]
     assert f"{settings.dimse.port}:{settings.dimse.port}" in ports and f"{settings.http.port}:{settings.http.port}" in ports
