@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,7 @@ class Encoded:
 def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
                    seg_type: SegType = "BINARY") -> Encoded:
     """Write OUT/seg.dcm and OUT/sr.dcm for the segmentation in `result` of the series `files`."""
+    start = time.perf_counter()
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
     prov = Provenance(job_key, manifest)
     labels = result.segmentation.labels
@@ -43,6 +45,7 @@ def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, jo
     volumes = {s.name: round(s.volume_ml, 2) for s in stats}
     record_path = result.record_path
     record = json.loads(record_path.read_text())
+    record["timings_s"]["encode"] = round(time.perf_counter() - start, 4)
     record["outputs"] = {"seg": {"file": SEG_FILE, "sop_instance_uid": seg.SOPInstanceUID, "type": seg_type},
                          "sr": {"file": SR_FILE, "sop_instance_uid": sr.SOPInstanceUID}, "volumes_ml": volumes}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
