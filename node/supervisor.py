@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pydantic import SecretStr
+
 from node.config import Settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,10 @@ class Supervisor:
         self.on_exit = on_exit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        payload = settings.model_dump(mode="json", exclude={"http"})
-        self._env = dict(os.environ, **{SETTINGS_ENV: json.dumps(payload)})
+        payload = settings.model_dump(mode="python", exclude={"http"})
+        # secrets (destination passwords, tokens) pass in clear: the environment of a process is
+        # readable only by its own user, as the configuration file is
+        self._env = dict(os.environ, **{SETTINGS_ENV: json.dumps(payload, default=_plain)})
 
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen([sys.executable, "-m", "node", "component", child.kind, "--name", child.name],
@@ -105,6 +109,12 @@ class Supervisor:
                 log.warning("pid %d did not stop in %.0f s; killed (its job will be requeued)", proc.pid, timeout)
                 proc.kill()
                 proc.wait()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return str(value)  # paths
 
 
 def component_settings() -> Settings:

@@ -77,3 +77,17 @@ def test_allow_list_rules_match_address_and_ae_title():
     assert not rule.matches("CT02", "10.1.2.3")
     assert not rule.matches("CT01", "10.2.0.1")
     assert PeerRule(ae_title="*", hosts=["::1/128"]).matches("ANY", "::1")
+
+
+def test_supervised_components_get_the_whole_configuration_secrets_included(monkeypatch):
+    from node.config import load_settings
+    from node.supervisor import SETTINGS_ENV, Supervisor, component_settings
+
+    settings = load_settings(None, {
+        "destinations": {"web": {"kind": "dicomweb", "url": "http://pacs/dicom-web", "username": "segnode",
+                                 "password": "s3cret"}},
+        "routing": {"default_destinations": ["web"], "stable_seconds": 4}, "jobs": {"workers": 3}})
+    monkeypatch.setenv(SETTINGS_ENV, Supervisor(settings)._env[SETTINGS_ENV])
+    child = component_settings()
+    assert child.destinations["web"].password.get_secret_value() == "s3cret"  # not pydantic's '**********'
+    assert child.routing == settings.routing and child.jobs == settings.jobs
