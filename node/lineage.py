@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, or_, select
 
 from node.db.models import AuditEvent, Instance, RoutingDecision, SeriesState
-from node.jobs.queue import JOBS
+from node.jobs.queue import JOBS, input_hash
 
 EVENTS, INSTANCES = AuditEvent.__table__, Instance.__table__
 
@@ -36,8 +36,7 @@ def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
         s["hashes"].append((r.sop_instance_uid, r.sha256))
     for uid, s in series.items():
         s["senders"] = sorted(s["senders"])
-        s["input_sha256"] = hashlib.sha256("".join(f"{u}:{h}\n" for u, h in sorted(s.pop("hashes"))).encode()
-                                           ).hexdigest()
+        s["input_sha256"] = input_hash(s.pop("hashes"))  # as the job's input hash
         state = conn.execute(select(SeriesState.__table__).where(SeriesState.series_uid == uid)).first()
         s["completion"] = None if state is None else {
             "state": state.state, "generation": state.generation, "completed_at": state.completed_at,

@@ -40,10 +40,6 @@ class Volume:
     notes: list[str] = field(default_factory=list)  # decisions taken on the way (recorded with the result)
 
     @property
-    def is_2d(self) -> bool:
-        return self.array.shape[0] == 1
-
-    @property
     def sheared(self) -> bool:
         """Gantry tilt: the slice axis is not perpendicular to the image plane."""
         a = self.affine[:3, :3]

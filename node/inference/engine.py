@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "bf16", "fp32"]
 _SLAB_VOXELS = 1 << 24  # grid_sample works through the output in slabs of at most this many voxels
-_QUANTILE_SAMPLES = 1 << 22
+_QUANTILE_SAMPLES = 1 << 22  # torch.quantile's input limit is 2**24; percentiles come from a subsample
 # direction cosines are stored as 16-character decimal strings: an off-diagonal term below this is rounding
 # (at most 1e-6 * 1024 = 0.001 voxel across a volume), not a rotation between the grids
-_DIAGONAL_ATOL = 1e-6  # torch.quantile's input limit is 2**24; percentiles come from a subsample
+_DIAGONAL_ATOL = 1e-6
 
 
 @dataclass
@@ -84,7 +84,6 @@ class Grid:
 
     shape: tuple[int, int, int]
     to_source: np.ndarray  # 4x4, model index -> source index
-
 
 
 @dataclass

@@ -47,7 +47,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         "model": {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256},
         "software": {"name": "segnode", "version": __version__},
         "device": str(engine.device),
-        "options": {k: v for k, v in vars(engine.options).items()},
+        "options": dict(vars(engine.options)),
         "shape": list(seg.labels.shape),
         "labels": {str(label.value): label.name for label in m.labels},
         "voxels": {label.name: int((seg.labels == label.value).sum()) for label in m.labels},

@@ -179,10 +179,12 @@ def finish(ledger: Ledger, job: dict[str, Any], owner: str, output: str, detail:
     return True
 
 
-def fail(ledger: Ledger, job: dict[str, Any], owner: str, error: str, backoff_seconds: float) -> str | None:
-    """Record a failure: 'failed' (retried after backoff * 2**(attempt-1)) or 'dead' after the last try."""
+def fail(ledger: Ledger, job: dict[str, Any], owner: str, error: str, backoff_seconds: float,
+         final: bool = False) -> str | None:
+    """Record a failure: 'failed' (retried after backoff * 2**(attempt-1)) or 'dead' after the last try,
+    or at once when `final` (retrying cannot help)."""
     attempts, max_attempts = int(job["attempts"]), int(job["max_attempts"])
-    state = "failed" if attempts < max_attempts else "dead"
+    state = "failed" if attempts < max_attempts and not final else "dead"
     delay = backoff_seconds * 2 ** (attempts - 1)
     with ledger.transaction() as (conn, append):
         result = conn.execute(update(JOBS).where(JOBS.c.id == job["id"], JOBS.c.state == "running",

@@ -123,8 +123,7 @@ class Worker:
                 log.warning("job %d finished after its lease was lost; another worker owns it now", job["id"])
         except SeriesError as exc:  # the input itself cannot be segmented: retrying will not help
             log.warning("job %d refused its series: %s", job["id"], exc)
-            job = dict(job, attempts=job["max_attempts"])
-            queue.fail(self.ledger, job, self.owner, f"refused: {exc}", self.backoff)
+            queue.fail(self.ledger, job, self.owner, f"refused: {exc}", self.backoff, final=True)
         except Exception as exc:
             log.exception("job %d failed", job["id"])
             state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", self.backoff)

@@ -19,15 +19,16 @@ def attributes(ds: Dataset) -> dict[str, Any]:
     return {e.keyword: e.value for e in ds if e.keyword and e.VR not in _SKIPPED_VRS}
 
 
-def dimensions(headers: list[Dataset]) -> int:
+def dimensions(first: Dataset, instances: int) -> int:
     """3 for a stack of slices or a multi-frame volume; 2 for single images (DX, CR, one slice)."""
-    if len(headers) > 1 and all("ImagePositionPatient" in h for h in headers):
+    if instances > 1 and "ImagePositionPatient" in first:
         return 3
-    return 3 if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers) else 2
+    return 3 if int(first.get("NumberOfFrames", 1) or 1) > 1 else 2
 
 
-def facts_for(headers: list[Dataset], ae_title: str | None = None, ip: str | None = None) -> Facts:
-    return Facts(attributes(headers[0]), len(headers), dimensions(headers), ae_title, ip)
+def facts_for(first: Dataset, instances: int, ae_title: str | None = None, ip: str | None = None) -> Facts:
+    """From a representative (the first) header and the series' instance count."""
+    return Facts(attributes(first), instances, dimensions(first, instances), ae_title, ip)
 
 
 def _dicom_files(paths: Iterable[Path]) -> Iterable[Path]:
@@ -48,4 +49,4 @@ def series_in(paths: Iterable[Path]) -> dict[str, tuple[Facts, list[Path]]]:
         uid = str(ds.get("SeriesInstanceUID", ""))
         headers[uid].append(ds)
         files[uid].append(file)
-    return {uid: (facts_for(hs), files[uid]) for uid, hs in headers.items()}
+    return {uid: (facts_for(hs[0], len(hs)), files[uid]) for uid, hs in headers.items()}

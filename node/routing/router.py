@@ -57,11 +57,7 @@ def sender(source: str) -> tuple[str | None, str | None]:
 def facts(spool_root: Path, series: SeriesInput) -> Facts:
     """The rules' view of a series: the first instance's header, the count, 2D/3D, the sender."""
     first = dcmread(spool_root / series.instances[0][2], stop_before_pixels=True)
-    seen = facts_for([first], *sender(series.source))
-    seen.instances = len(series.instances)
-    if seen.instances > 1 and "ImagePositionPatient" in first:
-        seen.dimensions = 3
-    return seen
+    return facts_for(first, len(series.instances), *sender(series.source))
 
 
 def route(conn: Connection, append: Append, series: SeriesInput, ruleset: RuleSet, spool_root: Path,
