@@ -8,9 +8,10 @@ sliding_window_inference runs with bf16 autocast and sw_batch_size 8. On the CPU
 runs at a small size (5 levels, 16..256 filters, 64^3 windows, 96x128x128): the ratio is the figure
 to read there, not the seconds.
 
-Prints both times, their ratio (goal <= 0.35), the argmax agreement of segnode's output with an fp32
-reference (goal >= 99.9 %), the time to resample the logits back to a finer source grid and take the
-argmax (goal <= 0.2 s on an H100), and `segnode infer` with the shipped 3D model on a 300-slice
+Prints both times, their ratio (goal <= 0.35), the argmax agreement of segnode's output with a strict
+fp32 reference (TF32 off; goal >= 99.9 %) beside MONAI's own agreement in fp16 (its anchor: random
+weights leave near-ties that any half precision flips), the time to resample the logits back to a
+finer source grid and take the argmax (goal <= 0.2 s on an H100), and `segnode infer` with the shipped 3D model on a 300-slice
 phantom, end to end. The last line is one JSON object.
 """
 
@@ -99,10 +100,19 @@ def sliding_window(setup: dict, repeats: int, device: torch.device, compile_net:
     log.info("volume %s, windows %s, filters %s, device %s", setup["volume"], roi, setup["filters"], device)
     t_monai, _ = _timed(monai, repeats, device)
     t_ours, logits = _timed(ours, repeats, device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference: cuDNN's default TF32 rounds like fp16
     with torch.inference_mode():
-        reference = sliding_window_inference(x, roi, 8, net, overlap=0.5, mode="gaussian")[0]  # fp32
+        reference = sliding_window_inference(x, roi, 8, net, overlap=0.5, mode="gaussian")[0]
+    torch.backends.cudnn.allow_tf32 = tf32
+    with torch.inference_mode():
         agreement = float((logits.argmax(0) == reference.argmax(0)).float().mean())
-    del reference
+        # the anchor: MONAI's own window in fp16 against the same reference (random weights leave many
+        # near-ties between classes, which any half precision flips)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            monai_fp16 = sliding_window_inference(x, roi, 8, net, overlap=0.5, mode="gaussian")[0]
+        monai_agreement = float((monai_fp16.argmax(0) == reference.argmax(0)).float().mean())
+    del reference, monai_fp16
     # back to a finer source grid (as from a 1.0 mm model grid to a 0.8 mm CT) and argmax
     shape = setup["source"]
     to_source = np.diag([s / d for s, d in zip(setup["volume"], shape)] + [1.0])
@@ -117,12 +127,12 @@ def sliding_window(setup: dict, repeats: int, device: torch.device, compile_net:
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "volume": list(setup["volume"]),
               "window": setup["window"], "filters": setup["filters"], "monai_s": round(t_monai, 3),
               "segnode_s": round(t_ours, 3), "ratio": round(t_ours / t_monai, 3), "compiled": compile_net,
-              "argmax_agreement": round(agreement, 5), "resample_back_s": round(t_back, 3),
+              "argmax_agreement": round(agreement, 5), "monai_fp16_agreement": round(monai_agreement, 5), "resample_back_s": round(t_back, 3),
               "resample_back_to": list(shape), "labels_found": int(labels.max()) + 1}
     log.info("MONAI sliding_window_inference (bf16 autocast on GPU, sw_batch 8): %.3f s", t_monai)
     log.info("segnode engine (fp16 on GPU):                                   %.3f s", t_ours)
-    log.info("ratio %.3f (goal <= 0.35); argmax agreement with fp32 %.4f %% (goal >= 99.9 %%)",
-             t_ours / t_monai, 100 * agreement)
+    log.info("ratio %.3f (goal <= 0.35); argmax agreement with fp32 %.4f %% (goal >= 99.9 %%; MONAI in fp16: %.4f %%)",
+             t_ours / t_monai, 100 * agreement, 100 * monai_agreement)
     log.info("resample back to %s + argmax: %.3f s (goal <= 0.2 s on an H100)", shape, t_back)
     return result
 

@@ -93,7 +93,7 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
     assert trace.returncode == 0, trace.stderr
     for step in (f"{len(files)} instance(s) from dimse:TESTSCU@127.0.0.1", "completion: complete", "by quiet",
                  "routing (generation 1): rules ct-abdomen -> ct-abdomen-phantom-3d; rule set sha256",
-                 f"job {segment['id']}: ct-abdomen-phantom-3d 1.0.0 (weights sha256", "software segnode",
+                 f"job {segment['id']}: ct-abdomen-phantom-3d 1.1.0 (weights sha256", "software segnode",
                  f"SEG {record['outputs']['seg']['sop_instance_uid']} sha256",
                  f"job {delivery['id']}: deliver job {segment['id']}'s results to {via}: succeeded",
                  "DICOM Instances Transferred: confirmed by Orthanc REST"):

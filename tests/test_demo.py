@@ -11,7 +11,7 @@ def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
                          capture_output=True, text=True, timeout=900)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
-    assert "ct-abdomen-phantom-3d 1.0.0 (rule ct-abdomen): succeeded" in out
+    assert "ct-abdomen-phantom-3d 1.1.0 (rule ct-abdomen): succeeded" in out
     assert "dx-chest-phantom-2d 1.0.0 (rule chest-radiograph): succeeded" in out
     deliveries = [line for line in out.splitlines() if line.startswith("delivery job")]
     assert len(deliveries) == 2 and all(line.endswith("to orthanc: succeeded") for line in deliveries)

@@ -147,16 +147,18 @@ def test_largest_component_drops_islands():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_gpu_half_precision_agrees_with_fp32_on_the_cpu(precision):
-    torch.manual_seed(2)
-    manifest = _manifest(3, [1, 1, 1], [32, 48, 48], classes=4)
-    net = build_network("dynunet", 3, 1, 4, {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2],
-                                            "upsample_kernel_size": [2, 2, 2], "filters": [16, 32, 64, 128]}).eval()
-    x = torch.randn(1, 1, 64, 96, 80)
-    with torch.inference_mode():
-        cpu = Engine(manifest, net, EngineOptions(device="cpu")).logits(x).argmax(0)
-        gpu = Engine(manifest, net, EngineOptions(device="cuda", precision=precision)).logits(x.cuda()).argmax(0)
-    assert (cpu == gpu.cpu()).float().mean() > 0.999
+def test_gpu_half_precision_gives_the_labels_of_fp32_on_the_cpu(precision, tmp_path):
+    """The shipped model on a phantom: half precision on the GPU changes (almost) no voxel's label.
+    (A random-weight network is no judge here: its class scores tie within fp16's rounding.)"""
+    from node.inference.engine import engine_for
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "ct-abdomen-phantom-3d"
+    phantom = generate_ct(200_003, CTOptions(matrix=96, slice_spacing=3.0, z_extent_mm=180.0))
+    vol = read_series(write_phantom(phantom, tmp_path / "ct"))
+    cpu = engine_for(folder, EngineOptions(device="cpu")).segment(vol).labels
+    gpu = engine_for(folder, EngineOptions(device="cuda", precision=precision)).segment(vol).labels
+    assert (cpu > 0).sum() > 1000
+    assert (cpu == gpu).mean() > 0.999
 
 
 def test_segnode_infer_writes_a_nifti_in_the_series_geometry(tmp_path):

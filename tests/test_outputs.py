@@ -77,7 +77,7 @@ def test_seg_carries_codes_colors_algorithm_and_provenance(ct):
     (equipment,) = [e for e in seg.ContributingEquipmentSequence if "weights sha256" in e.get("ContributionDescription", "")]
     assert equipment.Manufacturer == "segnode" and prov.manifest.weights_sha256[:40] in equipment.ContributionDescription
     assert equipment.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
-    assert "ct-abdomen-phantom-3d 1.0.0" in equipment.SoftwareVersions
+    assert "ct-abdomen-phantom-3d 1.1.0" in equipment.SoftwareVersions
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     again = build_seg(truth, vol.order, sources, prov)

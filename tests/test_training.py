@@ -87,3 +87,16 @@ def test_elastic_deformation_follows_the_plan(ct_cases):
     elastic = [t for t in _augmenter(plan2d).transforms if type(t).__name__ == "Rand2DElasticd"][0]
     deform = elastic.rand_2d_elastic.deform_grid
     assert list(deform.spacing) == [32.0, 32.0] and deform.magnitude == (10.0, 10.0)
+
+
+def test_the_card_names_each_kind_of_training_series():
+    from node.training.data import Case
+    from node.training.trainer import _data_summary
+
+    def case(seed: int, **options: object) -> Case:
+        opts = {"matrix": 128, "oblique_deg": 0.0, "tilt_deg": 0.0, "reversed_order": False, **options}
+        return Case(f"ct-{seed}", np.zeros(1), np.zeros(1), (1.0,), "CT", {}, {"generator": "ct", "seed": seed, "options": opts})
+
+    summary = _data_summary([case(0), case(1), case(2, oblique_deg=12.0), case(3, tilt_deg=15.0)])
+    assert summary == ("segnode CT phantoms, seeds 0..1 (2): matrix 128; seeds 2..2 (1): matrix 128, oblique_deg 12.0; "
+                       "seeds 3..3 (1): matrix 128, tilt_deg 15.0")

@@ -184,13 +184,17 @@ def train(plan: Plan, cases: list[Case], out: Path, device: str = "auto", comman
 
 
 def _data_summary(cases: list[Case]) -> str:
+    """Which generator, seeds and options made the data: one group per distinct set of options, so a
+    mix (axial, oblique, tilted) reads as such."""
     origins = [c.origin for c in cases if c.origin]
     if len(origins) != len(cases):
         return f"{len(cases)} labelled cases"
-    seeds = sorted(o["seed"] for o in origins)
-    opts = {k: v for k, v in origins[0]["options"].items() if v not in (None, False, 0.0)}
-    return (f"segnode {origins[0]['generator'].upper()} phantoms, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), "
-            f"options {opts}")
+    groups: dict[str, list[int]] = {}
+    for o in origins:
+        opts = {k: v for k, v in o["options"].items() if v not in (None, False, 0.0)}
+        groups.setdefault(", ".join(f"{k} {v}" for k, v in sorted(opts.items())) or "defaults", []).append(o["seed"])
+    parts = [f"seeds {min(seeds)}..{max(seeds)} ({len(seeds)}): {opts}" for opts, seeds in groups.items()]
+    return f"segnode {origins[0]['generator'].upper()} phantoms, " + "; ".join(parts)
 
 
 def model_card(manifest: Manifest, plan: Plan) -> str:
