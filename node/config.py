@@ -156,6 +156,12 @@ class JobsConfig(_Model):
     models_dir: Path | None = Field(None, description="model folders; default SEGNODE_MODELS or the shipped ones")
 
 
+class OutputsConfig(_Model):
+    seg_type: Literal["BINARY", "LABELMAP"] = Field("BINARY", description="DICOM-SEG encoding (LABELMAP: JPEG-LS)")
+    secondary_capture: bool = Field(False, description="also send RGB images with the contours burned in, for "
+                                                        "viewers that cannot show DICOM-SEG")
+
+
 class Settings(_Model):
     data_dir: Path = Path("segnode-data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -165,6 +171,7 @@ class Settings(_Model):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     destinations: dict[str, Destination] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -54,8 +54,9 @@ def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
             record = json.loads(record_path.read_text())
             job["result"] = {"software": record.get("software"), "device": record.get("device"),
                              "notes": record.get("notes"), "outputs": record.get("outputs", {}),
-                             "files_sha256": {name: _sha256(data_dir / job["output"] / name)
-                                              for name in ("labels.nii.gz", "seg.dcm", "sr.dcm")}}
+                             "files_sha256": {name: _sha256(data_dir / job["output"] / name) for name in
+                                              ["labels.nii.gz", "seg.dcm", "sr.dcm",
+                                               *record.get("outputs", {}).get("secondary_capture", [])]}}
     patterns = [f"%{study_uid}%", *(f"%{uid}%" for uid in series)]
     for job in jobs:
         patterns += [f'%"job_id":{job["id"]},%', f'%"job_id":{job["id"]}}}%']
@@ -91,6 +92,8 @@ def render(story: dict[str, Any]) -> list[str]:
                 if isinstance(info, dict) and "sop_instance_uid" in info:
                     out.append(f"    {kind.upper()} {info['sop_instance_uid']} sha256 "
                                f"{(result['files_sha256'].get(info['file']) or '?')[:16]}...")
+            if result["outputs"].get("secondary_capture"):
+                out.append(f"    contour images (secondary capture): {len(result['outputs']['secondary_capture'])}")
             if "volumes_ml" in result["outputs"]:
                 out.append("    volumes: " + ", ".join(f"{k} {v:.1f} mL"
                                                         for k, v in result["outputs"]["volumes_ml"].items()))

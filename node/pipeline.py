@@ -43,4 +43,5 @@ def completion(settings: Settings, shared: Ledger | None = None) -> Completion:
 def worker(settings: Settings, shared: Ledger | None = None, runner: Runner | None = None) -> Worker:
     return Worker(shared or ledger(settings), settings.data_dir, settings.data_dir, models_dir(settings),
                   settings.jobs.lease_seconds, settings.jobs.backoff_seconds, settings.jobs.device, runner,
-                  settings.destinations, settings.routing.default_destinations, settings.dimse.ae_title)
+                  settings.destinations, settings.routing.default_destinations, settings.dimse.ae_title,
+                  settings.outputs)

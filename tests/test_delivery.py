@@ -131,3 +131,23 @@ def test_a_wrong_destination_ends_in_the_dead_letter_with_its_reason(node, pacs,
     delivery = _jobs(node)[1]
     assert delivery["state"] == "dead" and delivery["attempts"] == 2
     assert "NOBODY@127.0.0.1" in delivery["last_error"] and "did not accept an association" in delivery["last_error"]
+
+
+def test_contour_images_go_with_the_seg_when_the_config_asks(node, pacs, tmp_path):
+    led = _configure(node, pacs, "web")
+    node.settings.outputs = node.settings.outputs.model_copy(update={"secondary_capture": True})
+    _, files, worker = _send_and_segment(node, led, tmp_path)
+    assert worker.run_once()
+    segment, delivery = _jobs(node)
+    assert delivery["state"] == "succeeded", delivery["last_error"]
+    record = json.loads((node.settings.data_dir / segment["output"] / "segmentation.json").read_text())
+    names = record["outputs"]["secondary_capture"]
+    assert 0 < len(names) <= len(files)
+    first = dcmread(node.settings.data_dir / segment["output"] / names[0])
+    series = httpx.post(f"{pacs.url}/tools/lookup", content=first.SeriesInstanceUID, timeout=10).json()[0]["ID"]
+    stored = httpx.get(f"{pacs.url}/series/{series}", timeout=10).json()
+    assert len(stored["Instances"]) == len(names)  # every picture, confirmed
+    study = dcmread(files[0]).StudyInstanceUID
+    trace = subprocess.run([sys.executable, "-m", "node", "audit", "trace", study, "--data-dir",
+                            str(node.settings.data_dir)], capture_output=True, text=True, timeout=120)
+    assert f"contour images (secondary capture): {len(names)}" in trace.stdout

@@ -13,6 +13,7 @@ from pydicom import dcmread
 
 from node.imaging.volume import read_series
 from node.models.registry import default_models_dir, read_manifest
+from node.outputs.overlay import build_overlays
 from node.outputs.seg import Provenance, build_seg, labels_from_seg
 from node.outputs.sr import build_sr, segment_stats
 from node.phantom.ct import CTOptions, generate_ct, write_phantom
@@ -131,3 +132,45 @@ def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
     volume = next(m for m in group.get_measurements() if m.name.meaning == "Volume")
     assert volume.value == pytest.approx(liver.volume_ml, rel=1e-3) and volume.unit.value == "ml"
     assert {m.derivation.meaning for m in group.get_measurements() if m.derivation} == {"Mean", "Standard Deviation"}
+
+
+def _colored(rgb: np.ndarray, color) -> np.ndarray:
+    return (rgb == np.asarray(color, dtype=np.uint8)).all(axis=-1)
+
+
+def test_contour_images_outline_each_label_in_its_colour_over_the_ct(ct, tmp_path):
+    _, _, vol, sources, truth = ct
+    prov = _prov()
+    truth = truth.copy()
+    truth[0] = 0  # a slice without labels gets no picture
+    scs = build_overlays(truth, vol.array, vol.order, sources, prov, "CT")
+    assert len(scs) == int((truth.reshape(len(truth), -1).max(axis=1) > 0).sum()) == len(truth) - 1
+    assert _dciodvfy_errors(scs[0], tmp_path / "sc.dcm") == []
+    middle = len(truth) // 2
+    sc = scs[middle - 1]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[vol.order[middle][0]].SOPInstanceUID
+    assert sc.StudyInstanceUID == sources[0].StudyInstanceUID and sc.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and "not for diagnosis" in sc.SeriesDescription
+    rgb, liver = sc.pixel_array, truth[middle] == 1
+    color = next(label.color for label in prov.manifest.labels if label.name == "liver")
+    outline = _colored(rgb, color)
+    assert outline.any() and not (outline & ~liver).any()  # on the liver's edge, never outside it
+    assert (outline & liver).sum() < liver.sum() / 2  # an outline, not a fill
+    grey = ~(rgb[..., 0] == rgb[..., 1]) | ~(rgb[..., 1] == rgb[..., 2])
+    assert not (grey & (truth[middle] == 0)).any()  # the image itself stays grey where there is no label
+    assert [s.SOPInstanceUID for s in build_overlays(truth, vol.array, vol.order, sources, prov, "CT")] == \
+        [s.SOPInstanceUID for s in scs]  # derived from the job: a re-push is no duplicate
+
+
+def test_contour_image_of_a_radiograph(tmp_path):
+    dx = generate_dx(3, DXOptions(matrix=128))
+    path = write_dx(dx, tmp_path / "dx")
+    vol = read_series([path])
+    source = dcmread(path, stop_before_pixels=True)
+    prov = Provenance("dx-job", read_manifest(default_models_dir() / "dx-chest-phantom-2d"))
+    (sc,) = build_overlays(dx.labels[None], vol.array, vol.order, [source], prov, "DX")
+    assert _dciodvfy_errors(sc, tmp_path / "sc.dcm") == []
+    assert list(sc.PatientOrientation) == [str(v)[:1] for v in source.PatientOrientation]
+    for label in prov.manifest.labels:
+        if (dx.labels == label.value).any():
+            assert _colored(sc.pixel_array, label.color).any(), label.name

@@ -20,14 +20,14 @@ from sqlalchemy import select
 
 from node.audit import trail as audit
 from node.audit.ledger import Ledger
-from node.config import Destination
+from node.config import Destination, OutputsConfig
 from node.delivery.send import DeliveryError, deliver
 from node.imaging.volume import SeriesError
 from node.inference.engine import EngineOptions
 from node.inference.infer import infer_series
 from node.jobs import queue
 from node.models.registry import read_manifest
-from node.outputs.results import SEG_FILE, SR_FILE, encode_results
+from node.outputs.results import encode_results, result_files
 from node.routing.router import series_input
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Worker:
     def __init__(self, ledger: Ledger, data_dir: Path, spool_root: Path, models_dir: Path, lease_seconds: float,
                  backoff_seconds: float, device: str = "auto", runner: Runner | None = None,
                  destinations: dict[str, Destination] | None = None, default_destinations: Sequence[str] = (),
-                 calling_ae: str = "SEGNODE") -> None:
+                 calling_ae: str = "SEGNODE", outputs: OutputsConfig | None = None) -> None:
         self.ledger, self.data_dir, self.spool_root, self.models_dir = ledger, data_dir, spool_root, models_dir
         self.lease, self.backoff = lease_seconds, backoff_seconds
         self.options = EngineOptions(device=device)
@@ -49,6 +49,7 @@ class Worker:
         self.destinations = destinations or {}
         self.default_destinations = list(default_destinations)
         self.calling_ae = calling_ae
+        self.outputs = outputs or OutputsConfig()
 
     def _deliver(self, job: dict[str, Any]) -> str:
         """Send the parent job's SEG and SR to the job's destination and have the PACS confirm them."""
@@ -59,10 +60,11 @@ class Worker:
                                 f"{', '.join(self.destinations) or 'none'}")
         with self.ledger.engine.connect() as conn:
             parent = conn.execute(select(queue.JOBS.c.output).where(queue.JOBS.c.id == job["parent_job"])).scalar()
-        files = [self.data_dir / (parent or "") / SEG_FILE, self.data_dir / (parent or "") / SR_FILE]
-        missing = [str(f) for f in files if not f.is_file()]
-        if not parent or missing:
-            raise DeliveryError(f"job {job['parent_job']}'s results are missing: {', '.join(missing) or 'no output'}")
+        if not parent:
+            raise DeliveryError(f"job {job['parent_job']} has no results to deliver")
+        files, missing = result_files(self.data_dir / parent)
+        if missing:
+            raise DeliveryError(f"job {job['parent_job']}'s results are missing: {', '.join(missing)}")
         actor = {"component": "worker", "worker": self.owner, "destination": name}
         objects = {"job_id": job["id"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
                    "destination": name, "files": [f.name for f in files]}
@@ -89,8 +91,10 @@ class Worker:
                                f" the job was queued for {job['model_version']} ({job['weights_sha256'][:12]}); "
                                f"retry the job to run the installed version")
         result = infer_series(folder, files, out, self.options)
-        encoded = encode_results(result, files, manifest, job["idempotency_key"], out)
-        return (f"{job['model']} {job['model_version']} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid} "
+        encoded = encode_results(result, files, manifest, job["idempotency_key"], out, self.outputs.seg_type,
+                                 self.outputs.secondary_capture)
+        overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
+        return (f"{job['model']} {job['model_version']} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
                 f"({result.segmentation.timings})")
 
     def run_once(self) -> bool:
