@@ -208,8 +208,9 @@ def _demo_settings(data_dir: Path, pacs: Any) -> Settings:
         "dimse": {"port": 0, "allowed_peers": [{"ae_title": aet, "hosts": ["127.0.0.1/32"]}
                                                for aet in ("DEMO_CT", "DEMO_DX")]},
         "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
-        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
-                                     "port": pacs.dicom_port, "orthanc_url": pacs.url}}})
+        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
+                                     "port": pacs.dicom_port, "orthanc_url": pacs.url,
+                                     "username": pacs.username, "password": pacs.password}}})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -223,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from node.imaging.volume import read_series
     from node.jobs.queue import list_jobs
     from node.lineage import render, trace
-    from node.peers import orthanc
+    from node.peers import RunningOrthanc, orthanc
     from node.phantom.ct import CTOptions, generate_ct, write_phantom
     from node.phantom.dx import DXOptions, generate_dx, write_dx
     from node.service import Node, audit_anchor
@@ -232,13 +233,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
     env = dict(os.environ, TCP_NODELAY="1")
-    with orthanc(data_dir / "orthanc") as pacs:
+    with (RunningOrthanc.at(args.orthanc) if args.orthanc else orthanc(data_dir / "orthanc")) as pacs:
         settings = _demo_settings(data_dir, pacs)
         _setup_logging(settings.log_level)
         node = Node(settings)
         node.start()
         try:
-            print(f"Orthanc (test PACS) at {pacs.url}, DICOM {pacs.aet}@127.0.0.1:{pacs.dicom_port}; segnode "
+            print(f"Orthanc ({'already running' if args.orthanc else 'test PACS'}) at {pacs.url}, DICOM "
+                  f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
                   f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
             phantoms = data_dir / "phantoms"
             ct = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
@@ -247,8 +249,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
             truths = {}
             for what, aet, files, labels, names in cases:
-                for ae, port in ((settings.dimse.ae_title, node.dimse.port), (pacs.aet, pacs.dicom_port)):
-                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, "127.0.0.1", str(port),
+                for ae, host, port in ((settings.dimse.ae_title, "127.0.0.1", node.dimse.port),
+                                       (pacs.aet, pacs.host, pacs.dicom_port)):
+                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, host, str(port),
                                     *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
                 vol = read_series(files)
                 truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
@@ -612,17 +615,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--keep", action="store_true", help="keep Orthanc and segnode running to look around")
+    demo.add_argument("--orthanc", metavar="URL", help="use this running Orthanc (REST URL, credentials as "
+                      "http://user:password@host:8042) instead of starting one; its AE title and DICOM port come "
+                      "from GET /system, and it must accept C-STORE from segnode's AE title")
     demo.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from node.routing.rules import RulesError
+    from node.tools import ToolMissing
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, RulesError) as exc:
+    except (ConfigError, RulesError, ToolMissing) as exc:
         print(f"segnode: {exc}", file=sys.stderr)
         return 2
 

@@ -104,7 +104,9 @@ class Orthanc:
                  dicomweb: bool = True, dicomweb_servers: dict[str, str] | None = None) -> None:
         if not Path(ORTHANC).exists():
             raise ToolMissing("Orthanc not found; install it with: apt-get install -y orthanc orthanc-dicomweb")
-        self.workdir, self.aet = workdir, aet
+        self.workdir, self.aet, self.host = workdir, aet, "127.0.0.1"
+        self.username: str | None = None
+        self.password: str | None = None
         self.dicom_port, self.http_port = free_port(), free_port()
         config = {
             "Name": "segnode-test-orthanc",
@@ -143,6 +145,44 @@ class Orthanc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@dataclass
+class RunningOrthanc:
+    """An Orthanc someone else started (a container, a hospital's test PACS): found by its REST URL,
+    which tells its AE title and DICOM port (GET /system)."""
+
+    url: str
+    aet: str
+    dicom_port: int
+    host: str
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def at(cls, url: str, dicom_host: str | None = None) -> "RunningOrthanc":
+        """URL may carry credentials (http://user:password@host:8042); the DICOM host defaults to the URL's."""
+        parsed = httpx.URL(url)
+        user, password = parsed.username or None, parsed.password or None
+        base = str(parsed.copy_with(username=None, password=None)).rstrip("/")
+        auth = httpx.BasicAuth(user, password or "") if user else None
+        try:
+            rsp = httpx.get(f"{base}/system", auth=auth, timeout=10)
+        except httpx.HTTPError as exc:
+            raise ToolMissing(f"no Orthanc answers at {base} ({exc}); start it, or leave --orthanc out to have "
+                              f"the demo start its own") from exc
+        if rsp.status_code != 200:
+            raise ToolMissing(f"Orthanc at {base} answered HTTP {rsp.status_code} to GET /system"
+                              + (" (give its credentials as http://user:password@host:port)" if rsp.status_code == 401 else ""))
+        system = rsp.json()
+        return cls(base, str(system["DicomAet"]), int(system["DicomPort"]), dicom_host or parsed.host,
+                   user, password)
+
+    def __enter__(self) -> "RunningOrthanc":
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # not ours to stop
+        return None
 
 
 @contextmanager
