@@ -100,12 +100,16 @@ def test_seg_of_an_enhanced_multiframe_series(ct, tmp_path):
     np.testing.assert_array_equal(labels_from_seg(dcmread(tmp_path / "seg.dcm"), [source], vol.order), labels)
 
 
-def test_seg_of_a_radiograph(tmp_path):
+@pytest.fixture(scope="module")
+def radiograph(tmp_path_factory):
     dx = generate_dx(3, DXOptions(matrix=128))
-    path = write_dx(dx, tmp_path / "dx")
-    vol = read_series([path])
-    source = dcmread(path, stop_before_pixels=True)
+    path = write_dx(dx, tmp_path_factory.mktemp("dx") / "dx")
     prov = Provenance("dx-job", read_manifest(default_models_dir() / "dx-chest-phantom-2d"))
+    return dx, read_series([path]), dcmread(path, stop_before_pixels=True), prov
+
+
+def test_seg_of_a_radiograph(radiograph, tmp_path):
+    dx, vol, source, prov = radiograph
     seg = build_seg(dx.labels[None], vol.order, [source], prov)
     assert _dciodvfy_errors(seg, tmp_path / "seg.dcm") == []
     np.testing.assert_array_equal(labels_from_seg(dcmread(tmp_path / "seg.dcm"), [source], vol.order)[0], dx.labels)
@@ -162,12 +166,8 @@ def test_contour_images_outline_each_label_in_its_colour_over_the_ct(ct, tmp_pat
         [s.SOPInstanceUID for s in scs]  # derived from the job: a re-push is no duplicate
 
 
-def test_contour_image_of_a_radiograph(tmp_path):
-    dx = generate_dx(3, DXOptions(matrix=128))
-    path = write_dx(dx, tmp_path / "dx")
-    vol = read_series([path])
-    source = dcmread(path, stop_before_pixels=True)
-    prov = Provenance("dx-job", read_manifest(default_models_dir() / "dx-chest-phantom-2d"))
+def test_contour_image_of_a_radiograph(radiograph, tmp_path):
+    dx, vol, source, prov = radiograph
     (sc,) = build_overlays(dx.labels[None], vol.array, vol.order, [source], prov, "DX")
     assert _dciodvfy_errors(sc, tmp_path / "sc.dcm") == []
     assert list(sc.PatientOrientation) == [str(v)[:1] for v in source.PatientOrientation]
