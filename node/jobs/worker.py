@@ -52,7 +52,8 @@ class Worker:
         self.outputs = outputs or OutputsConfig()
 
     def _deliver(self, job: dict[str, Any]) -> str:
-        """Send the parent job's SEG and SR to the job's destination and have the PACS confirm them."""
+        """Send the parent job's SEG, SR (and contour images) to the job's destination and have the PACS
+        confirm them."""
         name = job["destination"]
         dest = self.destinations.get(name)
         if dest is None:
