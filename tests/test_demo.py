@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import httpx
-
-from node.peers import orthanc
+from node.cli import _demo_settings
+from node.peers import RunningOrthanc, orthanc
 
 
 def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
@@ -24,16 +23,20 @@ def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
     assert "audit trail:" in out and "intact" in out
 
 
-def test_demo_uses_an_orthanc_that_is_already_running(tmp_path):
+def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):
+    """`segnode demo --orthanc URL`: the PACS's AE title and DICOM port come from its REST API, and the
+    results go there (the rest of the demo is the same code as above)."""
     with orthanc(tmp_path / "orthanc", aet="HOSPITALPACS") as pacs:
-        run = subprocess.run([sys.executable, "-m", "node", "demo", "--data-dir", str(tmp_path / "demo"),
-                              "--orthanc", pacs.url], capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert f"Orthanc (already running) at {pacs.url}, DICOM HOSPITALPACS@127.0.0.1:{pacs.dicom_port}" in run.stdout
-        modalities = {httpx.get(f"{pacs.url}/series/{s}", timeout=10).json()["MainDicomTags"]["Modality"]
-                      for s in httpx.get(f"{pacs.url}/series", timeout=10).json()}
-        assert {"CT", "DX", "SEG", "SR"} <= modalities  # images from the 'modality', results from segnode
-    assert pacs.proc is not None and pacs.proc.returncode is not None  # stopped by us, not by the demo
+        found = RunningOrthanc.at(pacs.url.replace("http://", "http://demo:secret@"))
+        assert (found.url, found.aet, found.dicom_port, found.host) == (pacs.url, "HOSPITALPACS", pacs.dicom_port,
+                                                                       "127.0.0.1")
+        dest = _demo_settings(tmp_path / "demo", found).destinations["orthanc"]
+        assert (dest.ae_title, dest.port, dest.orthanc_url, dest.username) == ("HOSPITALPACS", pacs.dicom_port,
+                                                                               pacs.url, "demo")
+        assert dest.password is not None and dest.password.get_secret_value() == "secret"
+        with found:
+            pass
+        assert pacs.proc is not None and pacs.proc.poll() is None  # not the demo's to stop
     missing = subprocess.run([sys.executable, "-m", "node", "demo", "--data-dir", str(tmp_path / "again"),
                               "--orthanc", pacs.url], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and f"no Orthanc answers at {pacs.url}" in missing.stderr
