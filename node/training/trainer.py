@@ -98,7 +98,7 @@ def _validate(net: torch.nn.Module, preps: list[Prepared], plan: Plan, device: t
         for prep in preps:
             x = torch.from_numpy(prep.image)[None, None].to(device)
             logits = sliding_window_inference(x, plan.patch_size, 2, net, overlap=0.25, mode="gaussian")
-            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            pred = logits.max(1).indices[0].cpu().numpy().astype(np.uint8)  # argmax, faster on the CPU
             metrics = label_metrics(pred, prep.labels, range(1, len(plan.labels) + 1), plan.target_spacing)
             for value, name in enumerate(plan.labels, start=1):
                 per_label[name].append(metrics[value])
