@@ -60,10 +60,14 @@ rules:
             "jobs": {"workers": 1},
             "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
                                          "port": pacs.dicom_port, "orthanc_url": pacs.url}}}))
-        node = start_node_process(root / "data", "--config", str(config), stderr=(root / "node.log").open("ab"),
+        log_file = root / "node.log"
+        node = start_node_process(root / "data", "--config", str(config), stderr=log_file.open("ab"),
                                   env=env)
         try:
-            time.sleep(5)  # let the worker import torch and load before the clock starts
+            # the clock starts once the worker has its model warm, as in service
+            deadline = time.perf_counter() + 300
+            while "model ct-abdomen-phantom-3d warm" not in log_file.read_text() and time.perf_counter() < deadline:
+                time.sleep(0.2)
             start = time.perf_counter()
             subprocess.run([dcmtk("storescu"), "-aec", "SEGNODE", "127.0.0.1", str(node.dimse_port),
                             *map(str, files)], check=True, env=env)

@@ -24,6 +24,9 @@ log = logging.getLogger("segnode")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if logging.getLevelName(str(level).upper()) != logging.DEBUG:
+        for chatty in ("highdicom", "alembic"):  # a line per copied module / migration step
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -105,6 +108,13 @@ def cmd_component(args: argparse.Namespace) -> int:
     else:
         worker = pipeline.worker(settings)
         worker.owner += f"/{args.name}"
+        if settings.jobs.warm_up:
+            try:
+                models = pipeline.rule_models(settings)
+            except Exception as exc:  # noqa: BLE001 - warming is an optimisation; jobs still run
+                log.warning("no model warmed up: the rules could not be read (%s)", exc)
+                models = []
+            worker.warm(models)
         worker.run(stop.is_set)
     return 0
 

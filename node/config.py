@@ -154,6 +154,8 @@ class JobsConfig(_Model):
     lease_seconds: float = Field(120.0, gt=0, description="a running job not renewed for this long is requeued")
     device: str = Field("auto", description="inference device: auto (CUDA when present), cpu, cuda, cuda:N")
     models_dir: Path | None = Field(None, description="model folders; default SEGNODE_MODELS or the shipped ones")
+    warm_up: bool = Field(True, description="load the rules' models (and run one batch) when a worker starts, so "
+                                            "the first study does not wait for it")
 
 
 class OutputsConfig(_Model):

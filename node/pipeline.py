@@ -25,6 +25,12 @@ def ruleset(settings: Settings) -> RuleSet:
     return load_rules(settings.routing.rules, models=installed, destinations=settings.destinations)
 
 
+def rule_models(settings: Settings) -> list[str]:
+    """The models the configured rules can start, in rule order."""
+    return list(dict.fromkeys(m for rule in ruleset(settings).rules if not isinstance(rule.action, str)
+                              for m in rule.action.models))
+
+
 def ledger(settings: Settings) -> Ledger:
     from node.service import audit_anchor
 

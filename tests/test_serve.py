@@ -79,6 +79,8 @@ def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
         node.stop()
     text = log.read_text()
     assert "Traceback" not in text, text
+    # each worker loaded the rules' models before the first study, and encoding left no line per module
+    assert text.count("model ct-abdomen-phantom-3d warm") == 2 and "highdicom" not in text
 
 
 def test_a_killed_worker_is_restarted_and_its_job_runs_once(tmp_path):

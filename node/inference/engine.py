@@ -328,8 +328,7 @@ class Engine:
         boxes = [tuple(slice(c, c + w) for c, w in zip(corner, self.window)) for corner in corners]
         for box in boxes:
             weight[box] += gauss_acc
-        flips = [dims for r in range(1, 4) for dims in itertools.combinations(self.mirror_dims, r)
-                 ] if self.options.mirror else []
+        flips = self._flips()
         for i in range(0, len(boxes), self.options.batch_size):
             batch = boxes[i:i + self.options.batch_size]
             xb = torch.cat([source[(slice(None), slice(None), *b)] for b in batch]).to(self.device, non_blocking=True)
@@ -349,6 +348,22 @@ class Engine:
         if any(pad):
             acc = acc[(slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)])]
         return acc  # on the host when it did not fit the device: labels_in_source then works there too
+
+    def _flips(self) -> list[tuple[int, ...]]:
+        """The mirror images batched with each window (every combination of the allowed axes)."""
+        if not self.options.mirror:
+            return []
+        return [dims for r in range(1, 4) for dims in itertools.combinations(self.mirror_dims, r)]
+
+    def warm_up(self) -> float:
+        """One full batch through the network, so the first study does not pay for lazy allocation,
+        cuDNN's autotuning or compilation; seconds taken."""
+        start = time.perf_counter()
+        n = self.options.batch_size * (1 + len(self._flips()))
+        with torch.inference_mode(), self._autocast():
+            self.net(torch.zeros((n, self.manifest.input_channels, *self.window), device=self.device))
+        self._sync()
+        return time.perf_counter() - start
 
     def _fits(self, shape: Sequence[int]) -> bool:
         """Whether input, accumulators and the back-resampled logits fit in free device memory."""

@@ -23,7 +23,7 @@ from node.audit.ledger import Ledger
 from node.config import Destination, OutputsConfig
 from node.delivery.send import DeliveryError, deliver
 from node.imaging.volume import SeriesError
-from node.inference.engine import EngineOptions
+from node.inference.engine import EngineOptions, engine_for
 from node.inference.infer import infer_series
 from node.jobs import queue
 from node.models.registry import read_manifest
@@ -50,6 +50,18 @@ class Worker:
         self.default_destinations = list(default_destinations)
         self.calling_ae = calling_ae
         self.outputs = outputs or OutputsConfig()
+
+    def warm(self, models: Sequence[str]) -> None:
+        """Load these models and run one batch through each before taking jobs: the first study would
+        otherwise wait for it (4 s for the CT model on 2 CPU cores; cuDNN's autotuning on a GPU). A model
+        that fails here is only logged: its job will fail with the reason, retried and audited."""
+        for name in models:
+            try:
+                seconds = engine_for(self.models_dir / name, self.options).warm_up()
+            except Exception as exc:  # noqa: BLE001 - the job reports it properly
+                log.warning("model %s could not be loaded in advance (%s); its jobs will say why", name, exc)
+            else:
+                log.info("model %s warm (one batch in %.2f s)", name, seconds)
 
     def _deliver(self, job: dict[str, Any]) -> str:
         """Send the parent job's SEG, SR (and contour images) to the job's destination and have the PACS
