@@ -65,9 +65,12 @@ rules:
                                   env=env)
         try:
             # the clock starts once the worker has its model warm, as in service
-            deadline = time.perf_counter() + 300
-            while "model ct-abdomen-phantom-3d warm" not in log_file.read_text() and time.perf_counter() < deadline:
+            warm_line, deadline = "model ct-abdomen-phantom-3d warm", time.perf_counter() + 300
+            while warm_line not in log_file.read_text() and time.perf_counter() < deadline:
                 time.sleep(0.2)
+            if warm_line not in log_file.read_text():
+                log.warning("the worker did not report its model warm within 300 s (see its log): the figure "
+                            "below includes loading it")
             start = time.perf_counter()
             subprocess.run([dcmtk("storescu"), "-aec", "SEGNODE", "127.0.0.1", str(node.dimse_port),
                             *map(str, files)], check=True, env=env)

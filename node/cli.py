@@ -234,6 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from node.imaging.volume import read_series
     from node.jobs.queue import list_jobs
     from node.lineage import render, trace
+    from node.outputs.files import LABELS_FILE, RECORD_FILE
     from node.peers import RunningOrthanc, orthanc
     from node.phantom.ct import CTOptions, generate_ct, write_phantom
     from node.phantom.dx import DXOptions, generate_dx, write_dx
@@ -281,8 +282,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for job in (j for j in jobs if j["kind"] == "segment"):
                 labels_truth, names, vol = truths[job["series_uid"]]
                 out = data_dir / job["output"]
-                record = json.loads((out / "segmentation.json").read_text())
-                labels, _ = read_labels(out / "labels.nii.gz")
+                record = json.loads((out / RECORD_FILE).read_text())
+                labels, _ = read_labels(out / LABELS_FILE)
                 metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
                 voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
                 print(f"\n{job['model']} {job['model_version']} (rule {job['rule']}): {job['state']}")

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, or_, select
 
 from node.db.models import AuditEvent, Instance, RoutingDecision, SeriesState
 from node.jobs.queue import JOBS, input_hash
+from node.outputs.files import LABELS_FILE, RECORD_FILE, dicom_names
 
 EVENTS, INSTANCES = AuditEvent.__table__, Instance.__table__
 
@@ -49,14 +50,13 @@ def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
             .mappings()]
     for job in jobs:
         job["destinations"] = json.loads(job["destinations"])
-        record_path = data_dir / job["output"] / "segmentation.json" if job["output"] else None
+        record_path = data_dir / job["output"] / RECORD_FILE if job["output"] else None
         if record_path is not None and record_path.is_file():
             record = json.loads(record_path.read_text())
             job["result"] = {"software": record.get("software"), "device": record.get("device"),
                              "notes": record.get("notes"), "outputs": record.get("outputs", {}),
-                             "files_sha256": {name: _sha256(data_dir / job["output"] / name) for name in
-                                              ["labels.nii.gz", "seg.dcm", "sr.dcm",
-                                               *record.get("outputs", {}).get("secondary_capture", [])]}}
+                             "files_sha256": {name: _sha256(data_dir / job["output"] / name)
+                                              for name in [LABELS_FILE, *dicom_names(record)]}}
     patterns = [f"%{study_uid}%", *(f"%{uid}%" for uid in series)]
     for job in jobs:
         patterns += [f'%"job_id":{job["id"]},%', f'%"job_id":{job["id"]}}}%']

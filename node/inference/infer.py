@@ -15,10 +15,9 @@ from node import __version__
 from node.imaging.nifti import write_labels
 from node.imaging.volume import TiltPolicy, Volume, read_series
 from node.inference.engine import EngineOptions, Segmentation, engine_for
+from node.outputs.files import LABELS_FILE, RECORD_FILE
 
 log = logging.getLogger(__name__)
-LABELS_FILE = "labels.nii.gz"
-RECORD_FILE = "segmentation.json"
 
 
 @dataclass

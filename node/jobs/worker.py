@@ -27,7 +27,8 @@ from node.inference.engine import EngineOptions, engine_for
 from node.inference.infer import infer_series
 from node.jobs import queue
 from node.models.registry import read_manifest
-from node.outputs.results import encode_results, result_files
+from node.outputs.files import result_files
+from node.outputs.results import encode_results
 from node.routing.router import series_input
 
 log = logging.getLogger(__name__)

@@ -12,14 +12,14 @@ from typing import Sequence
 
 from pydicom import dcmread
 
-from node.inference.infer import RECORD_FILE, Result
+from node.inference.infer import Result
 from node.models.manifest import Manifest
+from node.outputs.files import SEG_FILE, SR_FILE
 from node.outputs.overlay import build_overlays
 from node.outputs.seg import Provenance, SegType, build_seg
 from node.outputs.sr import build_sr, segment_stats
 
 log = logging.getLogger(__name__)
-SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
 
 
 @dataclass
@@ -63,12 +63,3 @@ def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, jo
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return Encoded(out / SEG_FILE, out / SR_FILE, seg.SOPInstanceUID, sr.SOPInstanceUID, volumes, overlays)
 
-
-def result_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """(the DICOM files a job's results hold, the ones its record names that are missing)."""
-    names = [SEG_FILE, SR_FILE]
-    record = folder / RECORD_FILE
-    if record.is_file():
-        names += json.loads(record.read_text()).get("outputs", {}).get("secondary_capture", [])
-    files = [folder / name for name in names]
-    return files, [str(f) for f in files if not f.is_file()]
