@@ -26,9 +26,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.peers import orthanc, start_node_process  # noqa: E402
-from node.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
-from node.tools import dcmtk  # noqa: E402
+from segnode.peers import orthanc, start_node_process  # noqa: E402
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
+from segnode.tools import dcmtk  # noqa: E402
 
 log = logging.getLogger("bench.e2e")
 

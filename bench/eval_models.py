@@ -20,11 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.inference.evaluate import evaluate_case  # noqa: E402
-from node.models.registry import default_models_dir, load_model  # noqa: E402
-from node.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
-from node.phantom.dx import DXOptions, generate_dx, write_dx  # noqa: E402
-from node.training.data import load_case  # noqa: E402
+from segnode.inference.evaluate import evaluate_case  # noqa: E402
+from segnode.models.registry import default_models_dir, load_model  # noqa: E402
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx  # noqa: E402
+from segnode.training.data import load_case  # noqa: E402
 
 log = logging.getLogger("bench.eval")
 HELD_OUT = 100_000  # training seeds are small integers; these are never used for training

@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.inference.engine import Engine, EngineOptions, Grid  # noqa: E402
-from node.models.manifest import Manifest  # noqa: E402
-from node.nets import build_network  # noqa: E402
-from node.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
+from segnode.inference.engine import Engine, EngineOptions, Grid  # noqa: E402
+from segnode.models.manifest import Manifest  # noqa: E402
+from segnode.nets import build_network  # noqa: E402
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
 
 log = logging.getLogger("bench.infer")
 
@@ -146,7 +146,7 @@ def end_to_end(matrix: int, slices: int) -> dict:
                                                      z_extent_mm=extent - extent / slices / 2)), folder)
         n = len(list(folder.glob("ct*.dcm")))
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "node", "infer", "--model", "ct-abdomen-phantom-3d", str(folder),
+        run = subprocess.run([sys.executable, "-m", "segnode", "infer", "--model", "ct-abdomen-phantom-3d", str(folder),
                               "--out", str(Path(tmp) / "out")], capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if run.returncode != 0:

@@ -28,9 +28,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.peers import orthanc, start_node_process, storescp  # noqa: E402
-from node.testdata import write_ct_series  # noqa: E402
-from node.tools import dcmtk  # noqa: E402
+from segnode.peers import orthanc, start_node_process, storescp  # noqa: E402
+from segnode.testdata import write_ct_series  # noqa: E402
+from segnode.tools import dcmtk  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 ENV = dict(os.environ, TCP_NODELAY="1")

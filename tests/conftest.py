@@ -17,11 +17,11 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import select
 
-from node.config import Settings, load_settings
-from node.db.models import AuditEvent, Instance
-from node.service import Node
-from node.testdata import ct_series
-from node.tools import dcmtk
+from segnode.config import Settings, load_settings
+from segnode.db.models import AuditEvent, Instance
+from segnode.service import Node
+from segnode.testdata import ct_series
+from segnode.tools import dcmtk
 
 os.environ.setdefault("TCP_NODELAY", "1")
 
@@ -87,7 +87,7 @@ def echoscu(port: int, *extra: str, aec: str = "SEGNODE", aet: str = "TESTSCU") 
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a PS3.10 file, without preamble and file meta."""
-    from node.dicom.part10 import parse_meta
+    from segnode.dicom.part10 import parse_meta
 
     raw = path.read_bytes()
     meta = parse_meta(raw)

@@ -12,7 +12,7 @@ from tests.conftest import storescu
 
 
 def verify(data_dir) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--data-dir", str(data_dir)],
+    return subprocess.run([sys.executable, "-m", "segnode", "audit", "verify", "--data-dir", str(data_dir)],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from node.config import ConfigError, load_settings
-from node.peers import start_node_process
+from segnode.config import ConfigError, load_settings
+from segnode.peers import start_node_process
 from tests.conftest import echoscu
 
 
@@ -33,7 +33,7 @@ def test_invalid_file_names_the_key_and_the_reason(tmp_path):
 def test_cli_refuses_a_bad_file_at_start(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("storage: {free_space_floor_mb: 10, free_space_watermark_mb: 5}\n")
-    result = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(cfg)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "segnode", "serve", "--config", str(cfg)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "free_space_watermark_mb must be >= free_space_floor_mb" in result.stderr
 
@@ -58,7 +58,7 @@ def test_serve_runs_with_flags_and_no_config_file(tmp_path):
 
 
 def test_sqlite_commits_are_fsynced_when_storage_fsync_is_on(tmp_path):
-    from node.db.session import make_engine
+    from segnode.db.session import make_engine
 
     for durable, expected in ((True, 2), (False, 1)):  # PRAGMA synchronous: 2 = FULL, 1 = NORMAL
         engine = make_engine(f"sqlite:///{tmp_path}/x{durable}.db", durable=durable)
@@ -69,7 +69,7 @@ def test_sqlite_commits_are_fsynced_when_storage_fsync_is_on(tmp_path):
 
 
 def test_allow_list_rules_match_address_and_ae_title():
-    from node.config import PeerRule
+    from segnode.config import PeerRule
 
     rule = PeerRule(ae_title="CT01", hosts=["10.1.0.0/16"])
     assert rule.matches("CT01", "10.1.2.3")
@@ -80,8 +80,8 @@ def test_allow_list_rules_match_address_and_ae_title():
 
 
 def test_supervised_components_get_the_whole_configuration_secrets_included(monkeypatch):
-    from node.config import load_settings
-    from node.supervisor import SETTINGS_ENV, Supervisor, component_settings
+    from segnode.config import load_settings
+    from segnode.supervisor import SETTINGS_ENV, Supervisor, component_settings
 
     settings = load_settings(None, {
         "destinations": {"web": {"kind": "dicomweb", "url": "http://pacs/dicom-web", "username": "segnode",

@@ -15,8 +15,8 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pydicom.uid import CTImageStorage
 
-from node.peers import start_node_process
-from node.testdata import ct_series
+from segnode.peers import start_node_process
+from segnode.testdata import ct_series
 from tests.conftest import dataset_bytes
 
 
@@ -58,7 +58,7 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
             assert dataset_bytes(data_dir / rows[uid]) == encode(by_uid[uid], True, True)  # byte-exact
         assert set(rows) <= set(by_uid)
         assert list((data_dir / "tmp").iterdir()) == []
-        verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--data-dir", str(data_dir)],
+        verify = subprocess.run([sys.executable, "-m", "segnode", "audit", "verify", "--data-dir", str(data_dir)],
                                 capture_output=True, text=True, timeout=60)
         assert verify.returncode == 0, verify.stdout
         # the node takes the rest of the series after the restart

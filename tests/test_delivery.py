@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node import pipeline
-from node.audit.ledger import Ledger
-from node.config import Destination
-from node.imaging.volume import read_series
-from node.jobs import queue
-from node.peers import free_port, orthanc
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode import pipeline
+from segnode.audit.ledger import Ledger
+from segnode.config import Destination
+from segnode.imaging.volume import read_series
+from segnode.jobs import queue
+from segnode.peers import free_port, orthanc
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import audit_events, storescu
 
 
@@ -90,7 +90,7 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
                        timeout=10).json()
     assert stored["StudyInstanceUID"] == dcmread(files[0]).StudyInstanceUID  # beside the images in the PACS
     study = dcmread(files[0]).StudyInstanceUID
-    trace = subprocess.run([sys.executable, "-m", "node", "audit", "trace", study, "--data-dir",
+    trace = subprocess.run([sys.executable, "-m", "segnode", "audit", "trace", study, "--data-dir",
                             str(node.settings.data_dir)], capture_output=True, text=True, timeout=120)
     assert trace.returncode == 0, trace.stderr
     for step in (f"{len(files)} instance(s) from dimse:TESTSCU@127.0.0.1", "completion: complete", "by quiet",
@@ -107,7 +107,7 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
         series = httpx.post(f"{pacs.url}/tools/lookup", content=first.SeriesInstanceUID, timeout=10).json()[0]["ID"]
         assert len(httpx.get(f"{pacs.url}/series/{series}", timeout=10).json()["Instances"]) == len(names)
         assert f"contour images (secondary capture): {len(names)}" in trace.stdout
-    story = json.loads(subprocess.run([sys.executable, "-m", "node", "audit", "trace", study, "--json", "--data-dir",
+    story = json.loads(subprocess.run([sys.executable, "-m", "segnode", "audit", "trace", study, "--json", "--data-dir",
                                        str(node.settings.data_dir)], capture_output=True, text=True).stdout)
     assert story["jobs"][0]["result"]["files_sha256"]["seg.dcm"] == hashlib.sha256(
         (node.settings.data_dir / segment["output"] / "seg.dcm").read_bytes()).hexdigest()

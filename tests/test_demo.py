@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from node.cli import _demo_settings
-from node.peers import RunningOrthanc, orthanc
+from segnode.cli import _demo_settings
+from segnode.peers import RunningOrthanc, orthanc
 
 
 def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "node", "demo", "--data-dir", str(tmp_path / "demo")],
+    run = subprocess.run([sys.executable, "-m", "segnode", "demo", "--data-dir", str(tmp_path / "demo")],
                          capture_output=True, text=True, timeout=900)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
@@ -37,6 +37,6 @@ def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):
         with found:
             pass
         assert pacs.proc is not None and pacs.proc.poll() is None  # not the demo's to stop
-    missing = subprocess.run([sys.executable, "-m", "node", "demo", "--data-dir", str(tmp_path / "again"),
+    missing = subprocess.run([sys.executable, "-m", "segnode", "demo", "--data-dir", str(tmp_path / "again"),
                               "--orthanc", pacs.url], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and f"no Orthanc answers at {pacs.url}" in missing.stderr

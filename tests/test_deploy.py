@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from node.config import load_settings
+from segnode.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
-from node.dicom import status as st
-from node.testdata import ct_series
+from segnode.dicom import status as st
+from segnode.testdata import ct_series
 from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, instances, storescu
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]

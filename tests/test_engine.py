@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from node.imaging.nifti import read_labels
-from node.imaging.volume import read_series
-from node.inference.engine import Engine, EngineOptions, largest_components, window_starts
-from node.models.manifest import Manifest
-from node.nets import build_network
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dicom import set_pixels
+from segnode.imaging.nifti import read_labels
+from segnode.imaging.volume import read_series
+from segnode.inference.engine import Engine, EngineOptions, largest_components, window_starts
+from segnode.models.manifest import Manifest
+from segnode.nets import build_network
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dicom import set_pixels
 
 
 class OneHot(nn.Module):
@@ -151,7 +151,7 @@ def test_largest_component_drops_islands():
 def test_gpu_half_precision_gives_the_labels_of_fp32_on_the_cpu(precision, tmp_path):
     """The shipped model on a phantom: half precision on the GPU changes (almost) no voxel's label.
     (A random-weight network is no judge here: its class scores tie within fp16's rounding.)"""
-    from node.inference.engine import engine_for
+    from segnode.inference.engine import engine_for
 
     folder = Path(__file__).resolve().parents[1] / "models" / "ct-abdomen-phantom-3d"
     phantom = generate_ct(200_003, CTOptions(matrix=96, slice_spacing=3.0, z_extent_mm=180.0))
@@ -166,7 +166,7 @@ def test_segnode_infer_writes_a_nifti_in_the_series_geometry(tmp_path):
     phantom = generate_ct(200_001, CTOptions(matrix=64, slice_spacing=5.0, z_extent_mm=160.0, reversed_order=True))
     write_phantom(phantom, tmp_path / "ct")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "node", "infer", "--model", "ct-abdomen-phantom-3d",
+    result = subprocess.run([sys.executable, "-m", "segnode", "infer", "--model", "ct-abdomen-phantom-3d",
                              str(tmp_path / "ct"), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert all(stage in result.stdout for stage in ("read", "preprocess", "windows", "resample", "postprocess"))
@@ -185,7 +185,7 @@ def test_segnode_infer_writes_a_nifti_in_the_series_geometry(tmp_path):
 
     tilted = tmp_path / "tilted"
     write_phantom(generate_ct(5, CTOptions(matrix=32, slice_spacing=5.0, z_extent_mm=60.0, tilt_deg=12.0)), tilted)
-    refused = subprocess.run([sys.executable, "-m", "node", "infer", "--model", "ct-abdomen-phantom-3d", str(tilted),
+    refused = subprocess.run([sys.executable, "-m", "segnode", "infer", "--model", "ct-abdomen-phantom-3d", str(tilted),
                               "--out", str(tmp_path / "o2"), "--tilt", "refuse"], capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "gantry tilt of 12.0 degrees" in refused.stderr

@@ -13,8 +13,8 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from node.dicom import status as st
-from node.spool import Spool
+from segnode.dicom import status as st
+from segnode.spool import Spool
 from tests.conftest import audit_events, echo_ok, echoscu, eventually, instances, storescu
 
 
@@ -35,7 +35,7 @@ def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monke
 
 
 def test_database_failure_answers_a700_and_removes_the_placed_file(node, ct_files, monkeypatch):
-    from node.db import fast
+    from segnode.db import fast
 
     real_insert = fast.Tx.insert
 
@@ -54,7 +54,7 @@ def test_database_failure_answers_a700_and_removes_the_placed_file(node, ct_file
 def test_studies_cli_prints_what_the_api_returns(node, ct_files):
     assert storescu(node.dimse.port, ct_files).returncode == 0
     api = httpx.get(f"http://127.0.0.1:{node.http_port}/api/studies", timeout=10).json()
-    cli = subprocess.run([sys.executable, "-m", "node", "studies", "--data-dir", str(node.settings.data_dir)],
+    cli = subprocess.run([sys.executable, "-m", "segnode", "studies", "--data-dir", str(node.settings.data_dir)],
                          capture_output=True, text=True, timeout=60)
     import json
 
@@ -101,7 +101,7 @@ def test_associations_over_the_limit_are_rejected_transiently(start_node):
 def test_failed_overwrite_restores_the_previous_version(node, ct_files, tmp_path, monkeypatch):
     from pydicom import dcmread
 
-    from node.db import fast
+    from segnode.db import fast
 
     assert storescu(node.dimse.port, ct_files[:1]).returncode == 0
     before = instances(node)[0]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node.training.losses import WeightedCrossEntropy, make_loss, unet_weight_map
-from node.training.metrics import label_metrics
+from segnode.training.losses import WeightedCrossEntropy, make_loss, unet_weight_map
+from segnode.training.metrics import label_metrics
 
 
 def test_dice_and_iou_of_known_masks():

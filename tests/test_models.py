@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from node.models.manifest import ANATOMICAL_STRUCTURE, Manifest
-from node.models.registry import ModelError, build, check_model, load_model, write_model_folder
-from node.nets import NetworkError, build_network
+from segnode.models.manifest import ANATOMICAL_STRUCTURE, Manifest
+from segnode.models.registry import ModelError, build, check_model, load_model, write_model_folder
+from segnode.nets import NetworkError, build_network
 
 SMALL_ARGS = {
     "unet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
@@ -75,10 +75,10 @@ def test_model_folder_round_trip_and_check(tmp_path):
     with torch.inference_mode():
         assert torch.equal(net.eval()(x), loaded(x))
     assert [c.ok for c in check_model(folder)] == [True, True, True]
-    cli = subprocess.run([sys.executable, "-m", "node", "models", "check", "test-model", "--models-dir",
+    cli = subprocess.run([sys.executable, "-m", "segnode", "models", "check", "test-model", "--models-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and "ok   forward" in cli.stdout
-    listing = subprocess.run([sys.executable, "-m", "node", "models", "list", "--models-dir", str(tmp_path)],
+    listing = subprocess.run([sys.executable, "-m", "segnode", "models", "list", "--models-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=120)
     assert "test-model" in listing.stdout and "liver, spleen" in listing.stdout
 

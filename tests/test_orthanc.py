@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from node.peers import orthanc
+from segnode.peers import orthanc
 from tests.conftest import dataset_bytes, instances
 
 

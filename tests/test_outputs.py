@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.imaging.volume import read_series
-from node.models.registry import default_models_dir, read_manifest
-from node.outputs.overlay import build_overlays
-from node.outputs.seg import Provenance, build_seg, labels_from_seg
-from node.outputs.sr import build_sr, segment_stats
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.imaging.volume import read_series
+from segnode.models.registry import default_models_dir, read_manifest
+from segnode.outputs.overlay import build_overlays
+from segnode.outputs.seg import Provenance, build_seg, labels_from_seg
+from segnode.outputs.sr import build_sr, segment_stats
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
 from tests.test_series import _enhanced
 
 CT_MODEL = default_models_dir() / "ct-abdomen-phantom-3d"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
 
 SMALL = dict(matrix=64, slice_spacing=5.0, z_extent_mm=200.0)
 
@@ -96,7 +96,7 @@ def test_dx_labels_line_up_with_the_image(tmp_path):
 
 
 def test_phantom_cli_writes_series_and_labels(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "node", "phantom", "ct", "--out", str(tmp_path), "--seed", "4",
+    result = subprocess.run([sys.executable, "-m", "segnode", "phantom", "ct", "--out", str(tmp_path), "--seed", "4",
                              "--count", "2", "--matrix", "32", "--slice-spacing", "5", "--z-extent", "60",
                              "--reversed"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

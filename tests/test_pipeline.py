@@ -14,13 +14,13 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from node import pipeline
-from node.audit.ledger import Ledger
-from node.audit.trail import verify_connection
-from node.completion import request_completion
-from node.db.models import RoutingDecision, SeriesState
-from node.jobs import queue
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode import pipeline
+from segnode.audit.ledger import Ledger
+from segnode.audit.trail import verify_connection
+from segnode.completion import request_completion
+from segnode.db.models import RoutingDecision, SeriesState
+from segnode.jobs import queue
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import audit_events, storescu
 
 
@@ -275,12 +275,12 @@ rules:
     match: {attribute: SliceThickness, range: {max: 1.5}}
     action: {models: [ct-abdomen-phantom-3d]}
 """)
-    run = subprocess.run([sys.executable, "-m", "node", "rules", "replay", "--rules", str(strict), "--data-dir",
+    run = subprocess.run([sys.executable, "-m", "segnode", "rules", "replay", "--rules", str(strict), "--data-dir",
                           str(node.settings.data_dir)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "over 1 routed series: 1 would be routed differently" in run.stdout
     assert "ct-abdomen-phantom-3d (rules ct-abdomen) -> ignored (rules -)" in run.stdout
-    same = subprocess.run([sys.executable, "-m", "node", "rules", "replay", "--data-dir", str(node.settings.data_dir)],
+    same = subprocess.run([sys.executable, "-m", "segnode", "rules", "replay", "--data-dir", str(node.settings.data_dir)],
                           capture_output=True, text=True, timeout=120)
     assert "1 routed series: 0 would be routed differently" in same.stdout
     assert len(_jobs(node)) == 1  # a dry run

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from node import pipeline
-from node.audit.ledger import Ledger
-from node.audit.trail import verify_connection
-from node.jobs import queue
-from node.peers import free_port
+from segnode import pipeline
+from segnode.audit.ledger import Ledger
+from segnode.audit.trail import verify_connection
+from segnode.jobs import queue
+from segnode.peers import free_port
 from tests.conftest import instances, storescu
 from tests.test_pipeline import _queue_jobs
 
@@ -71,7 +71,7 @@ def test_node_on_postgresql(start_node, pg_url, ct_files, tmp_path):
     node.stop()
     cfg = tmp_path / "pg.yaml"
     cfg.write_text(f"database_url: {pg_url}\n")
-    verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--config", str(cfg), "--data-dir",
+    verify = subprocess.run([sys.executable, "-m", "segnode", "audit", "verify", "--config", str(cfg), "--data-dir",
                              str(node.settings.data_dir)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and f"{2 * len(ct_files) + 2} events" in verify.stdout, verify.stdout
     assert "no head anchor" not in verify.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from node.service import Node
+from segnode.service import Node
 from tests.conftest import audit_events, instances, make_settings
 
 

@@ -10,10 +10,10 @@ import pytest
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DS
 
-from node.models.registry import default_models_dir, list_models
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dx import DXOptions, generate_dx, write_dx
-from node.routing.rules import Facts, RulesError, decide, evaluate, load_rules, parse_rules
+from segnode.models.registry import default_models_dir, list_models
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.routing.rules import Facts, RulesError, decide, evaluate, load_rules, parse_rules
 
 FACTS = Facts(
     attributes={"Modality": "CT", "BodyPartExamined": "ABDOMEN", "SeriesDescription": "Abdomen 5mm venous",
@@ -140,7 +140,7 @@ rules:
         - {attribute: SliceThickness, range: {max: 2}}
     action: {models: [ct-abdomen-phantom-3d]}
 """)
-    result = subprocess.run([sys.executable, "-m", "node", "rules", "explain", "--rules", str(rules), str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "segnode", "rules", "explain", "--rules", str(rules), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -151,6 +151,6 @@ rules:
     assert out.count("decision: ignore") == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(rules.read_text().replace("Modality", "Modalitty"))
-    result = subprocess.run([sys.executable, "-m", "node", "rules", "check", "--rules", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "segnode", "rules", "check", "--rules", str(bad)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "rule 'thin-ct'" in result.stderr and "Modalitty" in result.stderr

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedCTImageStorage, JPEG2000Lossless, RLELossless, generate_uid
 
-from node.imaging.volume import SeriesError, dicom_files, read_series
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.imaging.volume import SeriesError, dicom_files, read_series
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 
 
 def _series(tmp_path: Path, name: str = "ct", **options) -> tuple[list[Path], object]:

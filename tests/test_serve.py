@@ -16,10 +16,10 @@ import psutil
 from pydicom import dcmread
 from sqlalchemy import create_engine, select
 
-from node.db.models import AuditEvent
-from node.imaging.nifti import read_labels
-from node.peers import free_port, start_node_process
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.db.models import AuditEvent
+from segnode.imaging.nifti import read_labels
+from segnode.peers import free_port, start_node_process
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import echoscu, eventually, storescu
 
 
@@ -125,6 +125,6 @@ def test_a_node_killed_mid_job_finishes_the_job_once_after_restart(tmp_path):
     finally:
         node.stop()
     assert len(_events(data, "SN-COMPLETE")) == 1  # completed and routed once, before the kill
-    verify = subprocess.run([sys.executable, "-m", "node", "audit", "verify", "--data-dir", str(data)],
+    verify = subprocess.run([sys.executable, "-m", "segnode", "audit", "verify", "--data-dir", str(data)],
                             capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr

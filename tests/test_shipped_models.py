@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from node.inference.evaluate import evaluate_case
-from node.models.registry import default_models_dir, load_model
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dx import DXOptions, generate_dx, write_dx
-from node.training.data import load_case
+from segnode.inference.evaluate import evaluate_case
+from segnode.models.registry import default_models_dir, load_model
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.training.data import load_case
 
 SHIPPED = ["ct-abdomen-phantom-3d", "dx-chest-phantom-2d"]
 HELD_OUT = 200_000  # never a training seed
@@ -19,7 +19,7 @@ HELD_OUT = 200_000  # never a training seed
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_passes_its_check(name):
-    result = subprocess.run([sys.executable, "-m", "node", "models", "check", name], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "segnode", "models", "check", name], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     card = (default_models_dir() / name / "MODEL_CARD.md").read_text()

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
-from node.dicom import status as st
-from node.dicom.part10 import parse_meta
-from node.testdata import ct_series
+from segnode.dicom import status as st
+from segnode.dicom.part10 import parse_meta
+from segnode.testdata import ct_series
 from tests.conftest import audit_events, dataset_bytes, instances
 
 

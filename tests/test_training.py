@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from node.models.registry import check_model, load_model
-from node.phantom.ct import CTOptions, generate_ct, write_phantom
-from node.phantom.dx import DXOptions, generate_dx, write_dx
-from node.training.data import load_cases
-from node.training.plan import Plan, make_plan
-from node.training.trainer import train
+from segnode.models.registry import check_model, load_model
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.training.data import load_cases
+from segnode.training.plan import Plan, make_plan
+from segnode.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_reversed_series_loads_in_canonical_order(tmp_path):
     for name, reverse in (("a", False), ("b", True)):
         write_phantom(generate_ct(7, CTOptions(matrix=32, slice_spacing=8.0, z_extent_mm=160.0,
                                                reversed_order=reverse)), tmp_path / name)
-    from node.training.data import load_case
+    from segnode.training.data import load_case
 
     a, b = load_case(tmp_path / "a"), load_case(tmp_path / "b")
     assert np.array_equal(a.labels, b.labels)  # same anatomy, same orientation
@@ -79,7 +79,7 @@ def test_reversed_series_loads_in_canonical_order(tmp_path):
 
 def test_elastic_deformation_follows_the_plan(ct_cases):
     """The U-Net paper's setting by default: 3x3 control points, displacement sigma 10 px."""
-    from node.training.trainer import _augmenter
+    from segnode.training.trainer import _augmenter
 
     plan = make_plan(ct_cases, "x", budget_voxels=24**3, base_filters=4, min_spacing=6.0)
     assert plan.elastic_grid == 3 and plan.elastic_magnitude_px == (10.0, 10.0)
@@ -90,8 +90,8 @@ def test_elastic_deformation_follows_the_plan(ct_cases):
 
 
 def test_the_card_names_each_kind_of_training_series():
-    from node.training.data import Case
-    from node.training.trainer import _data_summary
+    from segnode.training.data import Case
+    from segnode.training.trainer import _data_summary
 
     def case(seed: int, **options: object) -> Case:
         opts = {"matrix": 128, "oblique_deg": 0.0, "tilt_deg": 0.0, "reversed_order": False, **options}

@@ -1,0 +1,5 @@
+import sys
+
+from segnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""Append-only, hash-chained audit events.
+
+Each event's hash covers its content and the previous event's hash, so an edited, deleted,
+inserted or reordered event breaks the chain at a point `verify` can name. The sequence number is
+left out of the hash on purpose: renumbering to hide a deletion or an insertion does not hide the
+broken link, and the report points at the event where the chain breaks, not at every later one.
+Event codes are the DICOM audit message vocabulary (DCM, PS3.15 A.5 / PS3.16 CID 400s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, select
+
+from segnode.db.fast import Tx
+from segnode.db.models import AuditEvent
+
+TABLE = AuditEvent.__table__
+
+GENESIS = "0" * 64
+APPEND_LOCK = 0x5E6A0D17  # PostgreSQL advisory lock key held while an event is appended
+
+# (code, display name) from DCM: what happened.
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+SECURITY_ALERT = ("110113", "Security Alert")
+BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
+# segnode's own steps between receiving and delivering (no DICOM audit event type covers them)
+SERIES_COMPLETE = ("SN-COMPLETE", "Series Complete")
+SERIES_REOPENED = ("SN-REOPEN", "Series Reopened")
+ROUTING_DECISION = ("SN-ROUTE", "Routing Decision")
+JOB_EVENT = ("SN-JOB", "Job State Change")
+
+# Event action codes and outcomes (RFC 3881 / PS3.15)
+ACTION_CREATE, ACTION_READ, ACTION_UPDATE, ACTION_EXECUTE = "C", "R", "U", "E"
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
+
+
+@dataclass
+class Event:
+    """What to record; the trail adds time, sequence and hashes."""
+
+    code: tuple[str, str]
+    action: str
+    outcome: int
+    actor: dict[str, Any]
+    objects: dict[str, Any] = field(default_factory=dict)
+    status: int | None = None
+    detail: str = ""
+
+
+def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
+    """Keyed hash of the patient identity: linkable inside this node, not reversible outside it."""
+    if not patient_id:
+        return ""
+    return hmac.new(secret, f"{issuer}\x00{patient_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _digest(row: dict[str, Any]) -> str:
+    body = {k: row[k] for k in ("time", "event_id", "event_name", "action", "outcome", "status",
+                                "actor", "objects", "detail", "prev_hash")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class HeadAnchor:
+    """The newest event's sequence number and hash, kept in a file beside the database.
+
+    The chain alone cannot show that its last events were deleted; the anchor can. One pwrite
+    per event (no fsync: after a power loss the anchor may lag the fsynced database, never lead
+    it). Someone able to rewrite both the table and this file defeats it; exporting events off
+    the machine (ATNA) is the answer to that.
+    """
+
+    SIZE = 100
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+
+    def write(self, seq: int, digest: str) -> None:
+        """Advance the anchor; never move it back (processes commit and then write in either order)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            current = os.pread(self._fd, self.SIZE, 0).split()
+            if current and current[0].isdigit() and int(current[0]) >= seq:
+                return
+            os.pwrite(self._fd, f"{seq} {digest}".ljust(self.SIZE - 1).encode() + b"\n", 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    @staticmethod
+    def read(path: Path) -> tuple[int, str] | None:
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text:
+            return None
+        seq, digest = text.split()
+        return int(seq), digest
+
+
+class AuditTrail:
+    """Appends events inside the caller's transaction; one writer at a time keeps the chain linear."""
+
+    def __init__(self, anchor: Path | None = None) -> None:
+        self.lock = threading.RLock()
+        self._pending: tuple[int, str] | None = None
+        self._anchor = HeadAnchor(anchor) if anchor is not None else None
+
+    def append(self, tx: Tx, event: Event) -> int:
+        """Write `event` in `tx`; the caller holds `self.lock` until commit, then calls `committed()`.
+
+        The head is read inside the transaction, never cached: other processes (completion, router,
+        workers) append to the same chain. SQLite transactions hold the write lock from their start;
+        on PostgreSQL an advisory lock serializes appenders until commit."""
+        if not tx.db.sqlite:
+            tx.cursor.execute("SELECT pg_advisory_xact_lock(%s)" % APPEND_LOCK)
+        row = tx.last(TABLE, ("seq", "hash"), "seq")
+        seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+        row: dict[str, Any] = {
+            "seq": seq + 1,
+            "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "event_id": event.code[0],
+            "event_name": event.code[1],
+            "action": event.action,
+            "outcome": event.outcome,
+            "status": event.status,
+            "actor": json.dumps(event.actor, sort_keys=True, separators=(",", ":")),
+            "objects": json.dumps(event.objects, sort_keys=True, separators=(",", ":")),
+            "detail": event.detail,
+            "prev_hash": prev,
+        }
+        row["hash"] = _digest(row)
+        tx.insert(TABLE, row)
+        self._pending = (row["seq"], row["hash"])
+        return row["seq"]
+
+    def committed(self) -> None:
+        """Record the new head in the anchor once the transaction holding the append has committed."""
+        head = getattr(self, "_pending", None)
+        if self._anchor is not None and head is not None:
+            self._anchor.write(*head)
+        self._pending = None
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor.close()
+
+    def rolled_back(self) -> None:
+        self._pending = None
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    count: int
+    problems: list[str]
+    anchored: bool = False
+
+
+def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk the chain and name every event that was edited, deleted, inserted or reordered;
+    with the head anchor, also events deleted from the end."""
+    problems: list[str] = []
+    anchored_hash: str | None = None  # the stored hash of the event the anchor names
+    prev_hash, expected_seq, count = GENESIS, 1, 0
+    for ev in rows:
+        count += 1
+        row = dict(ev._mapping)
+        if ev.seq != expected_seq:
+            if ev.seq > expected_seq:
+                problems.append(f"events {expected_seq}..{ev.seq - 1} are missing (deleted)")
+            else:
+                problems.append(f"event {ev.seq} is out of order or duplicated")
+        if _digest(row) != ev.hash:
+            problems.append(f"event {ev.seq} was edited: its content does not match its hash")
+        elif ev.prev_hash != prev_hash:
+            problems.append(
+                f"event {ev.seq} does not follow the event before it (an event was inserted or deleted before it)"
+            )
+        prev_hash, expected_seq = ev.hash, ev.seq + 1
+        if anchor is not None and ev.seq == anchor[0]:
+            anchored_hash = ev.hash
+    if anchor is not None:
+        last = expected_seq - 1
+        if anchor[0] > last:
+            problems.append(f"events {last + 1}..{anchor[0]} are missing (deleted from the end of the trail)")
+        elif anchored_hash is not None and anchored_hash != anchor[1]:
+            problems.append(f"event {anchor[0]} does not match the recorded head of the trail")
+    return VerifyResult(ok=not problems, count=count, problems=problems, anchored=anchor is not None)
+
+
+def verify_connection(conn: Connection, anchor_path: Path | None = None) -> VerifyResult:
+    anchor = HeadAnchor.read(anchor_path) if anchor_path is not None else None
+    return verify(conn.execute(select(TABLE).order_by(TABLE.c.seq)), anchor)

@@ -1,0 +1,649 @@
+"""segnode command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from segnode import __version__
+from segnode.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("segnode")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if logging.getLevelName(str(level).upper()) != logging.DEBUG:
+        for chatty in ("highdicom", "alembic"):  # a line per copied module / migration step
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    dimse: dict[str, Any] = {}
+    http: dict[str, Any] = {}
+    if getattr(args, "dimse_port", None) is not None:
+        dimse["port"] = args.dimse_port
+    if getattr(args, "ae_title", None):
+        dimse["ae_title"] = args.ae_title
+    if getattr(args, "http_port", None) is not None:
+        http["port"] = args.http_port
+    if getattr(args, "host", None):
+        dimse["host"] = http["host"] = args.host
+    if dimse:
+        overrides["dimse"] = dimse
+    if http:
+        overrides["http"] = http
+    if getattr(args, "rules", None) and getattr(args, "command", "") == "serve":
+        overrides["routing"] = {"rules": args.rules}
+    if getattr(args, "stable_seconds", None) is not None:
+        overrides.setdefault("routing", {})["stable_seconds"] = args.stable_seconds
+    if getattr(args, "workers", None) is not None:
+        overrides["jobs"] = {"workers": args.workers}
+    config = args.config or os.environ.get("SEGNODE_CONFIG")
+    return load_settings(Path(config) if config else None, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from segnode.service import Node
+
+    from segnode import pipeline
+    from segnode.audit import trail as audit
+    from segnode.store import Peer
+    from segnode.supervisor import Supervisor
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    rules = pipeline.ruleset(settings)  # a bad rule file (RulesError) stops the node before it accepts anything
+    node = Node(settings)
+    node.start()
+
+    def exited(name: str, code: int, delay: float) -> None:
+        node.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE,
+                                      Peer("local", "localhost").actor(), {"component": name, "exit_status": code},
+                                      None, f"{name} exited with status {code}; restarted in {delay:.1f} s"))
+
+    supervisor = Supervisor(settings, on_exit=exited)
+    supervisor.start()
+    log.info("segnode %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d (data in %s); rules %s (sha256 %s), "
+             "completion after %.1f s quiet, %d worker(s)", __version__, settings.dimse.ae_title, settings.dimse.host,
+             node.dimse.port, settings.http.host, node.http_port, settings.data_dir,
+             settings.routing.rules or "built-in", rules.sha256[:12], settings.routing.stable_seconds,
+             settings.jobs.workers)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping")
+    supervisor.stop()
+    node.stop()
+    return 0
+
+
+def cmd_component(args: argparse.Namespace) -> int:
+    """One supervised stage of `segnode serve` (not for direct use)."""
+    from segnode import pipeline
+    from segnode.supervisor import component_settings
+
+    settings = component_settings()
+    _setup_logging(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.kind == "completion":
+        pipeline.completion(settings).run(stop.is_set, settings.routing.poll_seconds)
+    else:
+        worker = pipeline.worker(settings)
+        worker.owner += f"/{args.name}"
+        if settings.jobs.warm_up:
+            try:
+                models = pipeline.rule_models(settings)
+            except Exception as exc:  # noqa: BLE001 - warming is an optimisation; jobs still run
+                log.warning("no model warmed up: the rules could not be read (%s)", exc)
+                models = []
+            worker.warm(models)
+        worker.run(stop.is_set)
+    return 0
+
+
+def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segnode import pipeline
+
+    return pipeline.ledger(_settings(args))
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from segnode.completion import request_completion
+
+    count = request_completion(_ledger(args), args.study_uid, "cli")
+    if not count:
+        print(f"no open series in study {args.study_uid} (unknown study, or everything already completed)",
+              file=sys.stderr)
+        return 1
+    print(f"{count} series will be completed and routed at the next poll")
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from segnode.jobs.queue import list_jobs
+
+    with _ledger(args).engine.connect() as conn:
+        jobs = list_jobs(conn, state=args.state)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    for j in jobs:
+        print(f"{j['id']:6d} {j['state']:10s} {j['model']:24s} {j['model_version']:8s} try {j['attempts']}/"
+              f"{j['max_attempts']} series {j['series_uid']} gen {j['generation']}"
+              + (f"  {j['last_error'][:100]}" if j["last_error"] else "") + (f"  -> {j['output']}" if j["output"] else ""))
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from segnode.jobs.queue import retry
+
+    if not retry(_ledger(args), args.job_id, who="cli"):
+        print(f"job {args.job_id} is not failed or dead (see `segnode jobs list`)", file=sys.stderr)
+        return 1
+    print(f"job {args.job_id} queued again")
+    return 0
+
+
+def _open_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segnode.db.session import make_engine, migrate
+
+    settings = _settings(args)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    return engine
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from segnode.queries import list_studies
+
+    with _open_engine(args).connect() as conn:
+        print(json.dumps(list_studies(conn), indent=2))
+    return 0
+
+
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    """Everything that happened to a study, from arrival to delivery."""
+    from segnode.lineage import render, trace
+
+    settings = _settings(args)
+    with _open_engine(args).connect() as conn:
+        story = trace(conn, settings.data_dir, args.study_uid)
+    if not story["series"] and not story["jobs"]:
+        print(f"nothing is known about study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(json.dumps(story, indent=2, default=str) if args.json else "\n".join(render(story)))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from segnode.audit.trail import verify_connection
+    from segnode.service import audit_anchor
+
+    anchor = audit_anchor(_settings(args))
+    with _open_engine(args).connect() as conn:
+        result = verify_connection(conn, anchor)
+    if not result.anchored:
+        print(f"note: no head anchor at {anchor}: events deleted from the end of the trail cannot be detected "
+              "(pass the node's --data-dir)")
+    if result.ok:
+        print(f"audit trail intact: {result.count} events, chain verified")
+        return 0
+    print(f"audit trail BROKEN ({result.count} events checked):")
+    for problem in result.problems:
+        print(f"  - {problem}")
+    return 1
+
+
+def _demo_settings(data_dir: Path, pacs: Any) -> Settings:
+    return load_settings(None, {
+        "data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
+        "dimse": {"port": 0, "allowed_peers": [{"ae_title": aet, "hosts": ["127.0.0.1/32"]}
+                                               for aet in ("DEMO_CT", "DEMO_DX")]},
+        "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
+        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
+                                     "port": pacs.dicom_port, "orthanc_url": pacs.url,
+                                     "username": pacs.username, "password": pacs.password}}})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Orthanc (Debian package) + segnode; a CT and a chest radiograph phantom go in with storescu as a
+    modality would send them; SEG and SR come out in Orthanc, confirmed; volumes, Dice and lineage."""
+    import numpy as np
+
+    from segnode import pipeline
+    from segnode.audit.trail import verify_connection
+    from segnode.imaging.nifti import read_labels
+    from segnode.imaging.volume import read_series
+    from segnode.jobs.queue import list_jobs
+    from segnode.lineage import render, trace
+    from segnode.outputs.files import LABELS_FILE, RECORD_FILE
+    from segnode.peers import RunningOrthanc, orthanc
+    from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+    from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+    from segnode.service import Node, audit_anchor
+    from segnode.tools import dcmtk
+    from segnode.training.metrics import label_metrics
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
+    env = dict(os.environ, TCP_NODELAY="1")
+    with (RunningOrthanc.at(args.orthanc) if args.orthanc else orthanc(data_dir / "orthanc")) as pacs:
+        settings = _demo_settings(data_dir, pacs)
+        _setup_logging(settings.log_level)
+        node = Node(settings)
+        node.start()
+        try:
+            print(f"Orthanc ({'already running' if args.orthanc else 'test PACS'}) at {pacs.url}, DICOM "
+                  f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
+                  f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
+            phantoms = data_dir / "phantoms"
+            ct = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
+            dx = generate_dx(args.seed, DXOptions(matrix=512))
+            cases = [("CT", "DEMO_CT", write_phantom(ct, phantoms / "ct"), ct.labels, ct.label_names),
+                     ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
+            truths = {}
+            for what, aet, files, labels, names in cases:
+                for ae, host, port in ((settings.dimse.ae_title, "127.0.0.1", node.dimse.port),
+                                       (pacs.aet, pacs.host, pacs.dicom_port)):
+                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, host, str(port),
+                                    *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
+                vol = read_series(files)
+                truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
+                print(f"{what} phantom (seed {args.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
+            completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                completion.poll()
+                while worker.run_once():
+                    pass
+                with node.engine.connect() as conn:  # a reused data directory may hold older studies
+                    jobs = [j for j in list_jobs(conn) if j["series_uid"] in truths]
+                if len([j for j in jobs if j["kind"] == "deliver" and j["state"] in ("succeeded", "dead")]) >= 2:
+                    break
+                time.sleep(0.5)
+            ok = True
+            for job in (j for j in jobs if j["kind"] == "segment"):
+                labels_truth, names, vol = truths[job["series_uid"]]
+                out = data_dir / job["output"]
+                record = json.loads((out / RECORD_FILE).read_text())
+                labels, _ = read_labels(out / LABELS_FILE)
+                metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
+                voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
+                print(f"\n{job['model']} {job['model_version']} (rule {job['rule']}): {job['state']}")
+                for value, name in names.items():
+                    truth_ml = float((labels_truth == value).sum()) * voxel_ml
+                    got = record.get("outputs", {}).get("volumes_ml", {}).get(name, 0.0)
+                    print(f"  {name:14s} {got:9.1f} mL (truth {truth_ml:9.1f} mL)  Dice {metrics[value]['dice']:.3f}")
+                ok &= job["state"] == "succeeded"
+            for job in (j for j in jobs if j["kind"] == "deliver"):
+                print(f"delivery job {job['id']} to {job['destination']}: {job['state']}"
+                      + (f" ({job['last_error']})" if job["last_error"] else ""))
+                ok &= job["state"] == "succeeded"
+            study = _study_of(cases[0][2][0])
+            print(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
+            with node.engine.connect() as conn:
+                print("\n".join(render(trace(conn, data_dir, study))))
+                verified = verify_connection(conn, audit_anchor(settings))
+            print(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {data_dir}")
+            if args.keep:
+                print("running until Ctrl-C (--keep)")
+                stop = threading.Event()
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                stop.wait()
+            return 0 if ok and verified.ok else 1
+        finally:
+            node.stop()
+
+
+def _study_of(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write phantoms (DICOM + labels.npz) into OUT/<kind>-<seed>/."""
+    out = Path(args.out)
+    for seed in range(args.seed, args.seed + args.count):
+        target = out / f"{args.kind}-{seed:05d}"
+        if args.kind == "ct":
+            from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+
+            opts = CTOptions(matrix=args.matrix or 256, slice_spacing=args.slice_spacing, z_extent_mm=args.z_extent,
+                             reversed_order=args.reversed, oblique_deg=args.oblique, tilt_deg=args.tilt)
+            phantom = generate_ct(seed, opts)
+            write_phantom(phantom, target)
+            ds = phantom.datasets[0]
+            print(f"{target}: CT, {len(phantom.datasets)} slices {ds.Rows}x{ds.Columns}, pixel "
+                  f"{phantom.pixel_spacing[0]:.2f} mm, slice {float(ds.SliceThickness):.2f} mm, labels "
+                  + ", ".join(phantom.label_names.values()))
+        else:
+            from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+
+            dx = generate_dx(seed, DXOptions(matrix=args.matrix or 512))
+            write_dx(dx, target)
+            print(f"{target}: DX {dx.dataset.Rows}x{dx.dataset.Columns}, pixel {float(dx.dataset.PixelSpacing[0]):.2f}"
+                  " mm, labels " + ", ".join(dx.label_names.values()))
+    return 0
+
+
+def _models_root(args: argparse.Namespace) -> Path:
+    from segnode.models.registry import default_models_dir
+
+    return Path(args.models_dir) if args.models_dir else default_models_dir()
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from segnode.models.registry import ModelError, list_models, read_manifest
+
+    root = _models_root(args)
+    folders = list_models(root)
+    if not folders:
+        print(f"no models in {root}")
+    for folder in folders:
+        try:
+            m = read_manifest(folder)
+            labels = ", ".join(label.name for label in m.labels)
+            print(f"{m.name:28s} {m.version:8s} {m.modality:3s} {m.spatial_dims}D {m.network.architecture:15s} {labels}")
+        except ModelError as exc:
+            print(f"{folder.name:28s} INVALID: {exc}")
+    return 0
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    from segnode.models.registry import check_model
+
+    folder = _models_root(args) / args.name
+    if not folder.is_dir():
+        print(f"no model folder {folder}", file=sys.stderr)
+        return 1
+    checks = check_model(folder)
+    for c in checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name:8s} {c.detail}")
+    return 0 if all(c.ok for c in checks) and len(checks) == 3 else 1
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """A series folder -> label map (NIfTI) + segmentation.json, with the timing breakdown."""
+    from segnode.imaging.volume import SeriesError, dicom_files
+    from segnode.inference.engine import EngineOptions
+    from segnode.inference.infer import infer_series
+    from segnode.models.registry import ModelError
+
+    _setup_logging("WARNING")
+    folder = _models_root(args) / args.model
+    if not folder.is_dir():
+        print(f"segnode infer: no model folder {folder} (see `segnode models list`)", file=sys.stderr)
+        return 2
+    options = EngineOptions(device=args.device, overlap=args.overlap, batch_size=args.batch_size,
+                            precision=args.precision, mirror=args.mirror, compile=args.compile,
+                            largest_component=args.largest_component)
+    try:
+        result = infer_series(folder, dicom_files(Path(args.series)), Path(args.out), options, tilt=args.tilt)
+    except SeriesError as exc:
+        print(f"segnode infer: refused: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"segnode infer: model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    seg = result.segmentation
+    print(f"{result.labels_path}: {'x'.join(map(str, seg.labels.shape))} labels in the series' geometry")
+    for note in seg.notes:
+        print(f"  note: {note}")
+    print("  " + str(seg.timings))
+    return 0
+
+
+def _rules(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segnode.models.registry import list_models
+    from segnode.routing.rules import load_rules
+
+    models = [folder.name for folder in list_models(_models_root(args))]
+    return load_rules(Path(args.rules) if args.rules else None, models=models)
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    ruleset = _rules(args)  # a RulesError is reported by main()
+    print(f"ok: {len(ruleset.rules)} rules, mode {ruleset.mode}, sha256 {ruleset.sha256}")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    """For each series under the paths: every rule, every condition, the value seen and why."""
+    from segnode.routing.facts import series_in
+    from segnode.routing.rules import decide
+
+    ruleset = _rules(args)  # a RulesError is reported by main()
+    found = series_in(Path(p) for p in args.paths)
+    if not found:
+        print("no DICOM series found under " + ", ".join(args.paths), file=sys.stderr)
+        return 1
+    print(f"rules: {args.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
+    for uid, (facts, files) in found.items():
+        print(f"\nseries {uid}: {facts.instances} instance(s), {facts.dimensions}D, in {files[0].parent}")
+        print("  sender: unknown (read from files): sender conditions fail")
+        for line in decide(ruleset, facts).explain():
+            print("  " + line)
+    return 0
+
+
+def cmd_rules_replay(args: argparse.Namespace) -> int:
+    """The series already received, decided again with a rule file: what would be routed differently."""
+    from segnode.routing.router import replay
+    ruleset = _rules(args)  # a RulesError is reported by main()
+    settings = _settings(args)
+    with _open_engine(args).connect() as conn:
+        results = replay(conn, settings.data_dir, ruleset)
+    changed = [r for r in results if r.changed]
+    print(f"dry run of {args.rules or 'the built-in rules'} (sha256 {ruleset.sha256[:16]}...) over {len(results)} "
+          f"routed series: {len(changed)} would be routed differently")
+    for r in changed:
+        print(f"  series {r.series_uid}: {', '.join(r.before) or 'ignored'} (rules {', '.join(r.rules_before) or '-'})"
+              f" -> {', '.join(r.after) or 'ignored'} (rules {', '.join(r.rules_after) or '-'})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fingerprint -> plan (written, editable) -> training -> model folder."""
+    from segnode.training.data import load_cases
+    from segnode.training.plan import Plan, make_plan
+    from segnode.training.trainer import train
+
+    _setup_logging("WARNING")
+    out = Path(args.out)
+    cases = load_cases(Path(args.data))
+    if args.plan:
+        plan = Plan.load(Path(args.plan))
+    else:
+        plan = make_plan(cases, args.name or out.name, budget_voxels=args.budget, base_filters=args.base_filters,
+                         min_spacing=args.min_spacing, loss=args.loss, seed=args.seed)
+    updates = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps, "seed": args.seed,
+                                 "batch_size": args.batch_size, "validation_cases": args.validation_cases,
+                                 "validate_every": args.validate_every}.items() if v is not None}
+    plan = plan.model_copy(update=updates)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    print(f"plan: {out / 'plan.json'} ({len(cases)} cases, spacing {plan.target_spacing} mm, patch {plan.patch_size}, "
+          f"filters {plan.network_args.get('filters')})")
+    if args.plan_only:
+        return 0
+    command = "segnode " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("segnode", "__main__.py")) else ""
+    result = train(plan, cases, out, device=args.device, command=command)
+    print(f"model folder: {out} ({result.seconds:.0f} s, final loss {result.epoch_losses[-1]:.4f})")
+    for name, m in result.validation.items():
+        print(f"  {name:14s} Dice {m['dice']:.3f}  IoU {m['iou']:.3f}  HD95 {m['hd95']:.1f} mm")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segnode", description="PACS-integrated DICOM segmentation node")
+    p.add_argument("--version", action="version", version=f"segnode {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML configuration file (or SEGNODE_CONFIG)")
+        sp.add_argument("--data-dir", help="data directory (database, spool, audit key)")
+
+    serve = sub.add_parser("serve", help="run the DIMSE and HTTP listeners")
+    common(serve)
+    serve.add_argument("--dimse-port", type=int)
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--ae-title")
+    serve.add_argument("--host", help="address both listeners bind to")
+    serve.add_argument("--rules", help="routing rule file (default: the built-in rules)")
+    serve.add_argument("--stable-seconds", type=float, help="a study is complete after this long without instances")
+    serve.add_argument("--workers", type=int, help="worker processes (0: receive and route only)")
+    serve.set_defaults(func=cmd_serve)
+
+    studies = sub.add_parser("studies", help="print received studies as JSON")
+    common(studies)
+    studies.set_defaults(func=cmd_studies)
+
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 and name each broken event")
+    common(verify)
+    verify.set_defaults(func=cmd_audit_verify)
+    trace_cmd = audit_sub.add_parser("trace", help="the whole story of a study: inputs, rule, model, outputs, deliveries")
+    trace_cmd.add_argument("study_uid")
+    trace_cmd.add_argument("--json", action="store_true")
+    common(trace_cmd)
+    trace_cmd.set_defaults(func=cmd_audit_trace)
+
+    phantom = sub.add_parser("phantom", help="write synthetic phantoms (DICOM + ground-truth labels.npz)")
+    phantom.add_argument("kind", choices=["ct", "dx"], help="3D abdominal CT or 2D chest radiograph")
+    phantom.add_argument("--out", required=True, help="output folder; each phantom goes to OUT/<kind>-<seed>/")
+    phantom.add_argument("--seed", type=int, default=0, help="first seed (deterministic)")
+    phantom.add_argument("--count", type=int, default=1)
+    phantom.add_argument("--matrix", type=int, help="rows and columns (CT 256, DX 512)")
+    phantom.add_argument("--slice-spacing", type=float, help="CT slice spacing in mm (default: random 0.6-5)")
+    phantom.add_argument("--z-extent", type=float, help="CT coverage along z in mm (default: random 180-280)")
+    phantom.add_argument("--reversed", action="store_true", help="CT: instance 1 is the most superior slice")
+    phantom.add_argument("--oblique", type=float, default=0.0, help="CT: tilt the image plane by up to DEG")
+    phantom.add_argument("--tilt", type=float, default=0.0, help="CT: gantry tilt in degrees")
+    phantom.set_defaults(func=cmd_phantom)
+
+    models = sub.add_parser("models", help="list and check model folders")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    mlist = models_sub.add_parser("list", help="the models in the models folder")
+    mlist.add_argument("--models-dir", help="default: SEGNODE_MODELS or models/ of this checkout")
+    mlist.set_defaults(func=cmd_models_list)
+    mcheck = models_sub.add_parser("check", help="manifest, weights hash, build, forward pass; exit 1 on a failure")
+    mcheck.add_argument("name")
+    mcheck.add_argument("--models-dir")
+    mcheck.set_defaults(func=cmd_models_check)
+
+    tr = sub.add_parser("train", help="plan and train a model on labelled cases (e.g. segnode phantom output)")
+    tr.add_argument("--data", required=True, help="folder of cases: <case>/labels.npz with ct*.dcm or dx.dcm")
+    tr.add_argument("--out", required=True, help="model folder to write (plan.json, model.json, weights, card)")
+    tr.add_argument("--name", help="model name (default: the --out folder's name)")
+    tr.add_argument("--plan", help="use this plan.json instead of planning from the data")
+    tr.add_argument("--plan-only", action="store_true", help="write plan.json and stop (edit it, then --plan)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--steps", type=int, help="steps per epoch")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--validation-cases", type=int)
+    tr.add_argument("--validate-every", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    tr.add_argument("--budget", type=int, default=96**3, help="voxels per patch (memory budget)")
+    tr.add_argument("--base-filters", type=int, default=32, help="filters at the first level (nnU-Net: 32)")
+    tr.add_argument("--min-spacing", type=float, help="never finer than this (mm): coarse, fast CPU models")
+    tr.add_argument("--loss", default="dice_ce", choices=["dice_ce", "focal", "weighted_ce"])
+    tr.set_defaults(func=cmd_train)
+
+    inf = sub.add_parser("infer", help="segment one series folder with a model; writes a NIfTI label map")
+    inf.add_argument("--model", required=True, help="model folder name (segnode models list)")
+    inf.add_argument("series", help="folder holding the series' DICOM files")
+    inf.add_argument("--out", required=True, help="output folder: labels.nii.gz and segmentation.json")
+    inf.add_argument("--models-dir")
+    inf.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    inf.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="autocast on the GPU")
+    inf.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0-1)")
+    inf.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    inf.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation")
+    inf.add_argument("--compile", action="store_true", help="torch.compile the network")
+    inf.add_argument("--largest-component", action="store_true", help="keep the largest component per label")
+    inf.add_argument("--tilt", default="resample", choices=["resample", "refuse"],
+                     help="gantry-tilted series: segment on an orthogonal grid, or refuse")
+    inf.set_defaults(func=cmd_infer)
+
+    comp = sub.add_parser("component", help=argparse.SUPPRESS)
+    comp.add_argument("kind", choices=["completion", "worker"])
+    comp.add_argument("--name", default="")
+    comp.set_defaults(func=cmd_component)
+
+    complete = sub.add_parser("complete", help="complete (and route) a study's open series now")
+    complete.add_argument("study_uid")
+    common(complete)
+    complete.set_defaults(func=cmd_complete)
+
+    jobs = sub.add_parser("jobs", help="the job queue")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jlist = jobs_sub.add_parser("list", help="jobs, oldest first")
+    jlist.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "dead", "superseded"])
+    jlist.add_argument("--json", action="store_true")
+    jretry = jobs_sub.add_parser("retry", help="queue a failed or dead job again")
+    jretry.add_argument("job_id", type=int)
+    for sp in (jlist, jretry):
+        common(sp)
+    jlist.set_defaults(func=cmd_jobs_list)
+    jretry.set_defaults(func=cmd_jobs_retry)
+
+    rules = sub.add_parser("rules", help="check routing rules and explain their decisions")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    rcheck = rules_sub.add_parser("check", help="validate a rule file (models must be installed)")
+    rexplain = rules_sub.add_parser("explain", help="which rules match each series found, condition by condition")
+    rexplain.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
+    rreplay = rules_sub.add_parser("replay", help="dry run over the series already received: what would change")
+    common(rreplay)
+    for sp in (rcheck, rexplain, rreplay):
+        sp.add_argument("--rules", help="rule file (default: the built-in rules)")
+        sp.add_argument("--models-dir")
+    rreplay.set_defaults(func=cmd_rules_replay)
+    rcheck.set_defaults(func=cmd_rules_check)
+    rexplain.set_defaults(func=cmd_rules_explain)
+
+    demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc")
+    demo.add_argument("--data-dir")
+    demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--keep", action="store_true", help="keep Orthanc and segnode running to look around")
+    demo.add_argument("--orthanc", metavar="URL", help="use this running Orthanc (REST URL, credentials as "
+                      "http://user:password@host:8042) instead of starting one; its AE title and DICOM port come "
+                      "from GET /system, and it must accept C-STORE from segnode's AE title")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from segnode.routing.rules import RulesError
+    from segnode.tools import ToolMissing
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, RulesError, ToolMissing) as exc:
+        print(f"segnode: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

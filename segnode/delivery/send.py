@@ -1,0 +1,135 @@
+"""Results to a destination - C-STORE (pynetdicom) or STOW-RS (httpx) - and the confirmation that
+every instance arrived, asked of the PACS itself (Orthanc's REST API through orthanc-api-client)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+from pydicom import dcmread
+from pynetdicom import AE
+
+from segnode.config import Destination
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """The destination refused or could not be reached; the message says which and what it answered."""
+
+
+@dataclass
+class Delivered:
+    answers: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> what the destination said
+    confirmed: str = ""  # how arrival was confirmed
+
+
+def _tls_context(dest: Destination) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(dest.tls.ca_file) if dest.tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls.cert_file and dest.tls.key_file:
+        ctx.load_cert_chain(str(dest.tls.cert_file), str(dest.tls.key_file))
+    return ctx
+
+
+def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dict[str, str]:
+    datasets = [dcmread(f) for f in files]
+    ae = AE(ae_title=calling_ae)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    tls = (_tls_context(dest), dest.host or "") if dest.tls.enabled else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+    if not assoc.is_established:
+        raise DeliveryError(f"{dest.ae_title}@{dest.host}:{dest.port} did not accept an association "
+                            f"(rejected, aborted or unreachable); check its AE title, address and that it knows us "
+                            f"as {calling_ae}")
+    answers: dict[str, str] = {}
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code == -1:
+                raise DeliveryError(f"{dest.ae_title} did not answer the C-STORE of {ds.SOPInstanceUID} "
+                                    f"(association lost)")
+            if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
+                raise DeliveryError(f"{dest.ae_title} refused {ds.SOPInstanceUID}: status 0x{code:04X}")
+            answers[ds.SOPInstanceUID] = f"C-STORE status 0x{code:04X}"
+    finally:
+        assoc.release()
+    return answers
+
+
+def _auth(dest: Destination) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+    if dest.token is not None:
+        return {"Authorization": f"Bearer {dest.token.get_secret_value()}"}, None
+    if dest.username and dest.password is not None:
+        return {}, httpx.BasicAuth(dest.username, dest.password.get_secret_value())
+    return {}, None
+
+
+def send_stow(dest: Destination, files: Sequence[Path]) -> dict[str, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                    + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    headers, auth = _auth(dest)
+    headers.update({"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Accept": "application/dicom+json"})
+    url = f"{(dest.url or '').rstrip('/')}/studies"
+    verify: bool | str = str(dest.tls.ca_file) if dest.tls.ca_file else True
+    try:
+        rsp = httpx.post(url, content=body, headers=headers, auth=auth, timeout=dest.timeout, verify=verify)
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"STOW-RS to {url} failed: {type(exc).__name__}: {exc}") from exc
+    if rsp.status_code not in (200, 202):
+        raise DeliveryError(f"STOW-RS to {url} answered HTTP {rsp.status_code}: {rsp.text[:300]}")
+    failed = _stow_failures(rsp)
+    if failed:
+        raise DeliveryError(f"STOW-RS to {url}: the server refused {', '.join(failed)}")
+    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID: f"STOW-RS HTTP {rsp.status_code}" for f in files}
+
+
+def _stow_failures(rsp: httpx.Response) -> list[str]:
+    """SOP Instance UIDs listed in the response's Failed SOP Sequence (00081198)."""
+    try:
+        body = rsp.json()
+    except ValueError:
+        return []
+    failed = (body.get("00081198") or {}).get("Value", []) if isinstance(body, dict) else []
+    return [str(item.get("00081155", {}).get("Value", ["?"])[0]) for item in failed]
+
+
+def confirm(dest: Destination, uids: Sequence[str]) -> str:
+    """Ask the PACS whether every instance is there: Orthanc's REST API when `orthanc_url` is set,
+    else QIDO-RS on a DICOMweb destination; a DIMSE destination without either counts its C-STORE
+    success statuses, and says so."""
+    if dest.orthanc_url:
+        from orthanc_api_client import OrthancApiClient
+
+        api = OrthancApiClient(dest.orthanc_url, user=dest.username,
+                               pwd=dest.password.get_secret_value() if dest.password else None)
+        missing = [uid for uid in uids if not api.lookup(uid, filter="Instance")]
+        if missing:
+            raise DeliveryError(f"Orthanc at {dest.orthanc_url} does not have {', '.join(missing)} after delivery")
+        return f"confirmed by Orthanc REST at {dest.orthanc_url}: {len(uids)} instance(s) present"
+    if dest.kind == "dicomweb":
+        headers, auth = _auth(dest)
+        missing = []
+        for uid in uids:
+            rsp = httpx.get(f"{(dest.url or '').rstrip('/')}/instances", params={"SOPInstanceUID": uid},
+                            headers={**headers, "Accept": "application/dicom+json"}, auth=auth, timeout=dest.timeout)
+            if rsp.status_code != 200 or not rsp.content or not rsp.json():
+                missing.append(uid)
+        if missing:
+            raise DeliveryError(f"QIDO-RS at {dest.url} does not find {', '.join(missing)} after delivery")
+        return f"confirmed by QIDO-RS at {dest.url}: {len(uids)} instance(s) found"
+    return "not confirmed beyond the C-STORE success statuses (set orthanc_url to have the PACS asked)"
+
+
+def deliver(dest: Destination, files: Sequence[Path], calling_ae: str) -> Delivered:
+    answers = send_dimse(dest, files, calling_ae) if dest.kind == "dimse" else send_stow(dest, files)
+    return Delivered(answers, confirm(dest, list(answers)))

@@ -1,0 +1,120 @@
+"""The DIMSE listener: accepts connections, applies TLS and the association limit, and runs
+each association on its own thread."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+
+from segnode.audit import trail as audit
+from segnode.config import DimseConfig
+from segnode.dicom.ul import Association
+from segnode.store import Peer, StoreService
+
+log = logging.getLogger(__name__)
+
+
+def server_tls_context(cfg: DimseConfig) -> ssl.SSLContext | None:
+    tls = cfg.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file:
+        ctx.load_verify_locations(str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class DimseServer:
+    def __init__(self, cfg: DimseConfig, store: StoreService) -> None:
+        self.cfg, self.store = cfg, store
+        self.tls = server_tls_context(cfg)
+        self._sock: socket.socket | None = None
+        self._active: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.cfg.host, self.cfg.port))
+        sock.listen(128)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="dimse-accept", daemon=True)
+        self._thread.start()
+        if self.cfg.allowed_peers is None:
+            log.warning("dimse.allowed_peers is not set: any peer that reaches %s:%d may store instances",
+                        self.cfg.host, self.port)
+        log.info("DIMSE listener %s on %s:%d%s", self.cfg.ae_title, self.cfg.host, self.port,
+                 " (TLS)" if self.tls else "")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        with self._lock:
+            for conn in list(self._active):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _admit(self) -> str | None:
+        """Decide whether a new association may start (called once it is identified)."""
+        with self._lock:
+            if len(self._active) > self.cfg.max_associations:
+                return f"more than {self.cfg.max_associations} associations at once"
+        if self.store.below_watermark():
+            return "disk below the free-space watermark; free space or raise storage limits"
+        return None
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn, addr), name=f"assoc-{addr[0]}:{addr[1]}",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        raw = conn
+        with self._lock:
+            self._active.add(raw)
+        try:
+            if self.tls is not None:
+                try:
+                    conn.settimeout(self.cfg.acse_timeout)
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("TLS handshake with %s:%d failed: %s", addr[0], addr[1], exc)
+                    self.store.record(audit.Event(audit.SECURITY_ALERT, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE,
+                                                  Peer("dimse", addr[0], addr[1]).actor(), {}, None,
+                                                  f"TLS handshake failed: {type(exc).__name__}"))
+                    conn.close()
+                    return
+            Association(conn, addr[:2], self.cfg, self.store, self._admit).run()
+        finally:
+            with self._lock:
+                self._active.discard(raw)

@@ -1,0 +1,61 @@
+"""One series through one model: read, segment, write the label map and what produced it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from segnode import __version__
+from segnode.imaging.nifti import write_labels
+from segnode.imaging.volume import TiltPolicy, Volume, read_series
+from segnode.inference.engine import EngineOptions, Segmentation, engine_for
+from segnode.outputs.files import LABELS_FILE, RECORD_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    volume: Volume
+    segmentation: Segmentation
+    labels_path: Path
+    record_path: Path
+
+
+def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: EngineOptions | None = None,
+                 tilt: TiltPolicy = "resample") -> Result:
+    """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
+
+    Raises SeriesError (named series and reason) when the series cannot be one volume."""
+    start = time.perf_counter()
+    volume = read_series(files, tilt=tilt)
+    read = time.perf_counter() - start
+    engine = engine_for(model_folder, options)
+    seg = engine.segment(volume)
+    seg.timings.read = read
+    out.mkdir(parents=True, exist_ok=True)
+    labels_path, record_path = out / LABELS_FILE, out / RECORD_FILE
+    write_labels(labels_path, seg.labels, volume.affine)
+    m = engine.manifest
+    counts = np.bincount(seg.labels.ravel(), minlength=256)  # one pass over the labels, not one per label
+    record = {
+        "series_instance_uid": volume.series_uid,
+        "model": {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256},
+        "software": {"name": "segnode", "version": __version__},
+        "device": str(engine.device),
+        "options": dict(vars(engine.options)),
+        "shape": list(seg.labels.shape),
+        "labels": {str(label.value): label.name for label in m.labels},
+        "voxels": {label.name: int(counts[label.value]) for label in m.labels},
+        "notes": seg.notes,
+        "timings_s": seg.timings.as_dict(),
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("segmented series with %s %s: %s", m.name, m.version, seg.timings)
+    return Result(volume, seg, labels_path, record_path)

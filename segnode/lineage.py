@@ -1,0 +1,104 @@
+"""The whole story of a study, from the index, the job table, the result records and the audit trail:
+what was received from whom (with hashes), when it was completed, which rule and rule set routed it,
+every job attempt with model, weights and software, the result UIDs and file hashes, and every
+delivery with the PACS's confirmation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, or_, select
+
+from segnode.db.models import AuditEvent, Instance, RoutingDecision, SeriesState
+from segnode.jobs.queue import JOBS, input_hash
+from segnode.outputs.files import LABELS_FILE, RECORD_FILE, dicom_names
+
+EVENTS, INSTANCES = AuditEvent.__table__, Instance.__table__
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
+    rows = conn.execute(select(INSTANCES).where(INSTANCES.c.study_uid == study_uid).order_by(INSTANCES.c.id)).all()
+    series: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        s = series.setdefault(r.series_uid, {"series_uid": r.series_uid, "modality": r.modality, "instances": 0,
+                                             "senders": set(), "first_received": r.received_at, "hashes": []})
+        s["instances"] += 1
+        s["senders"].add(r.source.rsplit(":", 1)[0])  # the sender without its ephemeral port
+        s["last_received"] = r.received_at
+        s["hashes"].append((r.sop_instance_uid, r.sha256))
+    for uid, s in series.items():
+        s["senders"] = sorted(s["senders"])
+        s["input_sha256"] = input_hash(s.pop("hashes"))  # as the job's input hash
+        state = conn.execute(select(SeriesState.__table__).where(SeriesState.series_uid == uid)).first()
+        s["completion"] = None if state is None else {
+            "state": state.state, "generation": state.generation, "completed_at": state.completed_at,
+            "completed_by": state.completed_by, "instances": state.instances}
+        s["routing"] = [{"generation": d.generation, "rules": json.loads(d.rules), "models": json.loads(d.models),
+                         "ruleset_sha256": d.ruleset_sha256, "decided_at": d.decided_at}
+                        for d in conn.execute(select(RoutingDecision.__table__)
+                                              .where(RoutingDecision.series_uid == uid).order_by(RoutingDecision.id))]
+    jobs = [dict(j) for j in conn.execute(select(JOBS).where(JOBS.c.study_uid == study_uid).order_by(JOBS.c.id))
+            .mappings()]
+    for job in jobs:
+        job["destinations"] = json.loads(job["destinations"])
+        record_path = data_dir / job["output"] / RECORD_FILE if job["output"] else None
+        if record_path is not None and record_path.is_file():
+            record = json.loads(record_path.read_text())
+            job["result"] = {"software": record.get("software"), "device": record.get("device"),
+                             "notes": record.get("notes"), "outputs": record.get("outputs", {}),
+                             "files_sha256": {name: _sha256(data_dir / job["output"] / name)
+                                              for name in [LABELS_FILE, *dicom_names(record)]}}
+    patterns = [f"%{study_uid}%", *(f"%{uid}%" for uid in series)]
+    for job in jobs:
+        patterns += [f'%"job_id":{job["id"]},%', f'%"job_id":{job["id"]}}}%']
+    events = [{"seq": e.seq, "time": e.time, "event": e.event_name, "outcome": e.outcome, "detail": e.detail}
+              for e in conn.execute(select(EVENTS).where(or_(*(EVENTS.c.objects.like(p) for p in patterns)))
+                                    .order_by(EVENTS.c.seq))]
+    return {"study_uid": study_uid, "series": list(series.values()), "jobs": jobs, "events": events}
+
+
+def render(story: dict[str, Any]) -> list[str]:
+    out = [f"study {story['study_uid']}"]
+    for s in story["series"]:
+        out.append(f"  series {s['series_uid']} ({s['modality']}): {s['instances']} instance(s) from "
+                   f"{', '.join(s['senders'])}, {s['first_received']} .. {s['last_received']}, "
+                   f"input sha256 {s['input_sha256'][:16]}...")
+        c = s["completion"]
+        if c:
+            out.append(f"    completion: {c['state']} (generation {c['generation']}, by {c['completed_by'] or '-'} "
+                       f"at {c['completed_at'] or '-'})")
+        for d in s["routing"]:
+            out.append(f"    routing (generation {d['generation']}): rules {', '.join(d['rules']) or '(none)'} -> "
+                       f"{', '.join(d['models']) or 'ignored'}; rule set sha256 {d['ruleset_sha256'][:16]}...")
+    for j in story["jobs"]:
+        what = (f"deliver job {j['parent_job']}'s results to {j['destination']}" if j["kind"] == "deliver" else
+                f"{j['model']} {j['model_version']} (weights sha256 {j['weights_sha256'][:16]}...) by rule {j['rule']}")
+        out.append(f"  job {j['id']}: {what}: {j['state']} after {j['attempts']} attempt(s)"
+                   + (f"; last error: {j['last_error']}" if j["last_error"] else ""))
+        result = j.get("result")
+        if result:
+            out.append(f"    software {result['software']['name']} {result['software']['version']}, "
+                       f"device {result['device']}")
+            for kind, info in result["outputs"].items():
+                if isinstance(info, dict) and "sop_instance_uid" in info:
+                    out.append(f"    {kind.upper()} {info['sop_instance_uid']} sha256 "
+                               f"{(result['files_sha256'].get(info['file']) or '?')[:16]}...")
+            if result["outputs"].get("secondary_capture"):
+                out.append(f"    contour images (secondary capture): {len(result['outputs']['secondary_capture'])}")
+            if "volumes_ml" in result["outputs"]:
+                out.append("    volumes: " + ", ".join(f"{k} {v:.1f} mL"
+                                                        for k, v in result["outputs"]["volumes_ml"].items()))
+    out.append("  audit events:")
+    for e in story["events"]:
+        out.append(f"    {e['seq']:6d} {e['time']} {e['event']}{'' if e['outcome'] == 0 else ' (failure)'}: "
+                   f"{e['detail']}")
+    return out

@@ -1,0 +1,122 @@
+"""Find, verify and load model folders; write them (training does)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from segnode.models.manifest import Manifest
+from segnode.nets import NetworkError, Segmenter, build_network, divisor
+
+MANIFEST, WEIGHTS, CARD = "model.json", "weights.safetensors", "MODEL_CARD.md"
+
+
+class ModelError(Exception):
+    """A model folder that cannot be used; the message says what is wrong."""
+
+
+def default_models_dir() -> Path:
+    """SEGNODE_MODELS, else the models/ folder of this source tree."""
+    return Path(os.environ.get("SEGNODE_MODELS", Path(__file__).resolve().parents[2] / "models"))
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ModelError(f"{path}: {problems}") from exc
+
+
+def list_models(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
+
+
+def build(manifest: Manifest) -> Segmenter:
+    try:
+        return build_network(manifest.network.architecture, manifest.spatial_dims, manifest.input_channels,
+                             manifest.out_channels, manifest.network.args)
+    except NetworkError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Manifest, Segmenter]:
+    """Manifest + network with its weights, after checking the weights' hash. No pickles."""
+    from safetensors.torch import load_model as load_weights
+
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise ModelError(f"{weights} is missing")
+    actual = sha256_file(weights)
+    if actual != manifest.weights_sha256:
+        raise ModelError(f"{weights} does not match model.json: sha256 {actual}, expected {manifest.weights_sha256}")
+    net = build(manifest)
+    try:
+        load_weights(net, str(weights), strict=True, device="cpu")
+    except RuntimeError as exc:
+        raise ModelError(f"the weights do not fit the network described in model.json: {exc}") from exc
+    return manifest, net.to(device).eval()
+
+
+def probe_size(manifest: Manifest) -> list[int]:
+    """A small input the network accepts: the patch size rounded to its divisor, at least 2 steps."""
+    step = divisor(manifest.network.architecture, manifest.network.args)
+    return [max(step * 2, (min(p, 64) // step) * step) for p in manifest.patch_size]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def check_model(folder: Path) -> list[Check]:
+    """Manifest valid, weights present and matching their hash, network builds and runs forward."""
+    checks: list[Check] = []
+    try:
+        manifest = read_manifest(folder)
+        checks.append(Check("manifest", True, f"{manifest.name} {manifest.version}, {manifest.network.architecture} "
+                                              f"{manifest.spatial_dims}D, {len(manifest.labels)} labels"))
+        _, net = load_model(folder)
+        checks.append(Check("weights", True, f"sha256 {manifest.weights_sha256[:16]}..., "
+                                             f"{sum(p.numel() for p in net.parameters()):,} parameters"))
+        size = probe_size(manifest)
+        with torch.inference_mode():
+            out = net(torch.zeros(1, manifest.input_channels, *size))
+        expected = (1, manifest.out_channels, *size)
+        ok = tuple(out.shape) == expected and bool(torch.isfinite(out).all())
+        checks.append(Check("forward", ok, f"input {tuple(size)} -> output {tuple(out.shape)}"
+                                           + ("" if ok else f", expected {expected} and finite values")))
+    except ModelError as exc:
+        checks.append(Check("load", False, str(exc)))
+    return checks
+
+
+def write_model_folder(folder: Path, manifest: Manifest, net: torch.nn.Module, card: str) -> Manifest:
+    """Write weights, then the manifest with their hash, then the model card."""
+    from safetensors.torch import save_model  # handles tensors shared between modules (DynUNet)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(net, str(folder / WEIGHTS))
+    manifest = manifest.model_copy(update={"weights_sha256": sha256_file(folder / WEIGHTS)})
+    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    (folder / CARD).write_text(card)
+    return manifest

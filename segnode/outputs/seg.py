@@ -1,0 +1,123 @@
+"""A label map in its source geometry -> DICOM-SEG (highdicom), the form PACS viewers (OHIF) display.
+
+BINARY by default with empty frames left out (huge SEGs stall viewers); LABELMAP on request,
+compressed (JPEG-LS lossless or RLE). Segments carry the model's SNOMED codes, colours and
+algorithm identification; Contributing Equipment names segnode and the model with its weights hash,
+and DeviceUID changes with the weights. UIDs derive from the job, so re-encoding gives the same
+instance and a re-push creates no duplicate in the PACS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
+
+from segnode import __version__
+from segnode.dicom.uids import derived_uid
+from segnode.models.manifest import Manifest
+
+SegType = Literal["BINARY", "LABELMAP"]
+MANUFACTURER = "segnode"
+SERIES_NUMBER_SEG, SERIES_NUMBER_SR = 9901, 9902
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a result: the job (its key seeds every UID), model and software."""
+
+    job_key: str  # the job's idempotency key
+    manifest: Manifest
+
+    @property
+    def model_label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+    @property
+    def device_uid(self) -> str:
+        """One device per model version and weights: new weights, new device."""
+        return derived_uid("device", self.manifest.name, self.manifest.version, self.manifest.weights_sha256)
+
+    def algorithm(self) -> hd.AlgorithmIdentificationSequence:
+        return hd.AlgorithmIdentificationSequence(
+            name=self.manifest.name, family=codes.cid7162.ArtificialIntelligence, version=self.manifest.version,
+            source=MANUFACTURER, parameters={"weights_sha256": self.manifest.weights_sha256})
+
+    def equipment(self) -> hd.ContributingEquipment:
+        return hd.ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=self.manifest.name[:64],
+            software_versions=[f"segnode {__version__}", f"{self.manifest.name} {self.manifest.version}"],
+            device_serial_number=self.manifest.weights_sha256[:16],
+            contribution_description=f"automatic segmentation, weights sha256 {self.manifest.weights_sha256}")
+
+
+def _coded(code) -> hd.sr.CodedConcept:  # type: ignore[no-untyped-def]
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
+    return [hd.seg.SegmentDescription(
+        segment_number=label.value, segment_label=label.name, segmented_property_category=_coded(label.category),
+        segmented_property_type=_coded(label.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=prov.algorithm(),
+        tracking_uid=derived_uid(prov.job_key, "segment", str(label.value)), tracking_id=label.name,
+        display_color=hd.color.CIELabColor.from_rgb(*label.color)) for label in prov.manifest.labels]
+
+
+def frames_for_sources(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset]
+                       ) -> tuple[list[Dataset], np.ndarray]:
+    """(source images, label frames in their order): a single-frame series gets its slices in volume
+    order; a multi-frame instance gets its frames back in frame order."""
+    if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
+        frames = np.zeros((int(sources[0].NumberOfFrames), *labels.shape[1:]), dtype=np.uint8)
+        for index, (_, frame) in enumerate(order):
+            frames[frame] = labels[index]
+        return [sources[0]], frames
+    return [sources[file] for file, _ in order], labels
+
+
+def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset], prov: Provenance,
+              kind: SegType = "BINARY", compression: Literal["jpegls", "rle"] = "jpegls") -> Dataset:
+    """The SEG instance for a label map [slice, row, col] in the volume order `order` of `sources`."""
+    images, frames = frames_for_sources(np.asarray(labels, dtype=np.uint8), order, sources)
+    measures = None
+    if "FrameOfReferenceUID" not in images[0]:  # a projection image: spacing at the detector
+        spacing = images[0].get("PixelSpacing") or images[0].get("ImagerPixelSpacing") or [1.0, 1.0]
+        # a nominal 1 mm depth, as the volume reader uses: highdicom reads no SEG back without one
+        measures = hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in spacing], slice_thickness=1.0)
+    syntax = ExplicitVRLittleEndian if kind == "BINARY" else (JPEGLSLossless if compression == "jpegls" else RLELossless)
+    seg = hd.seg.Segmentation(
+        source_images=images, pixel_array=frames, segmentation_type=kind,
+        segment_descriptions=segment_descriptions(prov),
+        series_instance_uid=derived_uid(prov.job_key, "seg-series"), series_number=SERIES_NUMBER_SEG,
+        sop_instance_uid=derived_uid(prov.job_key, "seg"), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=prov.manifest.name[:64],
+        software_versions=[f"segnode {__version__}", f"{prov.manifest.name} {prov.manifest.version}"],
+        device_serial_number=prov.manifest.weights_sha256[:16],
+        content_description=f"{prov.model_label} (automatic)"[:64], content_label="SEGNODE",
+        content_creator_name="segnode^automatic", transfer_syntax_uid=syntax, omit_empty_frames=True,
+        contributing_equipment=[prov.equipment()], pixel_measures=measures)
+    seg.DeviceUID = prov.device_uid
+    if "FrameOfReferenceUID" not in images[0]:  # a projection image: orientation by patient directions
+        seg.PatientOrientation = images[0].get("PatientOrientation", ["", ""])
+    seg.SeriesDescription = f"SEG {prov.model_label}"[:64]
+    return seg
+
+
+def labels_from_seg(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Read a SEG back (highdicom) into a label map in the volume order it was built from."""
+    parsed = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
+        frames = parsed.get_pixels_by_source_frame(
+            sources[0].SOPInstanceUID, source_frame_numbers=list(range(1, int(sources[0].NumberOfFrames) + 1)),
+            combine_segments=True, assert_missing_frames_are_empty=True)
+        return np.stack([frames[frame] for _, frame in order]).astype(np.uint8)
+    uids = [sources[file].SOPInstanceUID for file, _ in order]
+    return parsed.get_pixels_by_source_instance(uids, combine_segments=True,
+                                                assert_missing_frames_are_empty=True).astype(np.uint8)

@@ -1,0 +1,264 @@
+"""Commit received instances: spool file, index row and audit event, or a precise refusal.
+
+Transport-agnostic: the DIMSE acceptor and the STOW-RS endpoint both hand a finished temp file
+here. The index row and its audit event share one transaction, taken under the trail's lock so
+duplicates racing from many associations resolve to exactly one stored copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import Engine, select
+
+from segnode.audit import trail as audit
+from segnode.db.fast import FastDB
+from segnode.db.models import Instance, SupersededInstance
+from segnode.dicom import status as st
+from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
+from segnode.dicom.part10 import NotPart10, parse_meta
+from segnode.dicom.uids import is_valid_uid
+from segnode.spool import Spool
+
+log = logging.getLogger(__name__)
+INSTANCES, SUPERSEDED = Instance.__table__, SupersededInstance.__table__
+
+
+@dataclass
+class _Row:
+    id: int
+    sha256: str
+    path: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent it: enough for the audit trail, nothing about the patient."""
+
+    protocol: str  # "dimse", "stow", "http", "recovery" or "local"
+    host: str
+    port: int = 0
+    ae_title: str = ""
+    called_ae_title: str = ""
+    user: str = ""
+
+    def actor(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+    def label(self) -> str:
+        who = f"{self.ae_title}@" if self.ae_title else ""
+        return f"{self.protocol}:{who}{self.host}:{self.port}"
+
+
+@dataclass
+class Received:
+    """A finished, fsynced temp file holding our file meta followed by the received dataset."""
+
+    tmp_path: Path
+    sha256: str
+    size: int
+    transfer_syntax_uid: str
+    dataset_offset: int
+    ids: Identifiers = field(default_factory=Identifiers)
+
+
+@dataclass
+class Result:
+    status: int
+    comment: str = ""
+    outcome: str = "stored"  # stored | duplicate | overwritten | failed
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+
+
+def _walk_file(rec: Received) -> str | None:
+    """Walk the dataset through a read-only mapping (no copy, any size); return the problem, if any."""
+    error: str | None = None
+    with open(rec.tmp_path, "rb") as f:
+        if os.fstat(f.fileno()).st_size <= rec.dataset_offset:
+            return "the dataset is empty"
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid)
+        except (MalformedDataset, ValueError) as exc:
+            error = str(exc)  # the traceback (and its views into mm) dies with this block
+        mm.close()
+    return error
+
+
+class StoreService:
+    def __init__(self, engine: Engine, spool: Spool, trail: audit.AuditTrail, patient_secret: bytes,
+                 floor_mb: int, watermark_mb: int) -> None:
+        self.engine, self.spool, self.trail = engine, spool, trail
+        self.db = FastDB(engine)
+        self.secret, self.floor_mb, self.watermark_mb = patient_secret, floor_mb, watermark_mb
+
+    # -- checks -------------------------------------------------------------------------------
+    def below_floor(self) -> bool:
+        return self.spool.free_mb() < self.floor_mb
+
+    def below_watermark(self) -> bool:
+        return self.spool.free_mb() < self.watermark_mb
+
+    def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> Result | None:
+        """Walk the stored dataset and check its identifiers; a Result means refuse."""
+        error = _walk_file(rec)
+        if error is not None:
+            return Result(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}", "failed",
+                          expected_class, expected_instance)
+        ids = rec.ids
+        for name in ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid"):
+            value = getattr(ids, name)
+            if not value:
+                return Result(st.MISSING_IDENTIFIER, f"{name} is missing", "failed", ids.sop_class_uid, expected_instance)
+            if not is_valid_uid(value):
+                return Result(st.INVALID_UID, f"{name} is not a valid UID", "failed", ids.sop_class_uid,
+                              expected_instance if is_valid_uid(expected_instance) else "")
+        if expected_instance and ids.sop_instance_uid != expected_instance:
+            return Result(st.DATASET_MISMATCH, "SOP Instance UID differs from the command's", "failed",
+                          ids.sop_class_uid, expected_instance)
+        if expected_class and ids.sop_class_uid != expected_class:
+            return Result(st.DATASET_MISMATCH, "SOP Class UID differs from the command's", "failed",
+                          ids.sop_class_uid, expected_instance)
+        return None
+
+    # -- outcomes -------------------------------------------------------------------------------
+    def refuse(self, peer: Peer, result: Result, rec: Received | None = None, objects: dict[str, Any] | None = None) -> Result:
+        """Record a refused instance: drop its temp file, audit, log what to do."""
+        if rec is not None:
+            rec.tmp_path.unlink(missing_ok=True)
+        objs = dict(objects or {})
+        if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
+            objs.setdefault("sop_instance_uid", result.sop_instance_uid)
+        if rec is not None and rec.ids.study_uid and is_valid_uid(rec.ids.study_uid):
+            objs.setdefault("study_uid", rec.ids.study_uid)
+        try:
+            self.record(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_CREATE, audit.SERIOUS_FAILURE,
+                                    peer.actor(), objs, result.status, result.comment))
+        except Exception:  # the sender still gets its status; the operator gets the reason
+            log.exception("could not write the audit event for a refused instance; check the database")
+        log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
+                    st.HINTS.get(result.status, ""))
+        return result
+
+    def record_security(self, peer: Peer, detail: str) -> None:
+        log.warning("security: %s from %s", detail, peer.label())
+        self.record(audit.Event(audit.SECURITY_ALERT, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE, peer.actor(), {},
+                                None, detail))
+
+    def record(self, event: audit.Event) -> None:
+        """Append one audit event in its own transaction."""
+        with self.trail.lock:
+            try:
+                with self.db.transaction() as tx:
+                    self.trail.append(tx, event)
+            except Exception:
+                self.trail.rolled_back()
+                raise
+            self.trail.committed()
+
+    def commit(self, rec: Received, peer: Peer) -> Result:
+        """Place the file, index it and audit it; idempotent for identical bytes."""
+        ids = rec.ids
+        relative = self.spool.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        objects = {"study_uid": ids.study_uid, "series_uid": ids.series_uid,
+                   "sop_instance_uid": ids.sop_instance_uid, "sop_class_uid": ids.sop_class_uid, "sha256": rec.sha256}
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        pkey = audit.patient_key(self.secret, ids.patient_id, ids.issuer_of_patient_id)
+        with self.trail.lock:
+            undo: list[Callable[[], object]] = []  # file moves to reverse if the transaction fails
+            try:
+                with self.db.transaction() as tx:
+                    found = tx.first(INSTANCES, ("id", "sha256", "path", "version"), "sop_instance_uid",
+                                     ids.sop_instance_uid)
+                    row = _Row(*found) if found else None
+                    if row is not None and row.sha256 == rec.sha256:
+                        rec.tmp_path.unlink(missing_ok=True)
+                        outcome, action, detail = "duplicate", audit.ACTION_READ, "duplicate: identical bytes already stored"
+                    else:
+                        values = dict(sop_class_uid=ids.sop_class_uid, study_uid=ids.study_uid,
+                                      series_uid=ids.series_uid, modality=ids.modality[:16],
+                                      instance_number=ids.instance_number, transfer_syntax_uid=rec.transfer_syntax_uid,
+                                      path=relative, sha256=rec.sha256, size=rec.size, patient_key=pkey,
+                                      source=peer.label()[:200], received_at=now)
+                        if row is None:
+                            placed = self.spool.place(rec.tmp_path, relative)
+                            undo.append(lambda: placed.unlink(missing_ok=True))
+                            tx.insert(INSTANCES, dict(values, sop_instance_uid=ids.sop_instance_uid, version=1))
+                            outcome, action, detail = "stored", audit.ACTION_CREATE, ""
+                        else:
+                            aside = self.spool.set_aside(row.path, ids.sop_instance_uid, row.version, row.sha256)
+                            if not aside.startswith("missing:"):
+                                undo.append(lambda: os.replace(self.spool.root / aside, self.spool.root / row.path))
+                            placed = self.spool.place(rec.tmp_path, relative)
+                            undo.append(lambda: placed.unlink(missing_ok=True))
+                            tx.insert(SUPERSEDED, dict(sop_instance_uid=ids.sop_instance_uid, version=row.version,
+                                                       path=aside, sha256=row.sha256, superseded_at=now))
+                            tx.update(INSTANCES, row.id, dict(values, version=row.version + 1))
+                            outcome, action = "overwritten", audit.ACTION_UPDATE
+                            detail = f"overwrite: version {row.version} (sha256 {row.sha256}) kept at {aside}"
+                            objects["superseded_sha256"] = row.sha256
+                    self.trail.append(tx, audit.Event(audit.INSTANCES_TRANSFERRED, action, audit.SUCCESS,
+                                                        peer.actor(), dict(objects, patient_key=pkey), st.SUCCESS, detail))
+            except Exception as exc:
+                self.trail.rolled_back()
+                for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old
+                    try:
+                        step()
+                    except OSError:
+                        log.exception("could not undo a file move after a failed commit")
+                rec.tmp_path.unlink(missing_ok=True)
+                log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
+                return self.refuse(peer, Result(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}", "failed",
+                                                ids.sop_class_uid, ids.sop_instance_uid))
+            self.trail.committed()
+        if outcome == "overwritten":
+            log.warning("instance %s replaced by different bytes from %s; old version kept aside",
+                        ids.sop_instance_uid, peer.label())
+        return Result(st.SUCCESS, "", outcome, ids.sop_class_uid, ids.sop_instance_uid)
+
+    # -- recovery -------------------------------------------------------------------------------
+    def reconcile(self) -> int:
+        """Index spool files a crash left unindexed (placed, not yet committed); drop temp files.
+
+        A temp file was never acknowledged, so it goes. A placed file may have been acknowledged
+        (the index commit is not fsynced, the spool is), so it is validated and indexed.
+        """
+        dropped = self.spool.clean_tmp()
+        with self.engine.connect() as conn:
+            known = set(conn.execute(select(Instance.path)).scalars())
+        recovered = 0
+        peer = Peer("recovery", "localhost")
+        for path in sorted(self.spool.objects.rglob("*.dcm")):
+            relative = path.relative_to(self.spool.root).as_posix()
+            if relative in known:
+                continue
+            with open(path, "rb") as f:
+                try:
+                    meta = parse_meta(f.read(65536))
+                except NotPart10:
+                    meta = None
+                f.seek(0)
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            if meta is None:  # not ours to judge: keep it aside, never delete it
+                os.replace(path, self.spool.superseded / f"unreadable.{path.name}")
+                self.refuse(peer, Result(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta; kept in "
+                                         "superseded/", "failed"))
+                continue
+            tmp = self.spool.tmp / f"recover.{path.name}"
+            os.replace(path, tmp)
+            rec = Received(tmp, sha, tmp.stat().st_size, meta.transfer_syntax_uid, meta.dataset_offset)
+            refusal = self.identify(rec)
+            result = self.refuse(peer, refusal, rec) if refusal else self.commit(rec, peer)
+            recovered += result.status == st.SUCCESS
+        if dropped or recovered:
+            log.info("start-up recovery: %d partial temp files removed, %d spool files indexed", dropped, recovered)
+        return recovered

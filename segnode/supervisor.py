@@ -1,0 +1,121 @@
+"""`segnode serve` runs the listener in its own process and each later stage - completion with
+routing, and every worker - as a child process it watches: a crashed child is restarted (with a
+growing delay when it keeps crashing) while the listener keeps receiving. Children die with their
+parent (PR_SET_PDEATHSIG), so a killed node leaves no orphan holding the database."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydantic import SecretStr
+
+from segnode.config import Settings
+
+log = logging.getLogger(__name__)
+SETTINGS_ENV = "SEGNODE_COMPONENT_SETTINGS"
+_PR_SET_PDEATHSIG = 1
+HEALTHY_AFTER = 60.0  # a child that ran this long has its restart delay reset
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str  # "completion" or "worker-N"
+    kind: str
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    history: list[int] = field(default_factory=list)  # exit codes seen
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, on_exit: Callable[[str, int, float], None] | None = None) -> None:
+        self.settings = settings
+        self.children = [Child("completion", "completion")] + [
+            Child(f"worker-{i + 1}", "worker") for i in range(settings.jobs.workers)]
+        self.on_exit = on_exit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        payload = settings.model_dump(mode="python", exclude={"http"})
+        # secrets (destination passwords, tokens) pass in clear: the environment of a process is
+        # readable only by its own user, as the configuration file is
+        self._env = dict(os.environ, **{SETTINGS_ENV: json.dumps(payload, default=_plain)})
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen([sys.executable, "-m", "segnode", "component", child.kind, "--name", child.name],
+                                      env=self._env, preexec_fn=_die_with_parent)
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        due: dict[str, float] = {}
+        while not self._stop.wait(0.5):
+            for child in self.children:
+                if child.proc is None:
+                    if time.monotonic() >= due.get(child.name, 0):
+                        self._spawn(child)
+                    continue
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                ran = time.monotonic() - child.started
+                child.restarts = 0 if ran > HEALTHY_AFTER else child.restarts + 1
+                delay = min(30.0, 0.5 * 2 ** child.restarts)
+                child.history.append(code)
+                log.error("%s (pid %d) exited with status %d after %.0f s; restarting in %.1f s. Its log lines "
+                          "above say why; the listener keeps receiving.", child.name, child.proc.pid, code, ran, delay)
+                if self.on_exit is not None:
+                    self.on_exit(child.name, code, delay)
+                child.proc = None
+                due[child.name] = time.monotonic() + delay
+
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.proc.pid for c in self.children if c.proc is not None and c.proc.poll() is None}
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in %.0f s; killed (its job will be requeued)", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return str(value)  # paths
+
+
+def component_settings() -> Settings:
+    return Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))

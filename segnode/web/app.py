@@ -1,0 +1,125 @@
+"""FastAPI application: STOW-RS, the REST API, health."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from segnode import __version__
+from segnode.dicom.uids import is_valid_uid
+from segnode.queries import list_studies
+from segnode.store import Peer
+from segnode.web.stow import BadRequest, StowSession, http_status, response_body
+
+if TYPE_CHECKING:
+    from segnode.service import Node
+
+log = logging.getLogger(__name__)
+DICOM_JSON = "application/dicom+json"
+
+
+def _boundary(content_type: str) -> str:
+    """Check the STOW-RS media type and return its boundary (415 / 400 otherwise)."""
+    main, _, rest = content_type.partition(";")
+    if main.strip().lower() != "multipart/related":
+        raise HTTPException(415, "STOW-RS needs Content-Type: multipart/related; type=\"application/dicom\"")
+    params: dict[str, str] = {}
+    for item in rest.split(";"):
+        key, _, value = item.partition("=")
+        if key.strip():
+            params[key.strip().lower()] = value.strip().strip('"')
+    kind = params.get("type", "application/dicom").lower()
+    if kind != "application/dicom":
+        raise HTTPException(415, f"multipart/related type {kind!r} is not supported; send application/dicom parts")
+    if not params.get("boundary"):
+        raise HTTPException(400, "multipart/related without a boundary parameter")
+    return params["boundary"]
+
+
+def _peer(request: Request, protocol: str, user: str = "") -> Peer:
+    client = request.client
+    return Peer(protocol, client.host if client else "", client.port if client else 0, user=user)
+
+
+def create_app(node: "Node") -> FastAPI:
+    app = FastAPI(title="segnode", version=__version__)
+    token = node.settings.http.token
+
+    def authorize(request: Request) -> str:
+        if token is None:
+            return ""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token.get_secret_value()):
+            node.store.record_security(_peer(request, "http"),
+                                       f"{request.method} {request.url.path}: missing or wrong bearer token")
+            raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        return "bearer"
+
+    @app.get("/healthz")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/api/studies")
+    def studies(request: Request) -> list[dict[str, Any]]:
+        authorize(request)
+        with node.engine.connect() as conn:
+            return list_studies(conn)
+
+    @app.post("/api/studies/{study}/complete", status_code=202)
+    def complete(request: Request, study: str) -> dict[str, Any]:
+        """Complete (and route) the study's open series at the next completion poll."""
+        from segnode.completion import request_completion
+
+        authorize(request)
+        if not is_valid_uid(study):
+            raise HTTPException(400, "the study in the URL is not a valid UID")
+        count = request_completion(node.ledger, study, "http")
+        if not count:
+            raise HTTPException(404, "no open series in this study (unknown, or already completed)")
+        return {"study_uid": study, "series": count}
+
+    @app.get("/api/jobs")
+    def jobs(request: Request, state: str | None = None) -> list[dict[str, Any]]:
+        from segnode.jobs.queue import list_jobs
+
+        authorize(request)
+        with node.engine.connect() as conn:
+            return list_jobs(conn, state=state)
+
+    async def stow(request: Request, study: str | None) -> JSONResponse:
+        user = await run_in_threadpool(authorize, request)  # a refusal writes an audit event
+        if study is not None and not is_valid_uid(study):
+            raise HTTPException(400, "the study in the URL is not a valid UID")
+        boundary = _boundary(request.headers.get("content-type", ""))
+        session = StowSession(node.store, boundary, _peer(request, "stow", user), study)
+        try:
+            async for chunk in request.stream():
+                session.feed(chunk)
+                if session.finished:
+                    await run_in_threadpool(session.store_finished)
+            session.close()
+        except BadRequest as exc:
+            await run_in_threadpool(session.store_finished)
+            raise HTTPException(400, str(exc)) from exc
+        await run_in_threadpool(session.store_finished)
+        if not session.results:
+            raise HTTPException(400, "the request holds no parts")
+        code = http_status(session.results)
+        headers = {"Retry-After": "60"} if code == 503 else None
+        return JSONResponse(response_body(session.results), status_code=code, media_type=DICOM_JSON, headers=headers)
+
+    @app.post("/dicom-web/studies")
+    async def stow_any(request: Request) -> JSONResponse:
+        return await stow(request, None)
+
+    @app.post("/dicom-web/studies/{study}")
+    async def stow_study(request: Request, study: str) -> JSONResponse:
+        return await stow(request, study)
+
+    return app

@@ -1,0 +1,197 @@
+"""STOW-RS (PS3.18 10.5): multipart/related parts streamed into the spool one at a time.
+
+Each part's own file meta is parsed from its first bytes and replaced by ours; the dataset bytes
+are written as they arrive, so a request of any size needs memory for one network chunk only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from python_multipart.multipart import MultipartParser
+
+from segnode.dicom import status as st
+from segnode.dicom.part10 import MAX_META, Meta, NotPart10, file_meta, parse_meta
+from segnode.dicom.uids import is_valid_uid
+from segnode.spool import SpoolWriter
+from segnode.store import Peer, Received, Result, StoreService
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(Exception):
+    """The request body is not a well-formed multipart/related message."""
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    head: bytearray = field(default_factory=bytearray)
+    meta: Meta | None = None
+    writer: SpoolWriter | None = None
+    failure: Result | None = None
+    dataset_offset: int = 0
+
+
+class StowSession:
+    """Feeds one request body through the multipart parser, storing each part when it ends."""
+
+    def __init__(self, store: StoreService, boundary: str, peer: Peer, study_uid: str | None) -> None:
+        self.store, self.peer, self.study_uid = store, peer, study_uid
+        self.results: list[Result] = []
+        self.finished: list[_Part] = []
+        self._part: _Part | None = None
+        self._field, self._value = bytearray(), bytearray()
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_done,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+        })
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except Exception as exc:  # python-multipart raises its own error types
+            raise BadRequest(f"malformed multipart body: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self.parser.finalize()
+        except Exception as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from exc
+        if self._part is not None:
+            if self._part.writer is not None:
+                self._part.writer.abort()
+            raise BadRequest("the multipart body ended inside a part")
+
+    # -- parser callbacks (event loop thread: cheap work only) ----------------------------------
+    def _begin(self) -> None:
+        self._part = _Part()
+
+    def _header_end(self) -> None:
+        assert self._part is not None
+        self._part.headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_done(self) -> None:
+        part = self._part
+        assert part is not None
+        ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+        if ctype != "application/dicom":
+            part.failure = Result(st.CANNOT_UNDERSTAND, f"part is {ctype}, not application/dicom", "failed")
+        elif self.store.below_floor():
+            part.failure = Result(st.OUT_OF_RESOURCES, "disk below the free-space floor", "failed")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        assert part is not None
+        if part.failure is not None:
+            return
+        chunk = data[start:end]
+        if part.writer is not None:
+            self._write(part, chunk)
+            return
+        part.head += chunk
+        try:
+            meta = parse_meta(bytes(part.head))
+        except NotPart10 as exc:
+            part.failure = Result(st.CANNOT_UNDERSTAND, f"not a DICOM PS3.10 file: {exc}", "failed")
+            return
+        if meta is None:
+            if len(part.head) > MAX_META:
+                part.failure = Result(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file", "failed")
+            return
+        if not (meta.sop_class_uid and meta.sop_instance_uid):
+            part.failure = Result(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID",
+                                  "failed", meta.sop_class_uid, meta.sop_instance_uid)
+            return
+        part.meta = meta
+        ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
+        part.dataset_offset = len(ours)
+        part.writer = self.store.spool.writer()
+        self._write(part, ours)
+        self._write(part, bytes(part.head[meta.dataset_offset:]))
+        part.head = bytearray()
+
+    def _write(self, part: _Part, chunk: bytes) -> None:
+        assert part.writer is not None
+        try:
+            part.writer.write(chunk)
+        except OSError as exc:
+            part.writer.abort()
+            part.writer = None
+            part.failure = Result(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", "failed")
+
+    def _end(self) -> None:
+        part = self._part
+        assert part is not None
+        self._part = None
+        if part.failure is None and part.meta is None:
+            part.failure = Result(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file", "failed")
+        self.finished.append(part)
+
+    # -- storage (worker thread) ----------------------------------------------------------------
+    def store_finished(self) -> None:
+        """Commit or refuse every part that has ended; blocking I/O, run off the event loop."""
+        parts, self.finished = self.finished, []
+        for part in parts:
+            self.results.append(self._store(part))
+
+    def _store(self, part: _Part) -> Result:
+        if part.failure is not None:
+            if part.writer is not None:
+                part.writer.abort()
+            return self.store.refuse(self.peer, part.failure)
+        assert part.writer is not None and part.meta is not None
+        meta = part.meta
+        try:
+            sha = part.writer.finish()
+        except OSError as exc:
+            part.writer.abort()
+            return self.store.refuse(self.peer, Result(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}", "failed",
+                                                       meta.sop_class_uid, meta.sop_instance_uid))
+        rec = Received(part.writer.path, sha, part.writer.size, meta.transfer_syntax_uid, part.dataset_offset)
+        refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
+        if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
+            refusal = Result(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL",
+                             "failed", rec.ids.sop_class_uid, rec.ids.sop_instance_uid)
+        return self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
+
+
+def _uid_attr(vr: str, value: str) -> dict[str, Any]:
+    return {"vr": vr, "Value": [value]} if value else {"vr": vr}
+
+
+def response_body(results: list[Result]) -> dict[str, Any]:
+    """The Store Instances Response Module as DICOM JSON."""
+    body: dict[str, Any] = {}
+    ok = [r for r in results if r.status == st.SUCCESS]
+    failed = [r for r in results if r.status != st.SUCCESS]
+    if ok:
+        body["00081199"] = {"vr": "SQ", "Value": [
+            {"00081150": _uid_attr("UI", r.sop_class_uid), "00081155": _uid_attr("UI", r.sop_instance_uid)} for r in ok]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [
+            {"00081150": _uid_attr("UI", r.sop_class_uid if is_valid_uid(r.sop_class_uid) else ""),
+             "00081155": _uid_attr("UI", r.sop_instance_uid if is_valid_uid(r.sop_instance_uid) else ""),
+             "00081197": {"vr": "US", "Value": [r.status]}} for r in failed]}
+    return body
+
+
+def http_status(results: list[Result]) -> int:
+    """200 all stored, 202 some failed, 409 none stored, 503 none stored for lack of space."""
+    failed = [r for r in results if r.status != st.SUCCESS]
+    if not failed:
+        return 200
+    if len(failed) < len(results):
+        return 202
+    if all(r.status == st.OUT_OF_RESOURCES for r in failed):
+        return 503
+    return 409
