@@ -10,9 +10,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY segnode ./segnode
-COPY models ./models
 RUN pip install --no-cache-dir .
-ENV SEGNODE_MODELS=/app/models
 
 USER segnode
 VOLUME /data

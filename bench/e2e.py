@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' real peers
 
-from segnode.peers import orthanc, start_node_process  # noqa: E402
+from peers import orthanc, start_node_process  # noqa: E402
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
 from segnode.tools import dcmtk  # noqa: E402
 

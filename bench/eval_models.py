@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segnode.inference.evaluate import evaluate_case  # noqa: E402
-from segnode.models.registry import default_models_dir, load_model  # noqa: E402
+from segnode.config import default_models_dir  # noqa: E402
+from segnode.models.registry import load_model  # noqa: E402
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom  # noqa: E402
 from segnode.phantom.dx import DXOptions, generate_dx, write_dx  # noqa: E402
 from segnode.training.data import load_case  # noqa: E402

@@ -27,9 +27,10 @@ from typing import Iterator
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' real peers
 
-from segnode.peers import orthanc, start_node_process, storescp  # noqa: E402
-from segnode.testdata import write_ct_series  # noqa: E402
+from peers import orthanc, start_node_process, storescp  # noqa: E402
+from testdata import write_ct_series  # noqa: E402
 from segnode.tools import dcmtk  # noqa: E402
 
 log = logging.getLogger("bench.ingest")

@@ -18,10 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 segnode phantom dx --out data/dx-train --seed 0 --count 30 --matrix 512
-segnode train --data data/dx-train --out models/dx-chest-phantom-2d --plan models/dx-chest-phantom-2d/plan.json
+segnode train --data data/dx-train --out segnode/shipped_models/dx-chest-phantom-2d --plan segnode/shipped_models/dx-chest-phantom-2d/plan.json
 
 # the acquisitions a scanner may send: mostly axial (random spacing 0.6-5 mm), some oblique, some tilted
 segnode phantom ct --out data/ct-train --seed 0 --count 40 --matrix 128
 segnode phantom ct --out data/ct-train --seed 40 --count 12 --matrix 128 --oblique 12
 segnode phantom ct --out data/ct-train --seed 52 --count 12 --matrix 128 --tilt 15
-segnode train --data data/ct-train --out models/ct-abdomen-phantom-3d --plan models/ct-abdomen-phantom-3d/plan.json
+segnode train --data data/ct-train --out segnode/shipped_models/ct-abdomen-phantom-3d --plan segnode/shipped_models/ct-abdomen-phantom-3d/plan.json

@@ -1,4 +1,8 @@
-"""segnode command line."""
+"""segnode command line: parses arguments, loads the settings, calls one function, prints its result.
+
+Every command that reads settings takes `--config FILE` (or SEGNODE_CONFIG) and the same flags on top
+of it, through one loader: what `rules check` validates is what `serve` will load.
+"""
 
 from __future__ import annotations
 
@@ -7,74 +11,66 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segnode import __version__
-from segnode.config import ConfigError, Settings, load_settings
+from segnode.config import Settings, load_settings
+from segnode.errors import SegnodeError
+from segnode.flow import JobState
+from segnode.logs import setup_logging
+
+if TYPE_CHECKING:
+    from segnode.audit.ledger import Ledger
+    from segnode.routing.rules import RuleSet
+    from segnode.demo.pacs import PACS
 
 log = logging.getLogger("segnode")
+SET = "set:"  # argparse dests that override a settings key: "set:dimse.port", or several keys "set:a.b,c.d"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    if logging.getLevelName(str(level).upper()) != logging.DEBUG:
-        for chatty in ("highdicom", "alembic"):  # a line per copied module / migration step
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def load(args: argparse.Namespace, **extra: Any) -> Settings:
+    """The settings of this invocation: --config (or SEGNODE_CONFIG), then the flags bound to settings
+    keys, then `extra` (dotted keys with "__" for "." , e.g. log_level="WARNING")."""
     overrides: dict[str, Any] = {}
-    if getattr(args, "data_dir", None):
-        overrides["data_dir"] = args.data_dir
-    dimse: dict[str, Any] = {}
-    http: dict[str, Any] = {}
-    if getattr(args, "dimse_port", None) is not None:
-        dimse["port"] = args.dimse_port
-    if getattr(args, "ae_title", None):
-        dimse["ae_title"] = args.ae_title
-    if getattr(args, "http_port", None) is not None:
-        http["port"] = args.http_port
-    if getattr(args, "host", None):
-        dimse["host"] = http["host"] = args.host
-    if dimse:
-        overrides["dimse"] = dimse
-    if http:
-        overrides["http"] = http
-    if getattr(args, "rules", None) and getattr(args, "command", "") == "serve":
-        overrides["routing"] = {"rules": args.rules}
-    if getattr(args, "stable_seconds", None) is not None:
-        overrides.setdefault("routing", {})["stable_seconds"] = args.stable_seconds
-    if getattr(args, "workers", None) is not None:
-        overrides["jobs"] = {"workers": args.workers}
-    config = args.config or os.environ.get("SEGNODE_CONFIG")
+    for dest, value in vars(args).items():
+        if dest.startswith(SET) and value is not None:
+            for key in dest[len(SET):].split(","):
+                _put(overrides, key, value)
+    for key, value in extra.items():
+        _put(overrides, key.replace("__", "."), value)
+    config = getattr(args, "config", None) or os.environ.get("SEGNODE_CONFIG")
     return load_settings(Path(config) if config else None, overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from segnode.service import Node
-
     from segnode import pipeline
-    from segnode.audit import trail as audit
-    from segnode.store import Peer
+    from segnode.audit import events as audit
+    from segnode.ingest.store import Peer
+    from segnode.service import Node
     from segnode.supervisor import Supervisor
 
-    settings = _settings(args)
-    _setup_logging(settings.log_level)
+    settings = load(args)
+    setup_logging(settings.log_level)
     rules = pipeline.ruleset(settings)  # a bad rule file (RulesError) stops the node before it accepts anything
     node = Node(settings)
     node.start()
 
     def exited(name: str, code: int, delay: float) -> None:
-        node.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE,
-                                      Peer("local", "localhost").actor(), {"component": name, "exit_status": code},
-                                      None, f"{name} exited with status {code}; restarted in {delay:.1f} s"))
+        node.store.record(audit.Event(type=audit.APPLICATION_ACTIVITY, action=audit.Action.EXECUTE,
+                                      outcome=audit.Outcome.SERIOUS_FAILURE, actor=Peer("local", "localhost").actor(),
+                                      objects={"component": name, "exit_status": code},
+                                      detail=f"{name} exited with status {code}; restarted in {delay:.1f} s"))
 
     supervisor = Supervisor(settings, on_exit=exited)
     supervisor.start()
@@ -93,36 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_component(args: argparse.Namespace) -> int:
-    """One supervised stage of `segnode serve` (not for direct use)."""
-    from segnode import pipeline
-    from segnode.supervisor import component_settings
-
-    settings = component_settings()
-    _setup_logging(settings.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if args.kind == "completion":
-        pipeline.completion(settings).run(stop.is_set, settings.routing.poll_seconds)
-    else:
-        worker = pipeline.worker(settings)
-        worker.owner += f"/{args.name}"
-        if settings.jobs.warm_up:
-            try:
-                models = pipeline.rule_models(settings)
-            except Exception as exc:  # noqa: BLE001 - warming is an optimisation; jobs still run
-                log.warning("no model warmed up: the rules could not be read (%s)", exc)
-                models = []
-            worker.warm(models)
-        worker.run(stop.is_set)
-    return 0
-
-
-def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _ledger(args: argparse.Namespace) -> "Ledger":
     from segnode import pipeline
 
-    return pipeline.ledger(_settings(args))
+    return pipeline.ledger(load(args))
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -143,12 +113,12 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     with _ledger(args).engine.connect() as conn:
         jobs = list_jobs(conn, state=args.state)
     if args.json:
-        print(json.dumps(jobs, indent=2))
+        print(json.dumps([j.as_dict() for j in jobs], indent=2))
         return 0
     for j in jobs:
-        print(f"{j['id']:6d} {j['state']:10s} {j['model']:24s} {j['model_version']:8s} try {j['attempts']}/"
-              f"{j['max_attempts']} series {j['series_uid']} gen {j['generation']}"
-              + (f"  {j['last_error'][:100]}" if j["last_error"] else "") + (f"  -> {j['output']}" if j["output"] else ""))
+        print(f"{j.id:6d} {j.state:10s} {j.model:24s} {j.model_version:8s} try {j.attempts}/"
+              f"{j.max_attempts} series {j.series_uid} gen {j.generation}"
+              + (f"  {j.last_error[:100]}" if j.last_error else "") + (f"  -> {j.output}" if j.output else ""))
     return 0
 
 
@@ -162,19 +132,10 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from segnode.db.session import make_engine, migrate
-
-    settings = _settings(args)
-    engine = make_engine(settings.db_url)
-    migrate(engine)
-    return engine
-
-
 def cmd_studies(args: argparse.Namespace) -> int:
-    from segnode.queries import list_studies
+    from segnode.db.queries import list_studies
 
-    with _open_engine(args).connect() as conn:
+    with _ledger(args).engine.connect() as conn:
         print(json.dumps(list_studies(conn), indent=2))
     return 0
 
@@ -183,9 +144,9 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     """Everything that happened to a study, from arrival to delivery."""
     from segnode.lineage import render, trace
 
-    settings = _settings(args)
-    with _open_engine(args).connect() as conn:
-        story = trace(conn, settings.data_dir, args.study_uid)
+    settings = load(args)
+    with _ledger(args).engine.connect() as conn:
+        story = trace(conn, settings.data, args.study_uid)
     if not story["series"] and not story["jobs"]:
         print(f"nothing is known about study {args.study_uid}", file=sys.stderr)
         return 1
@@ -195,10 +156,9 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from segnode.audit.trail import verify_connection
-    from segnode.service import audit_anchor
 
-    anchor = audit_anchor(_settings(args))
-    with _open_engine(args).connect() as conn:
+    anchor = load(args).data.audit_head
+    with _ledger(args).engine.connect() as conn:
         result = verify_connection(conn, anchor)
     if not result.anchored:
         print(f"note: no head anchor at {anchor}: events deleted from the end of the trail cannot be detected "
@@ -212,110 +172,25 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def _demo_settings(data_dir: Path, pacs: Any) -> Settings:
-    return load_settings(None, {
-        "data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
-        "dimse": {"port": 0, "allowed_peers": [{"ae_title": aet, "hosts": ["127.0.0.1/32"]}
-                                               for aet in ("DEMO_CT", "DEMO_DX")]},
-        "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
-        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
-                                     "port": pacs.dicom_port, "orthanc_url": pacs.url,
-                                     "username": pacs.username, "password": pacs.password}}})
+def _demo_settings(args: argparse.Namespace, data_dir: Path, pacs: "PACS") -> Settings:
+    """The --config settings (if any) with what the demo needs on top: its own data directory, free
+    ports, its two modalities allowed, a short quiet time, and results to the demo's Orthanc."""
+    return load(args, data_dir=str(data_dir), http__port=0, log_level="WARNING", dimse__port=0,
+                dimse__allowed_peers=[{"ae_title": aet, "hosts": ["127.0.0.1/32"]} for aet in ("DEMO_CT", "DEMO_DX")],
+                routing__stable_seconds=1.0, routing__default_destinations=["orthanc"],
+                destinations={"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
+                                          "port": pacs.dicom_port, "orthanc_url": pacs.url,
+                                          "username": pacs.username, "password": pacs.password}})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Orthanc (Debian package) + segnode; a CT and a chest radiograph phantom go in with storescu as a
     modality would send them; SEG and SR come out in Orthanc, confirmed; volumes, Dice and lineage."""
-    import numpy as np
+    from segnode.demo import DemoOptions, run_demo
 
-    from segnode import pipeline
-    from segnode.audit.trail import verify_connection
-    from segnode.imaging.nifti import read_labels
-    from segnode.imaging.volume import read_series
-    from segnode.jobs.queue import list_jobs
-    from segnode.lineage import render, trace
-    from segnode.outputs.files import LABELS_FILE, RECORD_FILE
-    from segnode.peers import RunningOrthanc, orthanc
-    from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
-    from segnode.phantom.dx import DXOptions, generate_dx, write_dx
-    from segnode.service import Node, audit_anchor
-    from segnode.tools import dcmtk
-    from segnode.training.metrics import label_metrics
-
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-"))
-    env = dict(os.environ, TCP_NODELAY="1")
-    with (RunningOrthanc.at(args.orthanc) if args.orthanc else orthanc(data_dir / "orthanc")) as pacs:
-        settings = _demo_settings(data_dir, pacs)
-        _setup_logging(settings.log_level)
-        node = Node(settings)
-        node.start()
-        try:
-            print(f"Orthanc ({'already running' if args.orthanc else 'test PACS'}) at {pacs.url}, DICOM "
-                  f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
-                  f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
-            phantoms = data_dir / "phantoms"
-            ct = generate_ct(args.seed, CTOptions(matrix=256, slice_spacing=args.slice_spacing))
-            dx = generate_dx(args.seed, DXOptions(matrix=512))
-            cases = [("CT", "DEMO_CT", write_phantom(ct, phantoms / "ct"), ct.labels, ct.label_names),
-                     ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
-            truths = {}
-            for what, aet, files, labels, names in cases:
-                for ae, host, port in ((settings.dimse.ae_title, "127.0.0.1", node.dimse.port),
-                                       (pacs.aet, pacs.host, pacs.dicom_port)):
-                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, host, str(port),
-                                    *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
-                vol = read_series(files)
-                truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
-                print(f"{what} phantom (seed {args.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
-            completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                completion.poll()
-                while worker.run_once():
-                    pass
-                with node.engine.connect() as conn:  # a reused data directory may hold older studies
-                    jobs = [j for j in list_jobs(conn) if j["series_uid"] in truths]
-                if len([j for j in jobs if j["kind"] == "deliver" and j["state"] in ("succeeded", "dead")]) >= 2:
-                    break
-                time.sleep(0.5)
-            ok = True
-            for job in (j for j in jobs if j["kind"] == "segment"):
-                labels_truth, names, vol = truths[job["series_uid"]]
-                out = data_dir / job["output"]
-                record = json.loads((out / RECORD_FILE).read_text())
-                labels, _ = read_labels(out / LABELS_FILE)
-                metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
-                voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
-                print(f"\n{job['model']} {job['model_version']} (rule {job['rule']}): {job['state']}")
-                for value, name in names.items():
-                    truth_ml = float((labels_truth == value).sum()) * voxel_ml
-                    got = record.get("outputs", {}).get("volumes_ml", {}).get(name, 0.0)
-                    print(f"  {name:14s} {got:9.1f} mL (truth {truth_ml:9.1f} mL)  Dice {metrics[value]['dice']:.3f}")
-                ok &= job["state"] == "succeeded"
-            for job in (j for j in jobs if j["kind"] == "deliver"):
-                print(f"delivery job {job['id']} to {job['destination']}: {job['state']}"
-                      + (f" ({job['last_error']})" if job["last_error"] else ""))
-                ok &= job["state"] == "succeeded"
-            study = _study_of(cases[0][2][0])
-            print(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
-            with node.engine.connect() as conn:
-                print("\n".join(render(trace(conn, data_dir, study))))
-                verified = verify_connection(conn, audit_anchor(settings))
-            print(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {data_dir}")
-            if args.keep:
-                print("running until Ctrl-C (--keep)")
-                stop = threading.Event()
-                signal.signal(signal.SIGINT, lambda *_: stop.set())
-                stop.wait()
-            return 0 if ok and verified.ok else 1
-        finally:
-            node.stop()
-
-
-def _study_of(path: Path) -> str:
-    from pydicom import dcmread
-
-    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    options = DemoOptions(data_dir=Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-")),
+                          seed=args.seed, slice_spacing=args.slice_spacing, orthanc_url=args.orthanc, keep=args.keep)
+    return run_demo(options, lambda data_dir, pacs: _demo_settings(args, data_dir, pacs))
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -344,16 +219,10 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_root(args: argparse.Namespace) -> Path:
-    from segnode.models.registry import default_models_dir
-
-    return Path(args.models_dir) if args.models_dir else default_models_dir()
-
-
 def cmd_models_list(args: argparse.Namespace) -> int:
     from segnode.models.registry import ModelError, list_models, read_manifest
 
-    root = _models_root(args)
+    root = load(args).models_root
     folders = list_models(root)
     if not folders:
         print(f"no models in {root}")
@@ -370,7 +239,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_check(args: argparse.Namespace) -> int:
     from segnode.models.registry import check_model
 
-    folder = _models_root(args) / args.name
+    folder = load(args).models_root / args.name
     if not folder.is_dir():
         print(f"no model folder {folder}", file=sys.stderr)
         return 1
@@ -387,8 +256,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from segnode.inference.infer import infer_series
     from segnode.models.registry import ModelError
 
-    _setup_logging("WARNING")
-    folder = _models_root(args) / args.model
+    setup_logging("WARNING")
+    folder = load(args).models_root / args.model
     if not folder.is_dir():
         print(f"segnode infer: no model folder {folder} (see `segnode models list`)", file=sys.stderr)
         return 2
@@ -411,12 +280,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from segnode.models.registry import list_models
-    from segnode.routing.rules import load_rules
+def _rules(args: argparse.Namespace) -> "RuleSet":
+    """The rules `serve` would load with the same settings: checked against the installed models and
+    the configured destinations (a RulesError is reported by main())."""
+    from segnode import pipeline
 
-    models = [folder.name for folder in list_models(_models_root(args))]
-    return load_rules(Path(args.rules) if args.rules else None, models=models)
+    return pipeline.ruleset(load(args))
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -435,7 +304,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     if not found:
         print("no DICOM series found under " + ", ".join(args.paths), file=sys.stderr)
         return 1
-    print(f"rules: {args.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
+    print(f"rules: {load(args).routing.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
     for uid, (facts, files) in found.items():
         print(f"\nseries {uid}: {facts.instances} instance(s), {facts.dimensions}D, in {files[0].parent}")
         print("  sender: unknown (read from files): sender conditions fail")
@@ -448,11 +317,11 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
     """The series already received, decided again with a rule file: what would be routed differently."""
     from segnode.routing.router import replay
     ruleset = _rules(args)  # a RulesError is reported by main()
-    settings = _settings(args)
-    with _open_engine(args).connect() as conn:
-        results = replay(conn, settings.data_dir, ruleset)
+    settings = load(args)
+    with _ledger(args).engine.connect() as conn:
+        results = replay(conn, settings.data, ruleset)
     changed = [r for r in results if r.changed]
-    print(f"dry run of {args.rules or 'the built-in rules'} (sha256 {ruleset.sha256[:16]}...) over {len(results)} "
+    print(f"dry run of {settings.routing.rules or 'the built-in rules'} (sha256 {ruleset.sha256[:16]}...) over {len(results)} "
           f"routed series: {len(changed)} would be routed differently")
     for r in changed:
         print(f"  series {r.series_uid}: {', '.join(r.before) or 'ignored'} (rules {', '.join(r.rules_before) or '-'})"
@@ -466,7 +335,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from segnode.training.plan import Plan, make_plan
     from segnode.training.trainer import train
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     out = Path(args.out)
     cases = load_cases(Path(args.data))
     if args.plan:
@@ -492,39 +361,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_flag(sp: argparse.ArgumentParser, flag: str, keys: str, **kwargs: Any) -> None:
+    """A flag that overrides settings keys (dotted, comma-separated) on top of --config."""
+    sp.add_argument(flag, dest=SET + keys, **kwargs)
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    """--config and --data-dir: every command that reads the node's settings takes both."""
+    sp.add_argument("--config", help="YAML configuration file (or SEGNODE_CONFIG)")
+    _settings_flag(sp, "--data-dir", "data_dir", help="data directory (database, spool, audit key)")
+
+
+def _models_flag(sp: argparse.ArgumentParser) -> None:
+    _settings_flag(sp, "--models-dir", "jobs.models_dir",
+                   help="model folders (default: jobs.models_dir, SEGNODE_MODELS, or the shipped models)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segnode", description="PACS-integrated DICOM segmentation node")
     p.add_argument("--version", action="version", version=f"segnode {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="YAML configuration file (or SEGNODE_CONFIG)")
-        sp.add_argument("--data-dir", help="data directory (database, spool, audit key)")
-
-    serve = sub.add_parser("serve", help="run the DIMSE and HTTP listeners")
-    common(serve)
-    serve.add_argument("--dimse-port", type=int)
-    serve.add_argument("--http-port", type=int)
-    serve.add_argument("--ae-title")
-    serve.add_argument("--host", help="address both listeners bind to")
-    serve.add_argument("--rules", help="routing rule file (default: the built-in rules)")
-    serve.add_argument("--stable-seconds", type=float, help="a study is complete after this long without instances")
-    serve.add_argument("--workers", type=int, help="worker processes (0: receive and route only)")
+    serve = sub.add_parser("serve", help="run the DIMSE and HTTP listeners, completion and workers")
+    _common(serve)
+    _models_flag(serve)
+    _settings_flag(serve, "--dimse-port", "dimse.port", type=int)
+    _settings_flag(serve, "--http-port", "http.port", type=int)
+    _settings_flag(serve, "--ae-title", "dimse.ae_title")
+    _settings_flag(serve, "--host", "dimse.host,http.host", help="address both listeners bind to")
+    _settings_flag(serve, "--rules", "routing.rules", help="routing rule file (default: the built-in rules)")
+    _settings_flag(serve, "--stable-seconds", "routing.stable_seconds", type=float,
+                   help="a study is complete after this long without instances")
+    _settings_flag(serve, "--workers", "jobs.workers", type=int, help="worker processes (0: receive and route only)")
     serve.set_defaults(func=cmd_serve)
 
     studies = sub.add_parser("studies", help="print received studies as JSON")
-    common(studies)
+    _common(studies)
     studies.set_defaults(func=cmd_studies)
 
     audit = sub.add_parser("audit", help="audit trail tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 and name each broken event")
-    common(verify)
+    _common(verify)
     verify.set_defaults(func=cmd_audit_verify)
     trace_cmd = audit_sub.add_parser("trace", help="the whole story of a study: inputs, rule, model, outputs, deliveries")
     trace_cmd.add_argument("study_uid")
     trace_cmd.add_argument("--json", action="store_true")
-    common(trace_cmd)
+    _common(trace_cmd)
     trace_cmd.set_defaults(func=cmd_audit_trace)
 
     phantom = sub.add_parser("phantom", help="write synthetic phantoms (DICOM + ground-truth labels.npz)")
@@ -543,12 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list and check model folders")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     mlist = models_sub.add_parser("list", help="the models in the models folder")
-    mlist.add_argument("--models-dir", help="default: SEGNODE_MODELS or models/ of this checkout")
     mlist.set_defaults(func=cmd_models_list)
     mcheck = models_sub.add_parser("check", help="manifest, weights hash, build, forward pass; exit 1 on a failure")
     mcheck.add_argument("name")
-    mcheck.add_argument("--models-dir")
     mcheck.set_defaults(func=cmd_models_check)
+    for sp in (mlist, mcheck):
+        _common(sp)
+        _models_flag(sp)
 
     tr = sub.add_parser("train", help="plan and train a model on labelled cases (e.g. segnode phantom output)")
     tr.add_argument("--data", required=True, help="folder of cases: <case>/labels.npz with ct*.dcm or dx.dcm")
@@ -573,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", required=True, help="model folder name (segnode models list)")
     inf.add_argument("series", help="folder holding the series' DICOM files")
     inf.add_argument("--out", required=True, help="output folder: labels.nii.gz and segmentation.json")
-    inf.add_argument("--models-dir")
+    _common(inf)
+    _models_flag(inf)
     inf.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     inf.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="autocast on the GPU")
     inf.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0-1)")
@@ -585,43 +470,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gantry-tilted series: segment on an orthogonal grid, or refuse")
     inf.set_defaults(func=cmd_infer)
 
-    comp = sub.add_parser("component", help=argparse.SUPPRESS)
-    comp.add_argument("kind", choices=["completion", "worker"])
-    comp.add_argument("--name", default="")
-    comp.set_defaults(func=cmd_component)
-
     complete = sub.add_parser("complete", help="complete (and route) a study's open series now")
     complete.add_argument("study_uid")
-    common(complete)
+    _common(complete)
     complete.set_defaults(func=cmd_complete)
 
     jobs = sub.add_parser("jobs", help="the job queue")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
     jlist = jobs_sub.add_parser("list", help="jobs, oldest first")
-    jlist.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "dead", "superseded"])
+    jlist.add_argument("--state", choices=[s.value for s in JobState])
     jlist.add_argument("--json", action="store_true")
     jretry = jobs_sub.add_parser("retry", help="queue a failed or dead job again")
     jretry.add_argument("job_id", type=int)
     for sp in (jlist, jretry):
-        common(sp)
+        _common(sp)
     jlist.set_defaults(func=cmd_jobs_list)
     jretry.set_defaults(func=cmd_jobs_retry)
 
     rules = sub.add_parser("rules", help="check routing rules and explain their decisions")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    rcheck = rules_sub.add_parser("check", help="validate a rule file (models must be installed)")
+    rcheck = rules_sub.add_parser("check", help="validate the rules as `serve` would load them (installed models, "
+                                                "configured destinations)")
     rexplain = rules_sub.add_parser("explain", help="which rules match each series found, condition by condition")
     rexplain.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
     rreplay = rules_sub.add_parser("replay", help="dry run over the series already received: what would change")
-    common(rreplay)
     for sp in (rcheck, rexplain, rreplay):
-        sp.add_argument("--rules", help="rule file (default: the built-in rules)")
-        sp.add_argument("--models-dir")
+        _common(sp)
+        _models_flag(sp)
+        _settings_flag(sp, "--rules", "routing.rules", help="rule file (default: routing.rules, else the built-in rules)")
     rreplay.set_defaults(func=cmd_rules_replay)
     rcheck.set_defaults(func=cmd_rules_check)
     rexplain.set_defaults(func=cmd_rules_explain)
 
     demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc")
+    demo.add_argument("--config", help="YAML configuration file (or SEGNODE_CONFIG) the demo's settings go on top of")
     demo.add_argument("--data-dir")
     demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
     demo.add_argument("--seed", type=int, default=1)
@@ -634,15 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segnode.routing.rules import RulesError
-    from segnode.tools import ToolMissing
+    """Run one command; segnode's own errors end it with their message and exit status, no traceback."""
+    from segnode.delivery.dimse_client import configure_pynetdicom
 
     args = build_parser().parse_args(argv)
+    configure_pynetdicom()
     try:
         return int(args.func(args))
-    except (ConfigError, RulesError, ToolMissing) as exc:
+    except SegnodeError as exc:
         print(f"segnode: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -13,15 +13,19 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import func, select, update
 
-from segnode.audit import trail as audit
-from segnode.audit.ledger import Ledger
+from sqlalchemy import Connection
+
+from segnode.audit import events as audit
+from segnode.audit.ledger import Append, Ledger
+from segnode.config import Settings
 from segnode.db.models import Instance, SeriesState
-from segnode.routing.router import facts, route, series_input
+from segnode.db.queries import completed_series
+from segnode.flow import utc_iso, utc_now
+from segnode.routing.router import facts, route
 from segnode.routing.rules import Action, RuleSet, decide
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,14 @@ INSTANCES, SERIES = Instance.__table__, SeriesState.__table__
 COMMIT_SLACK = timedelta(seconds=60)
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
 def request_completion(ledger: Ledger, study_uid: str, who: str) -> int:
-    """Mark every open series of a study for completion at the next poll; returns how many."""
+    """Mark every open series of a study for completion at the next poll.
+
+    Args:
+        who: the component that asked ("cli", "http"), for the audit event.
+    Returns:
+        How many series were marked (0: unknown study, or nothing open).
+    """
     with ledger.transaction() as (conn, append):
         _touch(conn, append, conn.execute(select(INSTANCES.c.series_uid).where(
             INSTANCES.c.study_uid == study_uid).distinct()).scalars().all())
@@ -44,12 +50,11 @@ def request_completion(ledger: Ledger, study_uid: str, who: str) -> int:
                               .values(complete_requested=1))
         count = int(result.rowcount or 0)
         if count:
-            append(audit.Event(audit.SERIES_COMPLETE, audit.ACTION_UPDATE, audit.SUCCESS, {"component": who},
-                               {"study_uid": study_uid, "series": count}, None, "completion requested"))
+            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS, actor={"component": who}, objects={"study_uid": study_uid, "series": count}, detail="completion requested"))
     return count
 
 
-def _touch(conn, append, series_uids) -> None:  # type: ignore[no-untyped-def]
+def _touch(conn: Connection, append: Append, series_uids: Iterable[str]) -> None:
     """Open series seen for the first time; reopen completed ones that received instances since."""
     for uid in series_uids:
         study, count, newest = conn.execute(
@@ -63,27 +68,28 @@ def _touch(conn, append, series_uids) -> None:  # type: ignore[no-untyped-def]
         elif row["state"] == "complete" and newest > row["last_received_at"]:
             conn.execute(update(SERIES).where(SERIES.c.series_uid == uid).values(
                 state="open", generation=row["generation"] + 1, complete_requested=0))
-            append(audit.Event(audit.SERIES_REOPENED, audit.ACTION_UPDATE, audit.SUCCESS, {"component": "completion"},
-                               {"series_uid": uid, "study_uid": study, "generation": row["generation"] + 1,
-                                "instances": count, "previous_instances": row["instances"]}, None,
-                               f"instances arrived after completion ({row['instances']} -> {count}); "
+            append(audit.Event(type=audit.SERIES_REOPENED, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS, actor={"component": "completion"}, objects={"series_uid": uid, "study_uid": study, "generation": row["generation"] + 1,
+                                "instances": count, "previous_instances": row["instances"]}, detail=f"instances arrived after completion ({row['instances']} -> {count}); "
                                f"it will be routed again and its new results supersede the old"))
             log.info("series reopened: %d instances (was %d when completed)", count, row["instances"])
 
 
 class Completion:
-    """Polls the index; completes and routes series. One instance per database."""
+    """Polls the index; completes and routes series. One instance per database.
 
-    def __init__(self, ledger: Ledger, rules: Callable[[], RuleSet], spool_root: Path, models_dir: Path,
-                 stable_seconds: float, max_attempts: int) -> None:
-        self.ledger, self.rules = ledger, rules
-        self.spool_root, self.models_dir = spool_root, models_dir
-        self.stable = timedelta(seconds=stable_seconds)
-        self.max_attempts = max_attempts
+    Args:
+        ledger: the database and the audit trail.
+        settings: `routing.stable_seconds`, and what routing needs (data directory, models, attempts).
+        rules: returns the rule set to route with (the one `serve` validated at start).
+    """
+
+    def __init__(self, ledger: Ledger, settings: Settings, rules: Callable[[], RuleSet]) -> None:
+        self.ledger, self.settings, self.rules = ledger, settings, rules
+        self.stable = timedelta(seconds=settings.routing.stable_seconds)
         self._since = ""  # the first poll looks at everything
 
     def poll(self, now: datetime | None = None) -> list[str]:
-        """One pass; returns the series completed (and routed) in it."""
+        """One pass; returns the Series Instance UIDs completed (and routed) in it."""
         now = now or datetime.now(timezone.utc)
         with self.ledger.transaction() as (conn, append):
             touched = conn.execute(select(INSTANCES.c.series_uid).where(INSTANCES.c.received_at > self._since)
@@ -91,7 +97,7 @@ class Completion:
             newest = conn.execute(select(func.max(INSTANCES.c.received_at))).scalar()
             _touch(conn, append, touched)
         if newest:
-            self._since = _iso(datetime.fromisoformat(newest) - COMMIT_SLACK)
+            self._since = utc_iso(datetime.fromisoformat(newest) - COMMIT_SLACK)
         done = []
         ruleset = self.rules()
         with self.ledger.engine.connect() as conn:
@@ -102,41 +108,39 @@ class Completion:
                 done.append(row["series_uid"])
         return done
 
-    def _due(self, row, now: datetime, ruleset: RuleSet) -> str | None:  # type: ignore[no-untyped-def]
+    def _due(self, row: Any, now: datetime, ruleset: RuleSet) -> str | None:
         if row["complete_requested"]:
             return "manual"
         with self.ledger.engine.connect() as conn:
             study_newest = conn.execute(select(func.max(INSTANCES.c.received_at))
                                         .where(INSTANCES.c.study_uid == row["study_uid"])).scalar()
-            if study_newest and study_newest <= _iso(now - self.stable):
+            if study_newest and study_newest <= utc_iso(now - self.stable):
                 return "quiet"
             if any(isinstance(r.action, Action) and r.action.expected_instances for r in ruleset.rules):
-                series = series_input(conn, row["series_uid"], row["generation"])
+                series = completed_series(conn, row["series_uid"], row["generation"])
                 if series.instances:
-                    for rule in decide(ruleset, facts(self.spool_root, series)).applied:
+                    for rule in decide(ruleset, facts(self.settings.data, series)).applied:
                         want = rule.action.expected_instances if isinstance(rule.action, Action) else None
                         if want and len(series.instances) >= want:
                             return "expected"
         return None
 
-    def _complete(self, row, reason: str, ruleset: RuleSet) -> bool:  # type: ignore[no-untyped-def]
+    def _complete(self, row: Any, reason: str, ruleset: RuleSet) -> bool:
         uid = row["series_uid"]
         with self.ledger.transaction() as (conn, append):
-            series = series_input(conn, uid, row["generation"])
+            series = completed_series(conn, uid, row["generation"])
             newest = conn.execute(select(func.max(INSTANCES.c.received_at))
                                   .where(INSTANCES.c.series_uid == uid)).scalar() or ""
             result = conn.execute(update(SERIES).where(SERIES.c.series_uid == uid, SERIES.c.state == "open",
                                                        SERIES.c.generation == row["generation"])
                                   .values(state="complete", instances=len(series.instances), last_received_at=newest,
-                                          completed_at=_iso(datetime.now(timezone.utc)), completed_by=reason,
+                                          completed_at=utc_now(), completed_by=reason,
                                           complete_requested=0))
             if result.rowcount != 1:
                 return False  # reopened or completed meanwhile
-            append(audit.Event(audit.SERIES_COMPLETE, audit.ACTION_EXECUTE, audit.SUCCESS, {"component": "completion"},
-                               {"series_uid": uid, "study_uid": series.study_uid, "generation": series.generation,
-                                "instances": len(series.instances), "input_sha256": series.input_sha256}, None,
-                               f"complete ({reason})"))
-            decision = route(conn, append, series, ruleset, self.spool_root, self.models_dir, self.max_attempts)
+            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor={"component": "completion"}, objects={"series_uid": uid, "study_uid": series.study_uid, "generation": series.generation,
+                                "instances": len(series.instances), "input_sha256": series.input_sha256}, detail=f"complete ({reason})"))
+            decision = route(conn, append, series, ruleset, self.settings)
         log.info("series complete (%s), %d instance(s), generation %d: %s", reason, len(series.instances),
                  series.generation, "ignored" if decision.ignored else "routed to " + ", ".join(decision.models))
         return True

@@ -8,15 +8,26 @@ fall back to a default).
 from __future__ import annotations
 
 import ipaddress
+import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from segnode.datadir import DataDir
+from segnode.errors import ConfigurationError
 
-class ConfigError(Exception):
+
+class ConfigError(ConfigurationError):
     """The configuration cannot be used; the message names the key and the reason."""
+
+
+def default_models_dir() -> Path:
+    """SEGNODE_MODELS, else the models shipped inside the package (package data, so it works from a wheel)."""
+    env = os.environ.get("SEGNODE_MODELS")
+    return Path(env) if env else Path(str(resources.files("segnode") / "shipped_models"))
 
 
 class _Model(BaseModel):
@@ -192,8 +203,18 @@ class Settings(_Model):
         return v.upper()
 
     @property
+    def models_root(self) -> Path:
+        """`jobs.models_dir`, else SEGNODE_MODELS, else the models shipped with the package."""
+        return self.jobs.models_dir or default_models_dir()
+
+    @property
+    def data(self) -> DataDir:
+        """The data directory's layout."""
+        return DataDir(self.data_dir)
+
+    @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'segnode.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.data.database.resolve()}"
 
 
 def _format(err: ValidationError, source: str) -> str:

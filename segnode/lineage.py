@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy import Connection, or_, select
 
 from segnode.db.models import AuditEvent, Instance, RoutingDecision, SeriesState
-from segnode.jobs.queue import JOBS, input_hash
-from segnode.outputs.files import LABELS_FILE, RECORD_FILE, dicom_names
+from segnode.flow import input_hash
+from segnode.jobs.queue import list_jobs
+from segnode.datadir import LABELS_FILE, RECORD_FILE, DataDir, dicom_names
 
 EVENTS, INSTANCES = AuditEvent.__table__, Instance.__table__
 
@@ -25,7 +26,9 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
+def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
+    """Everything known about a study, as a JSON-ready dict: series (instances, senders, input hash,
+    completion, routing), jobs (with their result files' hashes) and the audit events naming them."""
     rows = conn.execute(select(INSTANCES).where(INSTANCES.c.study_uid == study_uid).order_by(INSTANCES.c.id)).all()
     series: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -46,16 +49,15 @@ def trace(conn: Connection, data_dir: Path, study_uid: str) -> dict[str, Any]:
                          "ruleset_sha256": d.ruleset_sha256, "decided_at": d.decided_at}
                         for d in conn.execute(select(RoutingDecision.__table__)
                                               .where(RoutingDecision.series_uid == uid).order_by(RoutingDecision.id))]
-    jobs = [dict(j) for j in conn.execute(select(JOBS).where(JOBS.c.study_uid == study_uid).order_by(JOBS.c.id))
-            .mappings()]
+    jobs = [job.as_dict() for job in list_jobs(conn, study_uid=study_uid)]
     for job in jobs:
         job["destinations"] = json.loads(job["destinations"])
-        record_path = data_dir / job["output"] / RECORD_FILE if job["output"] else None
+        record_path = data.path(job["output"]) / RECORD_FILE if job["output"] else None
         if record_path is not None and record_path.is_file():
             record = json.loads(record_path.read_text())
             job["result"] = {"software": record.get("software"), "device": record.get("device"),
                              "notes": record.get("notes"), "outputs": record.get("outputs", {}),
-                             "files_sha256": {name: _sha256(data_dir / job["output"] / name)
+                             "files_sha256": {name: _sha256(data.path(job["output"]) / name)
                                               for name in [LABELS_FILE, *dicom_names(record)]}}
     patterns = [f"%{study_uid}%", *(f"%{uid}%" for uid in series)]
     for job in jobs:

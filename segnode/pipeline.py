@@ -1,9 +1,10 @@
 """The stages after the listener - completion (with routing) and workers - built from the settings.
-Each runs in its own process under `segnode serve`; tests build them in-process."""
+
+Each runs in its own process under `segnode serve` (segnode.stage); tests and the demo build them
+in-process. Every builder takes the same Settings, so every command sees the rules `serve` sees.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import AuditTrail
@@ -11,17 +12,18 @@ from segnode.completion import Completion
 from segnode.config import Settings
 from segnode.db.session import make_engine, migrate
 from segnode.jobs.worker import Runner, Worker
-from segnode.models.registry import default_models_dir, list_models
+from segnode.models.registry import list_models
 from segnode.routing.rules import RuleSet, load_rules
 
 
-def models_dir(settings: Settings) -> Path:
-    return settings.jobs.models_dir or default_models_dir()
-
-
 def ruleset(settings: Settings) -> RuleSet:
-    """The configured rules, validated against the installed models (RulesError names the problem)."""
-    installed = [folder.name for folder in list_models(models_dir(settings))]
+    """The configured rules (`routing.rules`, else the built-in ones), validated against the installed
+    models and the configured destinations.
+
+    Raises:
+        RulesError: naming the rule, the field and the problem.
+    """
+    installed = [folder.name for folder in list_models(settings.models_root)]
     return load_rules(settings.routing.rules, models=installed, destinations=settings.destinations)
 
 
@@ -32,22 +34,19 @@ def rule_models(settings: Settings) -> list[str]:
 
 
 def ledger(settings: Settings) -> Ledger:
-    from segnode.service import audit_anchor
-
+    """The database (migrated to the current schema) and the audit trail anchored in the data directory."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url, durable=settings.storage.fsync)
     migrate(engine)
-    return Ledger(engine, AuditTrail(anchor=audit_anchor(settings)))
+    return Ledger(engine, AuditTrail(anchor=settings.data.audit_head))
 
 
 def completion(settings: Settings, shared: Ledger | None = None) -> Completion:
+    """Completion and routing with the configured rules (RulesError when they are invalid)."""
     rules = ruleset(settings)
-    return Completion(shared or ledger(settings), lambda: rules, settings.data_dir, models_dir(settings),
-                      settings.routing.stable_seconds, settings.jobs.max_attempts)
+    return Completion(shared or ledger(settings), settings, lambda: rules)
 
 
 def worker(settings: Settings, shared: Ledger | None = None, runner: Runner | None = None) -> Worker:
-    return Worker(shared or ledger(settings), settings.data_dir, settings.data_dir, models_dir(settings),
-                  settings.jobs.lease_seconds, settings.jobs.backoff_seconds, settings.jobs.device, runner,
-                  settings.destinations, settings.routing.default_destinations, settings.dimse.ae_title,
-                  settings.outputs)
+    """A worker on the queue of `settings`' database; `runner` replaces inference (tests)."""
+    return Worker(shared or ledger(settings), settings, runner=runner)

@@ -6,25 +6,26 @@ import logging
 import os
 import secrets
 import threading
-from pathlib import Path
 
 import uvicorn
 
 from segnode import __version__
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
+from segnode.audit.trail import AuditTrail
 from segnode.config import Settings
+from segnode.datadir import DataDir
 from segnode.db.session import make_engine, migrate
-from segnode.dicom.scp import DimseServer
-from segnode.spool import Spool
-from segnode.store import Peer, StoreService
+from segnode.ingest.scp import DimseServer
+from segnode.ingest.spool import Spool
+from segnode.ingest.store import Peer, StoreService
 
 log = logging.getLogger(__name__)
 
 
-def load_secret(data_dir: Path) -> bytes:
+def load_secret(data: DataDir) -> bytes:
     """The key for patient-identity hashes: made once per node, never leaves the data directory."""
-    path = data_dir / "audit.key"
+    path = data.audit_key
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -34,23 +35,20 @@ def load_secret(data_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def audit_anchor(settings: Settings) -> Path:
-    """Where the audit trail's head anchor lives: beside the data, whatever the database."""
-    return settings.data_dir / "audit.head"
-
-
 class Node:
-    """A running segnode. `start()` recovers from any earlier crash before accepting anything."""
+    """The receiving side of a running segnode: DIMSE and HTTP listeners over one store.
+
+    `start()` recovers from any earlier crash before accepting anything. The later stages
+    (completion, workers) run beside it as processes (segnode.supervisor) or in-process (tests, demo)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.db_url, durable=settings.storage.fsync)
         migrate(self.engine)
-        self.spool = Spool(settings.data_dir, fsync=settings.storage.fsync)
-        self.trail = audit.AuditTrail(anchor=audit_anchor(settings))
-        self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data_dir),
-                                  settings.storage.free_space_floor_mb, settings.storage.free_space_watermark_mb)
+        self.spool = Spool(settings.data, fsync=settings.storage.fsync)
+        self.trail = AuditTrail(anchor=settings.data.audit_head)
+        self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data), settings.storage)
         self.ledger = Ledger(self.engine, self.trail)  # state changes with their audit events (completion API)
         self.dimse = DimseServer(settings.dimse, self.store)
         self._http: uvicorn.Server | None = None
@@ -63,16 +61,19 @@ class Node:
         if http:
             from segnode.web.app import create_app
 
-            config = uvicorn.Config(create_app(self), host=self.settings.http.host, port=self.settings.http.port,
+            config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), host=self.settings.http.host, port=self.settings.http.port,
                                     log_level="warning", access_log=False, lifespan="off")
             self._http = uvicorn.Server(config)
             self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
             self._http_thread.start()
             while not self._http.started and self._http_thread.is_alive():
                 threading.Event().wait(0.02)
-        self.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SUCCESS,
-                                      Peer("local", "localhost", ae_title=self.settings.dimse.ae_title).actor(),
-                                      {}, None, f"segnode {__version__} started"))
+        self._record_activity("started")
+
+    def _record_activity(self, what: str) -> None:
+        actor = Peer("local", "localhost", ae_title=self.settings.dimse.ae_title).actor()
+        self.store.record(audit.Event(type=audit.APPLICATION_ACTIVITY, action=audit.Action.EXECUTE, actor=actor,
+                                      detail=f"segnode {__version__} {what}"))
 
     @property
     def http_port(self) -> int:
@@ -88,8 +89,6 @@ class Node:
             self._http.should_exit = True
             if self._http_thread is not None:
                 self._http_thread.join(timeout=5)
-        self.store.record(audit.Event(audit.APPLICATION_ACTIVITY, audit.ACTION_EXECUTE, audit.SUCCESS,
-                                      Peer("local", "localhost", ae_title=self.settings.dimse.ae_title).actor(),
-                                      {}, None, f"segnode {__version__} stopped"))
+        self._record_activity("stopped")
         self.trail.close()
         self.engine.dispose()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from pydantic import SecretStr
 from segnode.config import Settings
 
 log = logging.getLogger(__name__)
-SETTINGS_ENV = "SEGNODE_COMPONENT_SETTINGS"
 _PR_SET_PDEATHSIG = 1
 HEALTHY_AFTER = 60.0  # a child that ran this long has its restart delay reset
 
@@ -45,6 +43,9 @@ class Child:
 
 
 class Supervisor:
+    """Starts completion and `jobs.workers` workers as `python -m segnode.stage` children and restarts
+    them when they exit; `on_exit(name, exit status, restart delay in s)` is told of each exit."""
+
     def __init__(self, settings: Settings, on_exit: Callable[[str, int, float], None] | None = None) -> None:
         self.settings = settings
         self.children = [Child("completion", "completion")] + [
@@ -52,14 +53,17 @@ class Supervisor:
         self.on_exit = on_exit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        payload = settings.model_dump(mode="python", exclude={"http"})
-        # secrets (destination passwords, tokens) pass in clear: the environment of a process is
-        # readable only by its own user, as the configuration file is
-        self._env = dict(os.environ, **{SETTINGS_ENV: json.dumps(payload, default=_plain)})
+        self._payload = settings_payload(settings)
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen([sys.executable, "-m", "segnode", "component", child.kind, "--name", child.name],
-                                      env=self._env, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen([sys.executable, "-m", "segnode.stage", child.kind, child.name],
+                                      stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
+        assert child.proc.stdin is not None
+        try:
+            child.proc.stdin.write(self._payload)
+            child.proc.stdin.close()
+        except BrokenPipeError:  # it died at once; the watcher sees the exit and restarts it
+            pass
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
@@ -91,9 +95,6 @@ class Supervisor:
                 child.proc = None
                 due[child.name] = time.monotonic() + delay
 
-    def pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self.children if c.proc is not None and c.proc.poll() is None}
-
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -111,11 +112,13 @@ class Supervisor:
                 proc.wait()
 
 
+def settings_payload(settings: Settings) -> bytes:
+    """The settings a child reads on its standard input (segnode.stage.read_settings). Destination secrets
+    pass in clear, through a pipe only the child reads: neither its arguments nor its environment hold them."""
+    return json.dumps(settings.model_dump(mode="python", exclude={"http"}), default=_plain).encode()
+
+
 def _plain(value: object) -> object:
     if isinstance(value, SecretStr):
         return value.get_secret_value()
     return str(value)  # paths
-
-
-def component_settings() -> Settings:
-    return Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))

@@ -10,8 +10,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from segnode.errors import ConfigurationError
 
-class ToolMissing(RuntimeError):
+
+class ToolMissing(ConfigurationError, RuntimeError):
     pass
 
 

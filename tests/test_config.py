@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from segnode.config import ConfigError, load_settings
-from segnode.peers import start_node_process
+from peers import start_node_process
 from tests.conftest import echoscu
 
 
@@ -81,13 +82,13 @@ def test_allow_list_rules_match_address_and_ae_title():
 
 def test_supervised_components_get_the_whole_configuration_secrets_included(monkeypatch):
     from segnode.config import load_settings
-    from segnode.supervisor import SETTINGS_ENV, Supervisor, component_settings
+    from segnode.stage import read_settings
+    from segnode.supervisor import settings_payload
 
     settings = load_settings(None, {
         "destinations": {"web": {"kind": "dicomweb", "url": "http://pacs/dicom-web", "username": "segnode",
                                  "password": "s3cret"}},
         "routing": {"default_destinations": ["web"], "stable_seconds": 4}, "jobs": {"workers": 3}})
-    monkeypatch.setenv(SETTINGS_ENV, Supervisor(settings)._env[SETTINGS_ENV])
-    child = component_settings()
+    child = read_settings(io.BytesIO(settings_payload(settings)))
     assert child.destinations["web"].password.get_secret_value() == "s3cret"  # not pydantic's '**********'
     assert child.routing == settings.routing and child.jobs == settings.jobs

@@ -15,8 +15,8 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pydicom.uid import CTImageStorage
 
-from segnode.peers import start_node_process
-from segnode.testdata import ct_series
+from peers import start_node_process
+from testdata import ct_series
 from tests.conftest import dataset_bytes
 
 

@@ -19,7 +19,7 @@ from segnode.audit.ledger import Ledger
 from segnode.config import Destination
 from segnode.imaging.volume import read_series
 from segnode.jobs import queue
-from segnode.peers import free_port, orthanc
+from peers import free_port, orthanc
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import audit_events, storescu
 
@@ -69,11 +69,11 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
     node.settings.outputs = node.settings.outputs.model_copy(update={"secondary_capture": contours})
     phantom, files, worker = _send_and_segment(node, led, tmp_path)
     segment, delivery = _jobs(node)
-    assert delivery["kind"] == "deliver" and delivery["destination"] == via and delivery["parent_job"] == segment["id"]
+    assert delivery.kind == "deliver" and delivery.destination == via and delivery.parent_job == segment.id
     assert worker.run_once()
     segment, delivery = _jobs(node)
-    assert delivery["state"] == "succeeded", delivery["last_error"]
-    record = json.loads((node.settings.data_dir / segment["output"] / "segmentation.json").read_text())
+    assert delivery.state == "succeeded", delivery.last_error
+    record = json.loads((node.settings.data_dir / segment.output / "segmentation.json").read_text())
     for kind in ("seg", "sr"):
         assert _in_orthanc(pacs, record["outputs"][kind]["sop_instance_uid"])
     events = {e.event_id: e for e in audit_events(node)}
@@ -85,7 +85,7 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
     for value, name in ((1, "liver"), (5, "spine")):
         truth = (phantom.labels == value).sum() * voxel_ml
         assert record["outputs"]["volumes_ml"][name] == pytest.approx(truth, rel=0.05), name
-    seg = dcmread(node.settings.data_dir / segment["output"] / "seg.dcm")
+    seg = dcmread(node.settings.data_dir / segment.output / "seg.dcm")
     stored = httpx.get(f"{pacs.url}/instances/{httpx.post(f'{pacs.url}/tools/lookup', content=seg.SOPInstanceUID).json()[0]['ID']}/simplified-tags",
                        timeout=10).json()
     assert stored["StudyInstanceUID"] == dcmread(files[0]).StudyInstanceUID  # beside the images in the PACS
@@ -95,22 +95,22 @@ def test_seg_and_sr_arrive_in_orthanc_confirmed(node, pacs, tmp_path, via):
     assert trace.returncode == 0, trace.stderr
     for step in (f"{len(files)} instance(s) from dimse:TESTSCU@127.0.0.1", "completion: complete", "by quiet",
                  "routing (generation 1): rules ct-abdomen -> ct-abdomen-phantom-3d; rule set sha256",
-                 f"job {segment['id']}: ct-abdomen-phantom-3d 1.1.0 (weights sha256", "software segnode",
+                 f"job {segment.id}: ct-abdomen-phantom-3d 1.1.0 (weights sha256", "software segnode",
                  f"SEG {record['outputs']['seg']['sop_instance_uid']} sha256",
-                 f"job {delivery['id']}: deliver job {segment['id']}'s results to {via}: succeeded",
+                 f"job {delivery.id}: deliver job {segment.id}'s results to {via}: succeeded",
                  "DICOM Instances Transferred: confirmed by Orthanc REST"):
         assert step in trace.stdout, step
     names = record["outputs"]["secondary_capture"]
     assert (0 < len(names) <= len(files)) if contours else names == []
     if contours:  # every picture confirmed in the PACS, in its own series, and counted in the trace
-        first = dcmread(node.settings.data_dir / segment["output"] / names[0])
+        first = dcmread(node.settings.data_dir / segment.output / names[0])
         series = httpx.post(f"{pacs.url}/tools/lookup", content=first.SeriesInstanceUID, timeout=10).json()[0]["ID"]
         assert len(httpx.get(f"{pacs.url}/series/{series}", timeout=10).json()["Instances"]) == len(names)
         assert f"contour images (secondary capture): {len(names)}" in trace.stdout
     story = json.loads(subprocess.run([sys.executable, "-m", "segnode", "audit", "trace", study, "--json", "--data-dir",
                                        str(node.settings.data_dir)], capture_output=True, text=True).stdout)
     assert story["jobs"][0]["result"]["files_sha256"]["seg.dcm"] == hashlib.sha256(
-        (node.settings.data_dir / segment["output"] / "seg.dcm").read_bytes()).hexdigest()
+        (node.settings.data_dir / segment.output / "seg.dcm").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("via, error", [("pacs", "did not accept an association"), ("web", "STOW-RS to http")])
@@ -120,12 +120,12 @@ def test_delivery_waits_for_orthanc_to_come_back(node, pacs, tmp_path, via, erro
     pacs.stop()
     assert worker.run_once()
     delivery = _jobs(node)[1]
-    assert delivery["state"] == "failed" and error in delivery["last_error"]
+    assert delivery.state == "failed" and error in delivery.last_error
     pacs.start()
     time.sleep(0.25)
     assert worker.run_once()
     delivery = _jobs(node)[1]
-    assert delivery["state"] == "succeeded" and delivery["attempts"] == 2
+    assert delivery.state == "succeeded" and delivery.attempts == 2
     failed = [e for e in audit_events(node) if e.event_id == "110104" and e.outcome != 0]
     assert len(failed) == 1 and "failed" in failed[0].detail
 
@@ -138,6 +138,6 @@ def test_a_wrong_destination_ends_in_the_dead_letter_with_its_reason(node, pacs,
     time.sleep(0.25)
     assert worker.run_once()
     delivery = _jobs(node)[1]
-    assert delivery["state"] == "dead" and delivery["attempts"] == 2
-    assert "NOBODY@127.0.0.1" in delivery["last_error"] and "did not accept an association" in delivery["last_error"]
+    assert delivery.state == "dead" and delivery.attempts == 2
+    assert "NOBODY@127.0.0.1" in delivery.last_error and "did not accept an association" in delivery.last_error
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from segnode.cli import _demo_settings
-from segnode.peers import RunningOrthanc, orthanc
+from peers import RunningOrthanc, orthanc
 
 
 def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):

@@ -22,7 +22,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
 from segnode.dicom import status as st
-from segnode.testdata import ct_series
+from testdata import ct_series
 from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, instances, storescu
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]

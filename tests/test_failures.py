@@ -8,13 +8,12 @@ import sys
 import time
 
 import httpx
-import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from segnode.dicom import status as st
-from segnode.spool import Spool
+from segnode.ingest.spool import Spool
 from tests.conftest import audit_events, echo_ok, echoscu, eventually, instances, storescu
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from segnode.peers import orthanc
+from peers import orthanc
 from tests.conftest import dataset_bytes, instances
 
 

@@ -12,7 +12,8 @@ import pytest
 from pydicom import dcmread
 
 from segnode.imaging.volume import read_series
-from segnode.models.registry import default_models_dir, read_manifest
+from segnode.config import default_models_dir
+from segnode.models.registry import read_manifest
 from segnode.outputs.overlay import build_overlays
 from segnode.outputs.seg import Provenance, build_seg, labels_from_seg
 from segnode.outputs.sr import build_sr, segment_stats

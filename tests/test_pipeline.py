@@ -19,6 +19,7 @@ from segnode.audit.ledger import Ledger
 from segnode.audit.trail import verify_connection
 from segnode.completion import request_completion
 from segnode.db.models import RoutingDecision, SeriesState
+from segnode.flow import JobSpec, input_hash
 from segnode.jobs import queue
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import audit_events, storescu
@@ -62,10 +63,10 @@ def test_a_quiet_study_completes_once_and_is_routed_with_the_rule_set_hash(node,
     done = completion.poll()
     assert len(done) == 1 and completion.poll() == []
     (job,) = _jobs(node)
-    assert job["model"] == "ct-abdomen-phantom-3d" and job["state"] == "queued" and job["instances"] == len(files)
-    assert job["rule"] == "ct-abdomen" and len(job["ruleset_sha256"]) == 64
+    assert job.model == "ct-abdomen-phantom-3d" and job.state == "queued" and job.instances == len(files)
+    assert job.rule == "ct-abdomen" and len(job.ruleset_sha256) == 64
     (route,) = _events(node, "SN-ROUTE")
-    assert json.loads(route.objects)["ruleset_sha256"] == job["ruleset_sha256"] == completion.rules().sha256
+    assert json.loads(route.objects)["ruleset_sha256"] == job.ruleset_sha256 == completion.rules().sha256
     assert len(_events(node, "SN-COMPLETE")) == 1 and len(_events(node, "SN-JOB")) == 1
     with node.engine.connect() as conn:
         assert verify_connection(conn).ok
@@ -81,7 +82,7 @@ def test_a_slow_series_is_not_cut_while_its_study_keeps_arriving(node, series):
     assert completion.poll() == []
     time.sleep(0.5)
     assert len(completion.poll()) == 1
-    assert _jobs(node)[0]["instances"] == 4
+    assert _jobs(node)[0].instances == 4
 
 
 def test_any_instance_of_the_study_restarts_the_clock(node, series):
@@ -148,8 +149,8 @@ def test_a_late_instance_reopens_the_series_and_its_new_result_supersedes(node, 
     time.sleep(0.4)
     assert len(completion.poll()) == 1
     first, second = _jobs(node)
-    assert first["state"] == "succeeded" and second["state"] == "queued"
-    assert second["supersedes"] == first["id"] and second["generation"] == 2 and second["instances"] == len(files)
+    assert first.state == "succeeded" and second.state == "queued"
+    assert second.supersedes == first.id and second.generation == 2 and second.instances == len(files)
     (reopened,) = _events(node, "SN-REOPEN")
     assert "supersede" in reopened.detail
     with node.engine.connect() as conn:
@@ -163,10 +164,11 @@ def test_the_same_input_is_never_queued_twice(node, series):
     time.sleep(0.4)
     completion.poll()
     (job,) = _jobs(node)
-    spec = queue.JobSpec(job["series_uid"], job["study_uid"], 1, job["model"], job["model_version"],
-                         job["weights_sha256"], job["input_sha256"], job["instances"], "again", "x" * 64, [])
+    spec = JobSpec(series_uid=job.series_uid, study_uid=job.study_uid, generation=1, model=job.model,
+                         model_version=job.model_version, weights_sha256=job.weights_sha256,
+                         input_sha256=job.input_sha256, instances=job.instances, rule="again", ruleset_sha256="x" * 64)
     with led.transaction() as (conn, append):
-        assert queue.enqueue(conn, append, spec, 3) == (job["id"], False)
+        assert queue.enqueue(conn, append, spec, 3) == (job.id, False)
     assert len(_jobs(node)) == 1
 
 
@@ -175,7 +177,9 @@ def _queue_jobs(node, led, count: int) -> list[int]:
     with led.transaction() as (conn, append):
         for i in range(count):
             # series without instances: the worker finds the same (empty) input and runs the job
-            spec = queue.JobSpec(f"1.2.3.{i}", "1.2.3", 1, "m", "1", "0" * 64, queue.input_hash([]), 0, "r", "0" * 64, [])
+            spec = JobSpec(series_uid=f"1.2.3.{i}", study_uid="1.2.3", generation=1, model="m", model_version="1",
+                           weights_sha256="0" * 64, input_sha256=input_hash([]), instances=0, rule="r",
+                           ruleset_sha256="0" * 64)
             ids.append(queue.enqueue(conn, append, spec, 3)[0])
     return ids
 
@@ -188,7 +192,7 @@ def test_two_workers_never_run_the_same_job(node):
 
     def runner(job, files, out):
         with lock:
-            ran.append(job["id"])
+            ran.append(job.id)
         time.sleep(0.02)
         return "ok"
 
@@ -203,8 +207,8 @@ def test_two_workers_never_run_the_same_job(node):
     for t in threads:
         t.join()
     assert sorted(ran) == ids  # every job exactly once
-    assert {j["state"] for j in _jobs(node)} == {"succeeded"}
-    assert {j["lease_owner"] for j in _jobs(node)} == {""}  # leases released
+    assert {j.state for j in _jobs(node)} == {"succeeded"}
+    assert {j.lease_owner for j in _jobs(node)} == {""}  # leases released
     owners = {json.loads(e.actor)["worker"] for e in _events(node, "SN-JOB") if e.detail.startswith("succeeded")}
     assert owners == {w.owner for w in workers}  # both took part
 
@@ -222,19 +226,19 @@ def test_a_failing_job_retries_with_backoff_then_dies_and_can_be_retried(node, s
     worker = pipeline.worker(node.settings, led, runner=broken)
     assert worker.run_once()
     (job,) = _jobs(node)
-    assert job["state"] == "failed" and job["attempts"] == 1 and "GPU fell off the bus" in job["last_error"]
-    assert job["next_run_at"] == pytest.approx(time.time() + 0.2, abs=0.15)
+    assert job.state == "failed" and job.attempts == 1 and "GPU fell off the bus" in job.last_error
+    assert job.next_run_at == pytest.approx(time.time() + 0.2, abs=0.15)
     assert not worker.run_once()  # not before its backoff
     time.sleep(0.25)
     assert worker.run_once()
-    assert _jobs(node)[0]["next_run_at"] == pytest.approx(time.time() + 0.4, abs=0.15)  # doubled
+    assert _jobs(node)[0].next_run_at == pytest.approx(time.time() + 0.4, abs=0.15)  # doubled
     time.sleep(0.45)
     assert worker.run_once()
     (job,) = _jobs(node)
-    assert job["state"] == "dead" and job["attempts"] == 3
-    assert queue.retry(led, job["id"])
+    assert job.state == "dead" and job.attempts == 3
+    assert queue.retry(led, job.id)
     _run_jobs(node, led)
-    assert _jobs(node)[0]["state"] == "succeeded"
+    assert _jobs(node)[0].state == "succeeded"
 
 
 def test_a_job_whose_worker_died_is_queued_again(node, series):
@@ -244,12 +248,12 @@ def test_a_job_whose_worker_died_is_queued_again(node, series):
     time.sleep(0.4)
     completion.poll()
     ghost = queue.claim(node.engine, "ghost", lease_seconds=0.2)  # a worker that then vanishes
-    assert ghost is not None and _jobs(node)[0]["state"] == "running"
+    assert ghost is not None and _jobs(node)[0].state == "running"
     time.sleep(0.3)
     ran = []
-    _run_jobs(node, led, runner=lambda job, files, out: ran.append(job["attempts"]) or "ok")
+    _run_jobs(node, led, runner=lambda job, files, out: ran.append(job.attempts) or "ok")
     (job,) = _jobs(node)
-    assert ran == [2] and job["state"] == "succeeded"
+    assert ran == [2] and job.state == "succeeded"
     assert any("stopped renewing its lease" in e.detail for e in _events(node, "SN-JOB"))
 
 

@@ -20,7 +20,7 @@ from segnode import pipeline
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import verify_connection
 from segnode.jobs import queue
-from segnode.peers import free_port
+from peers import free_port
 from tests.conftest import instances, storescu
 from tests.test_pipeline import _queue_jobs
 
@@ -85,7 +85,7 @@ def test_workers_share_a_postgresql_queue_without_running_a_job_twice(start_node
 
     def runner(job, files, out):
         with lock:
-            ran.append(job["id"])
+            ran.append(job.id)
         return "ok"
 
     workers = [pipeline.worker(node.settings, pipeline.ledger(node.settings), runner=runner) for _ in range(3)]
@@ -98,7 +98,7 @@ def test_workers_share_a_postgresql_queue_without_running_a_job_twice(start_node
         t.join()
     assert sorted(ran) == ids
     with node.engine.connect() as conn:
-        assert {j["state"] for j in queue.list_jobs(conn) if j["id"] in ids} == {"succeeded"}
+        assert {j.state for j in queue.list_jobs(conn) if j.id in ids} == {"succeeded"}
         assert conn.execute(text("select count(*) from jobs where state = 'running'")).scalar() == 0
     with node.engine.connect() as conn:
         assert verify_connection(conn).ok  # concurrent appends from three workers kept one chain

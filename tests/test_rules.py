@@ -10,7 +10,8 @@ import pytest
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DS
 
-from segnode.models.registry import default_models_dir, list_models
+from segnode.config import default_models_dir
+from segnode.models.registry import list_models
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from segnode.phantom.dx import DXOptions, generate_dx, write_dx
 from segnode.routing.rules import Facts, RulesError, decide, evaluate, load_rules, parse_rules

@@ -12,7 +12,7 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from segnode.testdata import ct_series
+from testdata import ct_series
 from tests.conftest import audit_events, echoscu, eventually, instances, storescu
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, select
 
 from segnode.db.models import AuditEvent
 from segnode.imaging.nifti import read_labels
-from segnode.peers import free_port, start_node_process
+from peers import free_port, start_node_process
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from tests.conftest import echoscu, eventually, storescu
 
@@ -45,7 +45,7 @@ def _events(data_dir: Path, code: str) -> list:
 
 
 def _children(node, kind: str) -> list[psutil.Process]:
-    return [p for p in psutil.Process(node.proc.pid).children() if "component" in p.cmdline() and kind in p.cmdline()]
+    return [p for p in psutil.Process(node.proc.pid).children() if "segnode.stage" in p.cmdline() and kind in p.cmdline()]
 
 
 def _phantom(tmp_path: Path, seed: int, slices: float = 2.0) -> list[Path]:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from segnode.inference.evaluate import evaluate_case
-from segnode.models.registry import default_models_dir, load_model
+from segnode.config import default_models_dir
+from segnode.models.registry import load_model
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from segnode.phantom.dx import DXOptions, generate_dx, write_dx
 from segnode.training.data import load_case

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from segnode.dicom import status as st
 from segnode.dicom.part10 import parse_meta
-from segnode.testdata import ct_series
+from testdata import ct_series
 from tests.conftest import audit_events, dataset_bytes, instances
 
 

@@ -4,7 +4,7 @@ Each event's hash covers its content and the previous event's hash, so an edited
 inserted or reordered event breaks the chain at a point `verify` can name. The sequence number is
 left out of the hash on purpose: renumbering to hide a deletion or an insertion does not hide the
 broken link, and the report points at the event where the chain breaks, not at every later one.
-Event codes are the DICOM audit message vocabulary (DCM, PS3.15 A.5 / PS3.16 CID 400s).
+What an event says is typed in segnode.audit.events.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import hmac
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from sqlalchemy import Connection, select
 
+from segnode.audit.events import Event
+from segnode.flow import utc_now
 from segnode.db.fast import Tx
 from segnode.db.models import AuditEvent
 
@@ -29,35 +30,6 @@ TABLE = AuditEvent.__table__
 
 GENESIS = "0" * 64
 APPEND_LOCK = 0x5E6A0D17  # PostgreSQL advisory lock key held while an event is appended
-
-# (code, display name) from DCM: what happened.
-APPLICATION_ACTIVITY = ("110100", "Application Activity")
-INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
-SECURITY_ALERT = ("110113", "Security Alert")
-BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
-# segnode's own steps between receiving and delivering (no DICOM audit event type covers them)
-SERIES_COMPLETE = ("SN-COMPLETE", "Series Complete")
-SERIES_REOPENED = ("SN-REOPEN", "Series Reopened")
-ROUTING_DECISION = ("SN-ROUTE", "Routing Decision")
-JOB_EVENT = ("SN-JOB", "Job State Change")
-
-# Event action codes and outcomes (RFC 3881 / PS3.15)
-ACTION_CREATE, ACTION_READ, ACTION_UPDATE, ACTION_EXECUTE = "C", "R", "U", "E"
-SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
-
-
-@dataclass
-class Event:
-    """What to record; the trail adds time, sequence and hashes."""
-
-    code: tuple[str, str]
-    action: str
-    outcome: int
-    actor: dict[str, Any]
-    objects: dict[str, Any] = field(default_factory=dict)
-    status: int | None = None
-    detail: str = ""
-
 
 def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
     """Keyed hash of the patient identity: linkable inside this node, not reversible outside it."""
@@ -133,14 +105,14 @@ class AuditTrail:
         seq, prev = (row[0], row[1]) if row else (0, GENESIS)
         row: dict[str, Any] = {
             "seq": seq + 1,
-            "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            "event_id": event.code[0],
-            "event_name": event.code[1],
-            "action": event.action,
-            "outcome": event.outcome,
+            "time": utc_now(),
+            "event_id": event.type.code,
+            "event_name": event.type.display,
+            "action": str(event.action),
+            "outcome": int(event.outcome),
             "status": event.status,
-            "actor": json.dumps(event.actor, sort_keys=True, separators=(",", ":")),
-            "objects": json.dumps(event.objects, sort_keys=True, separators=(",", ":")),
+            "actor": json.dumps(dict(event.actor), sort_keys=True, separators=(",", ":")),
+            "objects": json.dumps(dict(event.objects), sort_keys=True, separators=(",", ":")),
             "detail": event.detail,
             "prev_hash": prev,
         }

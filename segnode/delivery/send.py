@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -14,19 +13,16 @@ import httpx
 from pydicom import dcmread
 from pynetdicom import AE
 
+from segnode.errors import TransientError
 from segnode.config import Destination
+from segnode.delivery.dimse_client import configure_pynetdicom
+from segnode.flow import DeliveryReceipt
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(TransientError, RuntimeError):
     """The destination refused or could not be reached; the message says which and what it answered."""
-
-
-@dataclass
-class Delivered:
-    answers: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> what the destination said
-    confirmed: str = ""  # how arrival was confirmed
 
 
 def _tls_context(dest: Destination) -> ssl.SSLContext:
@@ -39,6 +35,7 @@ def _tls_context(dest: Destination) -> ssl.SSLContext:
 
 def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dict[str, str]:
     datasets = [dcmread(f) for f in files]
+    configure_pynetdicom()  # no identifiers in logs, TCP_NODELAY (idempotent)
     ae = AE(ae_title=calling_ae)
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -130,6 +127,11 @@ def confirm(dest: Destination, uids: Sequence[str]) -> str:
     return "not confirmed beyond the C-STORE success statuses (set orthanc_url to have the PACS asked)"
 
 
-def deliver(dest: Destination, files: Sequence[Path], calling_ae: str) -> Delivered:
+def deliver(dest: Destination, files: Sequence[Path], calling_ae: str) -> DeliveryReceipt:
+    """Send `files` to `dest` (C-STORE calling as `calling_ae`, or STOW-RS), then have the PACS confirm.
+
+    Raises:
+        DeliveryError: refused, unreachable or not confirmed (retryable: the PACS may come back).
+    """
     answers = send_dimse(dest, files, calling_ae) if dest.kind == "dimse" else send_stow(dest, files)
-    return Delivered(answers, confirm(dest, list(answers)))
+    return DeliveryReceipt(answers, confirm(dest, list(answers)))

@@ -18,6 +18,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from segnode.errors import InputError
+
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -35,7 +37,7 @@ WANTED = {
 }
 
 
-class MalformedDataset(ValueError):
+class MalformedDataset(InputError):
     """The bytes are not a complete, well-formed DICOM dataset."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from segnode.errors import InputError
+
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATASET = 0x0101
 
@@ -12,7 +14,7 @@ AFFECTED_SOP_INSTANCE = 0x1000
 _US = {COMMAND_FIELD, MESSAGE_ID, 0x0120, DATASET_TYPE, 0x0700, 0x0900}
 
 
-class BadCommand(ValueError):
+class BadCommand(InputError):
     """The command set cannot be parsed."""
 
 

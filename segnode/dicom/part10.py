@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 from segnode import __version__
 
+from segnode.errors import InputError
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1432.1"
 IMPLEMENTATION_VERSION = f"SEGNODE_{__version__}"[:16]
 MAX_META = 64 * 1024
 
 
-class NotPart10(ValueError):
+class NotPart10(InputError):
     """The bytes do not start with a PS3.10 preamble and file meta group."""
 
 

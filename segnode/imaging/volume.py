@@ -19,6 +19,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from segnode.errors import InputError
+
 log = logging.getLogger(__name__)
 
 TiltPolicy = Literal["resample", "refuse"]
@@ -26,7 +28,7 @@ GEOMETRY_TOLERANCE = 1e-3  # direction cosines and pixel spacings that differ by
 SPACING_TOLERANCE = 0.1  # a gap between slices more than 10 % off the usual spacing is a gap
 
 
-class SeriesError(ValueError):
+class SeriesError(InputError):
     """The series cannot be turned into one regular volume; the message says which and why."""
 
 

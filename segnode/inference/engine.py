@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segnode.flow import Segmentation, Timings
 from segnode.imaging.volume import Volume
 from segnode.models.manifest import Manifest, Normalization
 
@@ -61,36 +62,11 @@ class EngineOptions:
 
 
 @dataclass
-class Timings:
-    """Seconds per stage; on the GPU each stage is synchronized before it is timed."""
-
-    read: float = 0.0  # DICOM -> volume, filled in by callers that read
-    preprocess: float = 0.0  # upload, resample to the model grid, normalize
-    windows: float = 0.0  # sliding window: network and accumulation
-    resample: float = 0.0  # logits back to the source grid, argmax, download
-    postprocess: float = 0.0  # connected components
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in self.__dict__.items()}
-
-    def __str__(self) -> str:
-        total = sum(self.__dict__.values())
-        return ", ".join(f"{k} {v:.2f} s" for k, v in self.__dict__.items()) + f"; total {total:.2f} s"
-
-
-@dataclass
 class Grid:
     """The model grid: its shape and the affine from its index to the source's index."""
 
     shape: tuple[int, int, int]
     to_source: np.ndarray  # 4x4, model index -> source index
-
-
-@dataclass
-class Segmentation:
-    labels: np.ndarray  # uint8, the source volume's shape and geometry
-    timings: Timings
-    notes: list[str] = field(default_factory=list)
 
 
 def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -13,23 +12,16 @@ import numpy as np
 
 from segnode import __version__
 from segnode.imaging.nifti import write_labels
-from segnode.imaging.volume import TiltPolicy, Volume, read_series
-from segnode.inference.engine import EngineOptions, Segmentation, engine_for
-from segnode.outputs.files import LABELS_FILE, RECORD_FILE
+from segnode.imaging.volume import TiltPolicy, read_series
+from segnode.flow import SegmentedSeries
+from segnode.inference.engine import EngineOptions, engine_for
+from segnode.datadir import LABELS_FILE, RECORD_FILE
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Result:
-    volume: Volume
-    segmentation: Segmentation
-    labels_path: Path
-    record_path: Path
-
-
 def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: EngineOptions | None = None,
-                 tilt: TiltPolicy = "resample") -> Result:
+                 tilt: TiltPolicy = "resample") -> SegmentedSeries:
     """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
 
     Raises SeriesError (named series and reason) when the series cannot be one volume."""
@@ -58,4 +50,4 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     log.info("segmented series with %s %s: %s", m.name, m.version, seg.timings)
-    return Result(volume, seg, labels_path, record_path)
+    return SegmentedSeries(volume, seg, labels_path, record_path)

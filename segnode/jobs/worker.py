@@ -2,55 +2,63 @@
 
 Any number of workers (processes) may share one queue. A job's lease is renewed while it runs; a
 worker that dies stops renewing and the job is queued again. A job's output is its folder
-results/<job id>/: labels.nii.gz, seg.dcm, sr.dcm and segmentation.json (what produced them).
+results/<job id>/ (segnode.datadir): labels.nii.gz, seg.dcm, sr.dcm and segmentation.json (what
+produced them). Whether a failed job is tried again is decided by `SegnodeError.retryable` alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from sqlalchemy import select
 
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
-from segnode.config import Destination, OutputsConfig
+from segnode.config import Settings
+from segnode.datadir import result_files
 from segnode.delivery.send import DeliveryError, deliver
+from segnode.errors import ConfigurationError, SegnodeError
+from segnode.flow import Job, JobKind, JobState
 from segnode.imaging.volume import SeriesError
 from segnode.inference.engine import EngineOptions, engine_for
 from segnode.inference.infer import infer_series
 from segnode.jobs import queue
+from segnode.db.queries import completed_series
 from segnode.models.registry import read_manifest
-from segnode.outputs.files import result_files
 from segnode.outputs.results import encode_results
-from segnode.routing.router import series_input
 
 log = logging.getLogger(__name__)
-RESULTS = "results"
 
-Runner = Callable[[dict[str, Any], list[Path], Path], str]  # (job, instance files, output folder) -> detail
+Runner = Callable[[Job, list[Path], Path], str]  # (job, instance files, output folder) -> detail for the audit
+
+
+class ModelVersionMismatch(ConfigurationError):
+    """The installed model is not the version (or weights) the job was queued for: running it would
+    produce a result whose provenance differs from what the routing decision recorded."""
 
 
 class Worker:
-    def __init__(self, ledger: Ledger, data_dir: Path, spool_root: Path, models_dir: Path, lease_seconds: float,
-                 backoff_seconds: float, device: str = "auto", runner: Runner | None = None,
-                 destinations: dict[str, Destination] | None = None, default_destinations: Sequence[str] = (),
-                 calling_ae: str = "SEGNODE", outputs: OutputsConfig | None = None) -> None:
-        self.ledger, self.data_dir, self.spool_root, self.models_dir = ledger, data_dir, spool_root, models_dir
-        self.lease, self.backoff = lease_seconds, backoff_seconds
-        self.options = EngineOptions(device=device)
+    """Takes jobs from the queue until told to stop: segmentations and deliveries.
+
+    Args:
+        ledger: the database (queue, index) and the audit trail.
+        settings: data directory, models, lease and backoff (`jobs`), destinations, outputs, and the
+            AE title deliveries call from (`dimse.ae_title`).
+        runner: what a segment job runs (job, its instance files, its result folder) -> audit detail;
+            the default reads the series, segments it and encodes SEG + SR. Tests replace it.
+    """
+
+    def __init__(self, ledger: Ledger, settings: Settings, *, runner: Runner | None = None) -> None:
+        self.ledger, self.settings, self.data = ledger, settings, settings.data
+        self.models_dir = settings.models_root
+        self.options = EngineOptions(device=settings.jobs.device)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.runner = runner or self._infer
-        self.destinations = destinations or {}
-        self.default_destinations = list(default_destinations)
-        self.calling_ae = calling_ae
-        self.outputs = outputs or OutputsConfig()
 
     def warm(self, models: Sequence[str]) -> None:
         """Load these models and run one batch through each before taking jobs: the first study would
@@ -64,96 +72,101 @@ class Worker:
             else:
                 log.info("model %s warm (one batch in %.2f s)", name, seconds)
 
-    def _deliver(self, job: dict[str, Any]) -> str:
+    def _deliver(self, job: Job) -> str:
         """Send the parent job's SEG, SR (and contour images) to the job's destination and have the PACS
         confirm them."""
-        name = job["destination"]
-        dest = self.destinations.get(name)
+        name = job.destination
+        destinations = self.settings.destinations
+        dest = destinations.get(name)
         if dest is None:
             raise DeliveryError(f"destination {name!r} is not configured (any more); configured: "
-                                f"{', '.join(self.destinations) or 'none'}")
+                                f"{', '.join(destinations) or 'none'}")
         with self.ledger.engine.connect() as conn:
-            parent = conn.execute(select(queue.JOBS.c.output).where(queue.JOBS.c.id == job["parent_job"])).scalar()
+            parent = queue.job_output(conn, job.parent_job) if job.parent_job is not None else ""
         if not parent:
-            raise DeliveryError(f"job {job['parent_job']} has no results to deliver")
-        files, missing = result_files(self.data_dir / parent)
+            raise DeliveryError(f"job {job.parent_job} has no results to deliver")
+        files, missing = result_files(self.data.path(parent))
         if missing:
-            raise DeliveryError(f"job {job['parent_job']}'s results are missing: {', '.join(missing)}")
+            raise DeliveryError(f"job {job.parent_job}'s results are missing: {', '.join(missing)}")
         actor = {"component": "worker", "worker": self.owner, "destination": name}
-        objects = {"job_id": job["id"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
+        objects = {"job_id": job.id, "study_uid": job.study_uid, "series_uid": job.series_uid,
                    "destination": name, "files": [f.name for f in files]}
         with self.ledger.transaction() as (_, append):
-            append(audit.Event(audit.BEGIN_TRANSFERRING, audit.ACTION_EXECUTE, audit.SUCCESS, actor, objects, None,
-                               f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
+            append(audit.Event(type=audit.BEGIN_TRANSFERRING, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor=actor, objects=objects, detail=f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
         try:
-            delivered = deliver(dest, files, self.calling_ae)
+            delivered = deliver(dest, files, self.settings.dimse.ae_title)
         except Exception as exc:
             with self.ledger.transaction() as (_, append):
-                append(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_EXECUTE, audit.MAJOR_FAILURE, actor,
-                                   objects, None, f"delivery to {name} failed: {exc}"))
+                append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE, outcome=audit.Outcome.MAJOR_FAILURE, actor=actor, objects=objects, detail=f"delivery to {name} failed: {exc}"))
             raise
         with self.ledger.transaction() as (_, append):
-            append(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_EXECUTE, audit.SUCCESS, actor,
-                               dict(objects, answers=delivered.answers), None, delivered.confirmed))
+            append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor=actor, objects=dict(objects, answers=delivered.answers), detail=delivered.confirmed))
         return f"delivered to {name}: {delivered.confirmed}"
 
-    def _infer(self, job: dict[str, Any], files: list[Path], out: Path) -> str:
-        folder = self.models_dir / job["model"]
+    def _infer(self, job: Job, files: list[Path], out: Path) -> str:
+        folder = self.models_dir / job.model
         manifest = read_manifest(folder)
-        if (manifest.version, manifest.weights_sha256) != (job["model_version"], job["weights_sha256"]):
-            raise RuntimeError(f"model {job['model']} is now {manifest.version} (weights {manifest.weights_sha256[:12]}),"
-                               f" the job was queued for {job['model_version']} ({job['weights_sha256'][:12]}); "
-                               f"retry the job to run the installed version")
+        if (manifest.version, manifest.weights_sha256) != (job.model_version, job.weights_sha256):
+            raise ModelVersionMismatch(
+                f"model {job.model} is now {manifest.version} (weights {manifest.weights_sha256[:12]}), the job was "
+                f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
+                f"version again and retry the job, or send the series again to have it routed to the installed one")
         result = infer_series(folder, files, out, self.options)
-        encoded = encode_results(result, files, manifest, job["idempotency_key"], out, self.outputs.seg_type,
-                                 self.outputs.secondary_capture)
+        encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs)
         overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
-        return (f"{job['model']} {job['model_version']} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
+        return (f"{job.model} {job.model_version} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
                 f"({result.segmentation.timings})")
 
     def run_once(self) -> bool:
         """Handle at most one job; False when there was nothing to do."""
+        jobs = self.settings.jobs
         queue.reap(self.ledger)
-        job = queue.claim(self.ledger.engine, self.owner, self.lease)
+        job = queue.claim(self.ledger.engine, self.owner, jobs.lease_seconds)
         if job is None:
             return False
-        log.info("job %d: %s on series (attempt %d of %d)", job["id"], job["model"], job["attempts"],
-                 job["max_attempts"])
+        log.info("job %d: %s on series (attempt %d of %d)", job.id, job.model if job.kind == JobKind.SEGMENT
+                 else f"delivery to {job.destination}", job.attempts, job.max_attempts)
         stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(job["id"], stop), daemon=True)
+        renewer = threading.Thread(target=self._renew, args=(job.id, stop), daemon=True)
         renewer.start()
         try:
-            if job["kind"] == "deliver":
+            if job.kind == JobKind.DELIVER:
                 queue.finish(self.ledger, job, self.owner, "", self._deliver(job))
                 return True
             with self.ledger.engine.connect() as conn:
-                series = series_input(conn, job["series_uid"], job["generation"])
-            if series.input_sha256 != job["input_sha256"]:
+                series = completed_series(conn, job.series_uid, job.generation)
+            if series.input_sha256 != job.input_sha256:
                 queue.finish(self.ledger, job, self.owner, "", "the series changed before this job ran; the job "
-                             "for its new version covers it", state="superseded")
+                             "for its new version covers it", state=JobState.SUPERSEDED)
                 return True
-            out = self.data_dir / RESULTS / str(int(job["id"]))
-            files = [self.spool_root / path for _, _, path in series.instances]
+            out = self.data.result_folder(job.id)
+            files = [self.data.path(i.path) for i in series.instances]
             detail = self.runner(job, files, out)
-            targets = json.loads(job["destinations"]) or self.default_destinations
-            if not queue.finish(self.ledger, job, self.owner, str(out.relative_to(self.data_dir)), detail,
-                                deliver_to=targets):
-                log.warning("job %d finished after its lease was lost; another worker owns it now", job["id"])
-        except SeriesError as exc:  # the input itself cannot be segmented: retrying will not help
-            log.warning("job %d refused its series: %s", job["id"], exc)
-            queue.fail(self.ledger, job, self.owner, f"refused: {exc}", self.backoff, final=True)
-        except Exception as exc:
-            log.exception("job %d failed", job["id"])
-            state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", self.backoff)
-            log.warning("job %d is now %s", job["id"], state)
+            targets = list(job.destinations) or self.settings.routing.default_destinations
+            if not queue.finish(self.ledger, job, self.owner, self.data.relative(out), detail, deliver_to=targets):
+                log.warning("job %d finished after its lease was lost; another worker owns it now", job.id)
+        except SegnodeError as exc:
+            if exc.retryable:
+                log.warning("job %d failed (%s); it will be retried", job.id, exc)
+                state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs.backoff_seconds)
+            else:  # the input or the installation must change first: retrying would fail the same way
+                log.warning("job %d cannot succeed as it is: %s", job.id, exc)
+                reason = f"refused: {exc}" if isinstance(exc, SeriesError) else f"{type(exc).__name__}: {exc}"
+                state = queue.fail(self.ledger, job, self.owner, reason, jobs.backoff_seconds, final=True)
+            log.warning("job %d is now %s", job.id, state)
+        except Exception as exc:  # not one of ours: a bug or an environment fault; retried, as it may pass
+            log.exception("job %d failed", job.id)
+            state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs.backoff_seconds)
+            log.warning("job %d is now %s", job.id, state)
         finally:
             stop.set()
             renewer.join()
         return True
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(self.lease / 3):
-            if not queue.renew(self.ledger.engine, job_id, self.owner, self.lease):
+        lease = self.settings.jobs.lease_seconds
+        while not stop.wait(lease / 3):
+            if not queue.renew(self.ledger.engine, job_id, self.owner, lease):
                 log.warning("job %d: lease lost", job_id)
                 return
 

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
+from segnode.errors import ConfigurationError
 from segnode.models.manifest import Manifest
 from segnode.nets import NetworkError, Segmenter, build_network, divisor
 
 MANIFEST, WEIGHTS, CARD = "model.json", "weights.safetensors", "MODEL_CARD.md"
 
 
-class ModelError(Exception):
+class ModelError(ConfigurationError):
     """A model folder that cannot be used; the message says what is wrong."""
-
-
-def default_models_dir() -> Path:
-    """SEGNODE_MODELS, else the models/ folder of this source tree."""
-    return Path(os.environ.get("SEGNODE_MODELS", Path(__file__).resolve().parents[2] / "models"))
 
 
 def sha256_file(path: Path) -> str:

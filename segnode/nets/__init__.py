@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from segnode.errors import ConfigurationError
+
 ARCHITECTURES = ("unet", "basic_unet", "attention_unet", "unet_plus_plus", "vnet", "dynunet")
 
 
-class NetworkError(ValueError):
+class NetworkError(ConfigurationError, ValueError):
     """The manifest's network description cannot be built."""
 
 

@@ -6,36 +6,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from pydicom import dcmread
 
-from segnode.inference.infer import Result
+from segnode.config import OutputsConfig
+from segnode.flow import EncodedResults, SegmentedSeries
 from segnode.models.manifest import Manifest
-from segnode.outputs.files import SEG_FILE, SR_FILE
+from segnode.datadir import SEG_FILE, SR_FILE
 from segnode.outputs.overlay import build_overlays
-from segnode.outputs.seg import Provenance, SegType, build_seg
+from segnode.outputs.seg import Provenance, build_seg
 from segnode.outputs.sr import build_sr, segment_stats
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Encoded:
-    seg: Path
-    sr: Path
-    seg_uid: str
-    sr_uid: str
-    volumes_ml: dict[str, float]
-    overlays: list[Path] = field(default_factory=list)
-
-
-def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
-                   seg_type: SegType = "BINARY", secondary_capture: bool = False) -> Encoded:
+def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
+                   outputs: OutputsConfig | None = None) -> EncodedResults:
     """Write OUT/seg.dcm and OUT/sr.dcm (and OUT/sc-NNNN.dcm) for the segmentation in `result` of the
-    series `files`."""
+    series `files`, and list them in the result's record (segmentation.json).
+
+    Args:
+        result: the segmentation with its volume (source order and geometry) and record file.
+        files: the series' instance files, whose headers the SEG and SR reference and copy.
+        manifest: the model that produced it (labels, codes, version: the provenance).
+        job_key: the job's idempotency key, from which the result UIDs are derived (same job: same UIDs).
+        outputs: SEG encoding (`seg_type`) and whether to write contour images (`secondary_capture`).
+    Returns:
+        The files written and their SOP Instance UIDs, with each label's volume in mL.
+    """
+    outputs = outputs or OutputsConfig()
+    seg_type, secondary_capture = outputs.seg_type, outputs.secondary_capture
     start = time.perf_counter()
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
     prov = Provenance(job_key, manifest)
@@ -61,5 +63,6 @@ def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, jo
                          "sr": {"file": SR_FILE, "sop_instance_uid": sr.SOPInstanceUID}, "volumes_ml": volumes,
                          "secondary_capture": [f.name for f in overlays]}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
-    return Encoded(out / SEG_FILE, out / SR_FILE, seg.SOPInstanceUID, sr.SOPInstanceUID, volumes, overlays)
+    return EncodedResults(out / SEG_FILE, out / SR_FILE, seg.SOPInstanceUID, sr.SOPInstanceUID, volumes,
+                          tuple(overlays))
 

@@ -6,44 +6,26 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from sqlalchemy import Connection, select
 
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
 from segnode.audit.ledger import Append
-from segnode.db.models import Instance, RoutingDecision
-from segnode.jobs.queue import JobSpec, enqueue, input_hash, now_iso, supersede_stale
+from segnode.config import Settings
+from segnode.datadir import DataDir
+from segnode.db.models import RoutingDecision as DecisionRow
+from segnode.db.queries import completed_series
+from segnode.flow import CompletedSeries, JobSpec, RoutingDecision, utc_now
+from segnode.jobs.queue import enqueue, supersede_stale
 from segnode.models.registry import ModelError, read_manifest
 from segnode.routing.facts import facts_for
-from segnode.routing.rules import Action, Decision, Facts, RuleSet, decide
+from segnode.routing.rules import Action, Facts, RuleSet, decide
 
 log = logging.getLogger(__name__)
-INSTANCES, DECISIONS = Instance.__table__, RoutingDecision.__table__
+DECISIONS = DecisionRow.__table__
 _SOURCE = re.compile(r"^(?P<protocol>[a-z]+):(?:(?P<ae>[^@]*)@)?(?P<host>.*):(?P<port>\d+)$")
-
-
-@dataclass
-class SeriesInput:
-    series_uid: str
-    study_uid: str
-    generation: int
-    instances: list[tuple[str, str, str]]  # (SOP Instance UID, sha256, spool path), in arrival order
-    source: str  # the first instance's sender, as the store recorded it
-
-    @property
-    def input_sha256(self) -> str:
-        return input_hash([(uid, sha) for uid, sha, _ in self.instances])
-
-
-def series_input(conn: Connection, series_uid: str, generation: int) -> SeriesInput:
-    rows = conn.execute(select(INSTANCES.c.sop_instance_uid, INSTANCES.c.sha256, INSTANCES.c.path,
-                               INSTANCES.c.study_uid, INSTANCES.c.source)
-                        .where(INSTANCES.c.series_uid == series_uid).order_by(INSTANCES.c.id)).all()
-    return SeriesInput(series_uid, rows[0].study_uid if rows else "", generation,
-                       [(r.sop_instance_uid, r.sha256, r.path) for r in rows], rows[0].source if rows else "")
 
 
 def sender(source: str) -> tuple[str | None, str | None]:
@@ -54,26 +36,36 @@ def sender(source: str) -> tuple[str | None, str | None]:
     return (m.group("ae") or None), m.group("host") or None
 
 
-def facts(spool_root: Path, series: SeriesInput) -> Facts:
+def facts(data: DataDir, series: CompletedSeries) -> Facts:
     """The rules' view of a series: the first instance's header, the count, 2D/3D, the sender."""
-    first = dcmread(spool_root / series.instances[0][2], stop_before_pixels=True)
+    first = dcmread(data.path(series.instances[0].path), stop_before_pixels=True)
     return facts_for(first, len(series.instances), *sender(series.source))
 
 
-def route(conn: Connection, append: Append, series: SeriesInput, ruleset: RuleSet, spool_root: Path,
-          models_dir: Path, max_attempts: int) -> Decision:
-    """Decide, record the decision (table + audit, with the rule set's sha256) and queue its jobs."""
-    decision = decide(ruleset, facts(spool_root, series))
-    applied = [rule.name for rule in decision.applied]
+def route(conn: Connection, append: Append, series: CompletedSeries, ruleset: RuleSet,
+          settings: Settings) -> RoutingDecision:
+    """Decide, record the decision (table + audit, with the rule set's sha256) and queue its jobs, in
+    the caller's transaction (the one that completed the series).
+
+    Args:
+        series: the completed series version; its first instance's header is what the rules see.
+        ruleset: the rules `serve` loaded (segnode.pipeline.ruleset).
+        settings: the data directory, the models folder and `jobs.max_attempts`.
+    Returns:
+        The decision as recorded.
+    """
+    decision = decide(ruleset, facts(settings.data, series))
+    applied = tuple(rule.name for rule in decision.applied)
+    recorded = RoutingDecision(series.series_uid, series.generation, ruleset.sha256, applied, tuple(decision.models))
     conn.execute(DECISIONS.insert().values(series_uid=series.series_uid, generation=series.generation,
-                                           ruleset_sha256=ruleset.sha256, rules=json.dumps(applied),
-                                           models=json.dumps(decision.models), decided_at=now_iso()))
+                                           ruleset_sha256=ruleset.sha256, rules=json.dumps(list(applied)),
+                                           models=json.dumps(decision.models), decided_at=utc_now()))
     objects: dict[str, Any] = {"series_uid": series.series_uid, "study_uid": series.study_uid,
                                "generation": series.generation, "ruleset_sha256": ruleset.sha256,
-                               "rules": applied, "models": decision.models, "instances": len(series.instances)}
-    what = "ignored" if decision.ignored else "routed to " + ", ".join(decision.models)
-    append(audit.Event(audit.ROUTING_DECISION, audit.ACTION_EXECUTE, audit.SUCCESS, {"component": "router"},
-                       objects, None, f"{what} by rule(s) {', '.join(applied) or '(none matched)'}"))
+                               "rules": list(applied), "models": decision.models, "instances": len(series.instances)}
+    what = "ignored" if recorded.ignored else "routed to " + ", ".join(decision.models)
+    append(audit.Event(type=audit.ROUTING_DECISION, action=audit.Action.EXECUTE, actor={"component": "router"},
+                       objects=objects, detail=f"{what} by rule(s) {', '.join(applied) or '(none matched)'}"))
     stale = supersede_stale(conn, series.series_uid, series.generation)
     if stale:
         log.info("series generation %d: %d older queued job(s) superseded", series.generation, stale)
@@ -82,17 +74,19 @@ def route(conn: Connection, append: Append, series: SeriesInput, ruleset: RuleSe
             continue
         for model in rule.action.models:
             try:
-                manifest = read_manifest(models_dir / model)
+                manifest = read_manifest(settings.models_root / model)
             except ModelError as exc:  # removed since the rules were loaded: a job that says so
                 log.error("rule %s names model %s, which cannot be read: %s", rule.name, model, exc)
                 version, weights = "missing", "0" * 64
             else:
                 version, weights = manifest.version, manifest.weights_sha256
-            enqueue(conn, append, JobSpec(series.series_uid, series.study_uid, series.generation, model, version,
-                                          weights, series.input_sha256, len(series.instances), rule.name,
-                                          ruleset.sha256, rule.action.destinations, rule.action.priority),
-                    max_attempts)
-    return decision
+            spec = JobSpec(series_uid=series.series_uid, study_uid=series.study_uid, generation=series.generation,
+                           model=model, model_version=version, weights_sha256=weights,
+                           input_sha256=series.input_sha256, instances=len(series.instances), rule=rule.name,
+                           ruleset_sha256=ruleset.sha256, destinations=tuple(rule.action.destinations),
+                           priority=rule.action.priority)
+            enqueue(conn, append, spec, settings.jobs.max_attempts)
+    return recorded
 
 
 @dataclass
@@ -108,7 +102,7 @@ class Replayed:
         return self.before != self.after
 
 
-def replay(conn: Connection, spool_root: Path, ruleset: RuleSet) -> list[Replayed]:
+def replay(conn: Connection, data: DataDir, ruleset: RuleSet) -> list[Replayed]:
     """Decide every routed series again with `ruleset`, as a dry run: nothing is written."""
     latest = select(DECISIONS.c.series_uid, DECISIONS.c.generation, DECISIONS.c.rules, DECISIONS.c.models).order_by(
         DECISIONS.c.id)
@@ -117,10 +111,10 @@ def replay(conn: Connection, spool_root: Path, ruleset: RuleSet) -> list[Replaye
         last[row.series_uid] = row  # the newest decision per series wins
     out = []
     for uid, row in last.items():
-        series = series_input(conn, uid, row.generation)
+        series = completed_series(conn, uid, row.generation)
         if not series.instances:
             continue
-        decision = decide(ruleset, facts(spool_root, series))
+        decision = decide(ruleset, facts(data, series))
         out.append(Replayed(uid, json.loads(row.models), decision.models, json.loads(row.rules),
                             [r.name for r in decision.applied]))
     return out

@@ -36,11 +36,13 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 from pydicom.datadict import tag_for_keyword
 
+from segnode.errors import ConfigurationError
+
 DEFAULT_RULES = Path(__file__).with_name("default.yaml")
 OPERATORS = ("equals", "in", "regex", "range", "exists", "contains", "network")
 
 
-class RulesError(ValueError):
+class RulesError(ConfigurationError, ValueError):
     """A rule file that cannot be used; the message names the rule and the field."""
 
 

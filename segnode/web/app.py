@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,12 +12,11 @@ from fastapi.responses import JSONResponse
 
 from segnode import __version__
 from segnode.dicom.uids import is_valid_uid
-from segnode.queries import list_studies
-from segnode.store import Peer
+from segnode.db.queries import list_studies
+from segnode.audit.ledger import Ledger
+from segnode.config import Settings
+from segnode.ingest.store import Peer, StoreService
 from segnode.web.stow import BadRequest, StowSession, http_status, response_body
-
-if TYPE_CHECKING:
-    from segnode.service import Node
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -46,9 +45,16 @@ def _peer(request: Request, protocol: str, user: str = "") -> Peer:
     return Peer(protocol, client.host if client else "", client.port if client else 0, user=user)
 
 
-def create_app(node: "Node") -> FastAPI:
+def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastAPI:
+    """The node's HTTP side over its store (STOW-RS) and its ledger (index, queue, audit).
+
+    Args:
+        settings: the node's settings (the bearer token in `http.token`).
+        store: where STOW-RS parts are committed, as DIMSE instances are.
+        ledger: the database and audit trail, for the API's reads and requests.
+    """
     app = FastAPI(title="segnode", version=__version__)
-    token = node.settings.http.token
+    token = settings.http.token
 
     def authorize(request: Request) -> str:
         if token is None:
@@ -56,7 +62,7 @@ def create_app(node: "Node") -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token.get_secret_value()):
-            node.store.record_security(_peer(request, "http"),
+            store.record_security(_peer(request, "http"),
                                        f"{request.method} {request.url.path}: missing or wrong bearer token")
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         return "bearer"
@@ -68,7 +74,7 @@ def create_app(node: "Node") -> FastAPI:
     @app.get("/api/studies")
     def studies(request: Request) -> list[dict[str, Any]]:
         authorize(request)
-        with node.engine.connect() as conn:
+        with ledger.engine.connect() as conn:
             return list_studies(conn)
 
     @app.post("/api/studies/{study}/complete", status_code=202)
@@ -79,7 +85,7 @@ def create_app(node: "Node") -> FastAPI:
         authorize(request)
         if not is_valid_uid(study):
             raise HTTPException(400, "the study in the URL is not a valid UID")
-        count = request_completion(node.ledger, study, "http")
+        count = request_completion(ledger, study, "http")
         if not count:
             raise HTTPException(404, "no open series in this study (unknown, or already completed)")
         return {"study_uid": study, "series": count}
@@ -89,15 +95,15 @@ def create_app(node: "Node") -> FastAPI:
         from segnode.jobs.queue import list_jobs
 
         authorize(request)
-        with node.engine.connect() as conn:
-            return list_jobs(conn, state=state)
+        with ledger.engine.connect() as conn:
+            return [job.as_dict() for job in list_jobs(conn, state=state)]
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         user = await run_in_threadpool(authorize, request)  # a refusal writes an audit event
         if study is not None and not is_valid_uid(study):
             raise HTTPException(400, "the study in the URL is not a valid UID")
         boundary = _boundary(request.headers.get("content-type", ""))
-        session = StowSession(node.store, boundary, _peer(request, "stow", user), study)
+        session = StowSession(store, boundary, _peer(request, "stow", user), study)
         try:
             async for chunk in request.stream():
                 session.feed(chunk)

@@ -12,16 +12,18 @@ from typing import Any
 
 from python_multipart.multipart import MultipartParser
 
+from segnode.errors import InputError
 from segnode.dicom import status as st
 from segnode.dicom.part10 import MAX_META, Meta, NotPart10, file_meta, parse_meta
 from segnode.dicom.uids import is_valid_uid
-from segnode.spool import SpoolWriter
-from segnode.store import Peer, Received, Result, StoreService
+from segnode.ingest.spool import SpoolWriter
+from segnode.flow import StoreResult
+from segnode.ingest.store import Peer, Received, StoreService
 
 log = logging.getLogger(__name__)
 
 
-class BadRequest(Exception):
+class BadRequest(InputError):
     """The request body is not a well-formed multipart/related message."""
 
 
@@ -31,7 +33,7 @@ class _Part:
     head: bytearray = field(default_factory=bytearray)
     meta: Meta | None = None
     writer: SpoolWriter | None = None
-    failure: Result | None = None
+    failure: StoreResult | None = None
     dataset_offset: int = 0
 
 
@@ -40,7 +42,7 @@ class StowSession:
 
     def __init__(self, store: StoreService, boundary: str, peer: Peer, study_uid: str | None) -> None:
         self.store, self.peer, self.study_uid = store, peer, study_uid
-        self.results: list[Result] = []
+        self.results: list[StoreResult] = []
         self.finished: list[_Part] = []
         self._part: _Part | None = None
         self._field, self._value = bytearray(), bytearray()
@@ -85,9 +87,9 @@ class StowSession:
         assert part is not None
         ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if ctype != "application/dicom":
-            part.failure = Result(st.CANNOT_UNDERSTAND, f"part is {ctype}, not application/dicom", "failed")
+            part.failure = StoreResult.refused(st.CANNOT_UNDERSTAND, f"part is {ctype}, not application/dicom")
         elif self.store.below_floor():
-            part.failure = Result(st.OUT_OF_RESOURCES, "disk below the free-space floor", "failed")
+            part.failure = StoreResult.refused(st.OUT_OF_RESOURCES, "disk below the free-space floor")
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -102,15 +104,14 @@ class StowSession:
         try:
             meta = parse_meta(bytes(part.head))
         except NotPart10 as exc:
-            part.failure = Result(st.CANNOT_UNDERSTAND, f"not a DICOM PS3.10 file: {exc}", "failed")
+            part.failure = StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a DICOM PS3.10 file: {exc}")
             return
         if meta is None:
             if len(part.head) > MAX_META:
-                part.failure = Result(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file", "failed")
+                part.failure = StoreResult.refused(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file")
             return
         if not (meta.sop_class_uid and meta.sop_instance_uid):
-            part.failure = Result(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID",
-                                  "failed", meta.sop_class_uid, meta.sop_instance_uid)
+            part.failure = StoreResult.refused(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID", meta.sop_class_uid, meta.sop_instance_uid)
             return
         part.meta = meta
         ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
@@ -127,14 +128,14 @@ class StowSession:
         except OSError as exc:
             part.writer.abort()
             part.writer = None
-            part.failure = Result(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", "failed")
+            part.failure = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}")
 
     def _end(self) -> None:
         part = self._part
         assert part is not None
         self._part = None
         if part.failure is None and part.meta is None:
-            part.failure = Result(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file", "failed")
+            part.failure = StoreResult.refused(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file")
         self.finished.append(part)
 
     # -- storage (worker thread) ----------------------------------------------------------------
@@ -144,7 +145,7 @@ class StowSession:
         for part in parts:
             self.results.append(self._store(part))
 
-    def _store(self, part: _Part) -> Result:
+    def _store(self, part: _Part) -> StoreResult:
         if part.failure is not None:
             if part.writer is not None:
                 part.writer.abort()
@@ -155,13 +156,12 @@ class StowSession:
             sha = part.writer.finish()
         except OSError as exc:
             part.writer.abort()
-            return self.store.refuse(self.peer, Result(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}", "failed",
+            return self.store.refuse(self.peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
                                                        meta.sop_class_uid, meta.sop_instance_uid))
         rec = Received(part.writer.path, sha, part.writer.size, meta.transfer_syntax_uid, part.dataset_offset)
         refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
         if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
-            refusal = Result(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL",
-                             "failed", rec.ids.sop_class_uid, rec.ids.sop_instance_uid)
+            refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", rec.ids.sop_class_uid, rec.ids.sop_instance_uid)
         return self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
 
 
@@ -169,7 +169,7 @@ def _uid_attr(vr: str, value: str) -> dict[str, Any]:
     return {"vr": vr, "Value": [value]} if value else {"vr": vr}
 
 
-def response_body(results: list[Result]) -> dict[str, Any]:
+def response_body(results: list[StoreResult]) -> dict[str, Any]:
     """The Store Instances Response Module as DICOM JSON."""
     body: dict[str, Any] = {}
     ok = [r for r in results if r.status == st.SUCCESS]
@@ -185,7 +185,7 @@ def response_body(results: list[Result]) -> dict[str, Any]:
     return body
 
 
-def http_status(results: list[Result]) -> int:
+def http_status(results: list[StoreResult]) -> int:
     """200 all stored, 202 some failed, 409 none stored, 503 none stored for lack of space."""
     failed = [r for r in results if r.status != st.SUCCESS]
     if not failed:

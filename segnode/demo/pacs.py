@@ -1,5 +1,6 @@
-"""Real DICOM peers on loopback for tests, the demo and benchmarks: Orthanc (with DICOMweb) and
-dcmtk's storescp, each started from a temporary directory on free ports and stopped after."""
+"""The PACS of the demo: Orthanc (Debian package, with its DICOMweb plugin) started from a temporary
+directory on free loopback ports, or one that is already running (found by its REST URL). Tests use
+the same class as their real peer."""
 
 from __future__ import annotations
 
@@ -7,19 +8,29 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import httpx
 
-from segnode.tools import ToolMissing, dcmtk
+from segnode.tools import ToolMissing
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class PACS(Protocol):
+    """What the demo needs to know of a PACS."""
+
+    url: str
+    aet: str
+    host: str
+    dicom_port: int
+    username: str | None
+    password: str | None
 
 
 def free_port() -> int:
@@ -51,7 +62,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float
     _wait_until(answers, proc, f"{what} ({url})", timeout)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
     """Wait until `port` accepts connections."""
     def accepts() -> bool:
         try:
@@ -61,40 +72,6 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
             return False
 
     _wait_until(accepts, proc, f"{what} (port {port})", timeout)
-
-
-@dataclass
-class NodeProcess:
-    """`segnode serve` as its own process, as it is deployed."""
-
-    proc: subprocess.Popen[bytes]
-    dimse_port: int
-    http_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=30)
-
-
-def start_node_process(data_dir: Path, *args: str, dimse_port: int | None = None, http_port: int | None = None,
-                       stderr: int | IO[bytes] | None = subprocess.DEVNULL,
-                       env: dict[str, str] | None = None) -> NodeProcess:
-    """Start `segnode serve` on free (or given) ports and wait until its HTTP side answers."""
-    dimse, http = dimse_port or free_port(), http_port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "segnode", "serve", "--data-dir", str(data_dir), "--dimse-port",
-                             str(dimse), "--http-port", str(http), *args], stderr=stderr, env=env)
-    try:
-        wait_http(f"http://127.0.0.1:{http}/healthz", proc, "segnode")
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return NodeProcess(proc, dimse, http)
 
 
 class Orthanc:
@@ -134,7 +111,7 @@ class Orthanc:
         self.proc = subprocess.Popen([ORTHANC, str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
                                      cwd=self.workdir, env=dict(os.environ, TCP_NODELAY="1"))
         wait_http(f"{self.url}/system", self.proc, "Orthanc")
-        _wait_port(self.dicom_port, self.proc, "Orthanc")
+        wait_port(self.dicom_port, self.proc, "Orthanc")
         return self
 
     def stop(self) -> None:
@@ -192,19 +169,3 @@ def orthanc(workdir: Path, **kwargs: object) -> Iterator[Orthanc]:
         yield server
     finally:
         server.stop()
-
-
-@contextmanager
-def storescp(workdir: Path, aet: str = "STORESCP") -> Iterator[int]:
-    """dcmtk's storescp writing into workdir; yields its port."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", aet, "-od", str(workdir), "-q",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TCP_NODELAY="1"))
-    try:
-        _wait_port(port, proc, "storescp")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

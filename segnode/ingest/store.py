@@ -12,20 +12,22 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import Engine, select
 
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
+from segnode.audit.trail import AuditTrail, patient_key
+from segnode.config import StorageConfig
 from segnode.db.fast import FastDB
 from segnode.db.models import Instance, SupersededInstance
 from segnode.dicom import status as st
 from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from segnode.dicom.part10 import NotPart10, parse_meta
 from segnode.dicom.uids import is_valid_uid
-from segnode.spool import Spool
+from segnode.flow import StoreOutcome, StoreResult, utc_now
+from segnode.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 INSTANCES, SUPERSEDED = Instance.__table__, SupersededInstance.__table__
@@ -70,15 +72,6 @@ class Received:
     ids: Identifiers = field(default_factory=Identifiers)
 
 
-@dataclass
-class Result:
-    status: int
-    comment: str = ""
-    outcome: str = "stored"  # stored | duplicate | overwritten | failed
-    sop_class_uid: str = ""
-    sop_instance_uid: str = ""
-
-
 def _walk_file(rec: Received) -> str | None:
     """Walk the dataset through a read-only mapping (no copy, any size); return the problem, if any."""
     error: str | None = None
@@ -95,11 +88,22 @@ def _walk_file(rec: Received) -> str | None:
 
 
 class StoreService:
-    def __init__(self, engine: Engine, spool: Spool, trail: audit.AuditTrail, patient_secret: bytes,
-                 floor_mb: int, watermark_mb: int) -> None:
+    """The one place received instances are committed or refused, for every transport.
+
+    Args:
+        engine: the database holding the index and the audit trail.
+        spool: where files are placed (its data directory's spool/, tmp/ and superseded/).
+        trail: the audit trail; its lock serializes commits with every other appender.
+        patient_secret: key of the patient-identity hashes (see `patient_key`).
+        storage: the free-space floor (refuse instances) and watermark (refuse associations), in MB.
+    """
+
+    def __init__(self, engine: Engine, spool: Spool, trail: AuditTrail, patient_secret: bytes,
+                 storage: StorageConfig) -> None:
         self.engine, self.spool, self.trail = engine, spool, trail
         self.db = FastDB(engine)
-        self.secret, self.floor_mb, self.watermark_mb = patient_secret, floor_mb, watermark_mb
+        self.secret = patient_secret
+        self.floor_mb, self.watermark_mb = storage.free_space_floor_mb, storage.free_space_watermark_mb
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
@@ -108,30 +112,30 @@ class StoreService:
     def below_watermark(self) -> bool:
         return self.spool.free_mb() < self.watermark_mb
 
-    def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> Result | None:
-        """Walk the stored dataset and check its identifiers; a Result means refuse."""
+    def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> StoreResult | None:
+        """Walk the stored dataset and check its identifiers; a StoreResult means refuse."""
         error = _walk_file(rec)
         if error is not None:
-            return Result(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}", "failed",
+            return StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}",
                           expected_class, expected_instance)
         ids = rec.ids
         for name in ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid"):
             value = getattr(ids, name)
             if not value:
-                return Result(st.MISSING_IDENTIFIER, f"{name} is missing", "failed", ids.sop_class_uid, expected_instance)
+                return StoreResult.refused(st.MISSING_IDENTIFIER, f"{name} is missing", ids.sop_class_uid, expected_instance)
             if not is_valid_uid(value):
-                return Result(st.INVALID_UID, f"{name} is not a valid UID", "failed", ids.sop_class_uid,
+                return StoreResult.refused(st.INVALID_UID, f"{name} is not a valid UID", ids.sop_class_uid,
                               expected_instance if is_valid_uid(expected_instance) else "")
         if expected_instance and ids.sop_instance_uid != expected_instance:
-            return Result(st.DATASET_MISMATCH, "SOP Instance UID differs from the command's", "failed",
+            return StoreResult.refused(st.DATASET_MISMATCH, "SOP Instance UID differs from the command's",
                           ids.sop_class_uid, expected_instance)
         if expected_class and ids.sop_class_uid != expected_class:
-            return Result(st.DATASET_MISMATCH, "SOP Class UID differs from the command's", "failed",
+            return StoreResult.refused(st.DATASET_MISMATCH, "SOP Class UID differs from the command's",
                           ids.sop_class_uid, expected_instance)
         return None
 
     # -- outcomes -------------------------------------------------------------------------------
-    def refuse(self, peer: Peer, result: Result, rec: Received | None = None, objects: dict[str, Any] | None = None) -> Result:
+    def refuse(self, peer: Peer, result: StoreResult, rec: Received | None = None, objects: dict[str, Any] | None = None) -> StoreResult:
         """Record a refused instance: drop its temp file, audit, log what to do."""
         if rec is not None:
             rec.tmp_path.unlink(missing_ok=True)
@@ -141,8 +145,7 @@ class StoreService:
         if rec is not None and rec.ids.study_uid and is_valid_uid(rec.ids.study_uid):
             objs.setdefault("study_uid", rec.ids.study_uid)
         try:
-            self.record(audit.Event(audit.INSTANCES_TRANSFERRED, audit.ACTION_CREATE, audit.SERIOUS_FAILURE,
-                                    peer.actor(), objs, result.status, result.comment))
+            self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.CREATE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), objects=objs, status=result.status, detail=result.comment))
         except Exception:  # the sender still gets its status; the operator gets the reason
             log.exception("could not write the audit event for a refused instance; check the database")
         log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
@@ -151,8 +154,7 @@ class StoreService:
 
     def record_security(self, peer: Peer, detail: str) -> None:
         log.warning("security: %s from %s", detail, peer.label())
-        self.record(audit.Event(audit.SECURITY_ALERT, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE, peer.actor(), {},
-                                None, detail))
+        self.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), detail=detail))
 
     def record(self, event: audit.Event) -> None:
         """Append one audit event in its own transaction."""
@@ -165,14 +167,14 @@ class StoreService:
                 raise
             self.trail.committed()
 
-    def commit(self, rec: Received, peer: Peer) -> Result:
+    def commit(self, rec: Received, peer: Peer) -> StoreResult:
         """Place the file, index it and audit it; idempotent for identical bytes."""
         ids = rec.ids
         relative = self.spool.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         objects = {"study_uid": ids.study_uid, "series_uid": ids.series_uid,
                    "sop_instance_uid": ids.sop_instance_uid, "sop_class_uid": ids.sop_class_uid, "sha256": rec.sha256}
-        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        pkey = audit.patient_key(self.secret, ids.patient_id, ids.issuer_of_patient_id)
+        now = utc_now()
+        pkey = patient_key(self.secret, ids.patient_id, ids.issuer_of_patient_id)
         with self.trail.lock:
             undo: list[Callable[[], object]] = []  # file moves to reverse if the transaction fails
             try:
@@ -182,7 +184,7 @@ class StoreService:
                     row = _Row(*found) if found else None
                     if row is not None and row.sha256 == rec.sha256:
                         rec.tmp_path.unlink(missing_ok=True)
-                        outcome, action, detail = "duplicate", audit.ACTION_READ, "duplicate: identical bytes already stored"
+                        outcome, action, detail = StoreOutcome.DUPLICATE, audit.Action.READ, "duplicate: identical bytes already stored"
                     else:
                         values = dict(sop_class_uid=ids.sop_class_uid, study_uid=ids.study_uid,
                                       series_uid=ids.series_uid, modality=ids.modality[:16],
@@ -193,7 +195,7 @@ class StoreService:
                             placed = self.spool.place(rec.tmp_path, relative)
                             undo.append(lambda: placed.unlink(missing_ok=True))
                             tx.insert(INSTANCES, dict(values, sop_instance_uid=ids.sop_instance_uid, version=1))
-                            outcome, action, detail = "stored", audit.ACTION_CREATE, ""
+                            outcome, action, detail = StoreOutcome.STORED, audit.Action.CREATE, ""
                         else:
                             aside = self.spool.set_aside(row.path, ids.sop_instance_uid, row.version, row.sha256)
                             if not aside.startswith("missing:"):
@@ -203,11 +205,10 @@ class StoreService:
                             tx.insert(SUPERSEDED, dict(sop_instance_uid=ids.sop_instance_uid, version=row.version,
                                                        path=aside, sha256=row.sha256, superseded_at=now))
                             tx.update(INSTANCES, row.id, dict(values, version=row.version + 1))
-                            outcome, action = "overwritten", audit.ACTION_UPDATE
+                            outcome, action = StoreOutcome.OVERWRITTEN, audit.Action.UPDATE
                             detail = f"overwrite: version {row.version} (sha256 {row.sha256}) kept at {aside}"
                             objects["superseded_sha256"] = row.sha256
-                    self.trail.append(tx, audit.Event(audit.INSTANCES_TRANSFERRED, action, audit.SUCCESS,
-                                                        peer.actor(), dict(objects, patient_key=pkey), st.SUCCESS, detail))
+                    self.trail.append(tx, audit.Event(type=audit.INSTANCES_TRANSFERRED, action=action, outcome=audit.Outcome.SUCCESS, actor=peer.actor(), objects=dict(objects, patient_key=pkey), status=st.SUCCESS, detail=detail))
             except Exception as exc:
                 self.trail.rolled_back()
                 for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old
@@ -217,13 +218,13 @@ class StoreService:
                         log.exception("could not undo a file move after a failed commit")
                 rec.tmp_path.unlink(missing_ok=True)
                 log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
-                return self.refuse(peer, Result(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}", "failed",
+                return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}",
                                                 ids.sop_class_uid, ids.sop_instance_uid))
             self.trail.committed()
-        if outcome == "overwritten":
+        if outcome == StoreOutcome.OVERWRITTEN:
             log.warning("instance %s replaced by different bytes from %s; old version kept aside",
                         ids.sop_instance_uid, peer.label())
-        return Result(st.SUCCESS, "", outcome, ids.sop_class_uid, ids.sop_instance_uid)
+        return StoreResult.success(outcome, ids.sop_class_uid, ids.sop_instance_uid)
 
     # -- recovery -------------------------------------------------------------------------------
     def reconcile(self) -> int:
@@ -250,8 +251,8 @@ class StoreService:
                 sha = hashlib.file_digest(f, "sha256").hexdigest()
             if meta is None:  # not ours to judge: keep it aside, never delete it
                 os.replace(path, self.spool.superseded / f"unreadable.{path.name}")
-                self.refuse(peer, Result(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta; kept in "
-                                         "superseded/", "failed"))
+                self.refuse(peer, StoreResult.refused(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta; "
+                                                          "kept in superseded/"))
                 continue
             tmp = self.spool.tmp / f"recover.{path.name}"
             os.replace(path, tmp)

@@ -8,10 +8,10 @@ import socket
 import ssl
 import threading
 
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
 from segnode.config import DimseConfig
-from segnode.dicom.ul import Association
-from segnode.store import Peer, StoreService
+from segnode.ingest.ul import Association
+from segnode.ingest.store import Peer, StoreService
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,7 @@ class DimseServer:
                     conn = self.tls.wrap_socket(conn, server_side=True)
                 except (ssl.SSLError, OSError) as exc:
                     log.warning("TLS handshake with %s:%d failed: %s", addr[0], addr[1], exc)
-                    self.store.record(audit.Event(audit.SECURITY_ALERT, audit.ACTION_EXECUTE, audit.SERIOUS_FAILURE,
-                                                  Peer("dimse", addr[0], addr[1]).actor(), {}, None,
-                                                  f"TLS handshake failed: {type(exc).__name__}"))
+                    self.store.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=Peer("dimse", addr[0], addr[1]).actor(), detail=f"TLS handshake failed: {type(exc).__name__}"))
                     conn.close()
                     return
             Association(conn, addr[:2], self.cfg, self.store, self._admit).run()

@@ -1,9 +1,6 @@
 """The spool: received bytes become durable files before anything is acknowledged.
 
-Layout under the data directory:
-  tmp/                 files being received (wiped at start: never acknowledged)
-  spool/<study>/<series>/<sop>.dcm   stored instances (UIDs validated before use)
-  superseded/          older versions replaced by different bytes
+Its folders (tmp/, spool/, superseded/) are named in segnode.datadir.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from segnode.datadir import DataDir
 from segnode.dicom.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -55,12 +53,12 @@ class SpoolWriter:
 
 
 class Spool:
-    def __init__(self, data_dir: Path, fsync: bool = True) -> None:
-        self.root = data_dir
+    """The spool folders of a data directory (see segnode.datadir), created if missing."""
+
+    def __init__(self, data: DataDir, fsync: bool = True) -> None:
+        self.root = data.root
         self.fsync = fsync
-        self.tmp = data_dir / "tmp"
-        self.objects = data_dir / "spool"
-        self.superseded = data_dir / "superseded"
+        self.tmp, self.objects, self.superseded = data.tmp, data.spool, data.superseded
         for d in (self.tmp, self.objects, self.superseded):
             d.mkdir(parents=True, exist_ok=True)
 

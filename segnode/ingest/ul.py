@@ -29,15 +29,17 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import AllStoragePresentationContexts, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification
 
-from segnode.audit import trail as audit
+from segnode.audit import events as audit
+from segnode.errors import SegnodeError
 from segnode.dicom import dimse
 from segnode.dicom import status as st
 from segnode.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
-from segnode.store import Peer, Received, Result, StoreService
+from segnode.flow import StoreResult
+from segnode.ingest.store import Peer, Received, StoreService
 
 if TYPE_CHECKING:
     from segnode.config import DimseConfig
-    from segnode.spool import SpoolWriter
+    from segnode.ingest.spool import SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,11 @@ AB_UNRECOGNIZED_PDU = (2, 1)
 AB_NOT_SPECIFIED = (2, 0)
 
 
-class PeerGone(Exception):
+class PeerGone(SegnodeError):
     """The connection closed or timed out."""
 
 
-class Abort(Exception):
+class Abort(SegnodeError):
     """Abort the association with (source, reason) after recording why."""
 
     def __init__(self, source_reason: tuple[int, int], why: str, security: bool = False) -> None:
@@ -135,7 +137,7 @@ class Association:
         except Abort as exc:  # recorded before the peer hears of it, so the record never lags the abort
             log.warning("aborting association from %s: %s", self.peer.label(), exc)
             code = audit.SECURITY_ALERT if exc.security else audit.APPLICATION_ACTIVITY
-            self._audit(code, audit.SERIOUS_FAILURE, f"association aborted: {exc}")
+            self._audit(code, audit.Outcome.SERIOUS_FAILURE, f"association aborted: {exc}")
             self._send_abort(*exc.source_reason)
         except OSError as exc:
             log.info("association from %s: connection error %s", self.peer.label(), exc)
@@ -152,7 +154,7 @@ class Association:
 
     def _audit(self, code: tuple[str, str], outcome: int, detail: str) -> None:
         try:
-            self.store.record(audit.Event(code, audit.ACTION_EXECUTE, outcome, self.peer.actor(), {}, None, detail))
+            self.store.record(audit.Event(type=code, action=audit.Action.EXECUTE, outcome=outcome, actor=self.peer.actor(), detail=detail))
         except Exception:
             log.exception("could not write the audit event: %s", detail)
 
@@ -203,17 +205,17 @@ class Association:
         if cfg.allowed_peers is not None and not any(r.matches(calling, self.peer.host) for r in cfg.allowed_peers):
             log.warning("rejected association from %s: calling AE/address not in the allow list "
                         "(add it to dimse.allowed_peers to accept it)", self.peer.label())
-            self._audit(audit.SECURITY_ALERT, audit.SERIOUS_FAILURE, "association rejected: peer not in allow list")
+            self._audit(audit.SECURITY_ALERT, audit.Outcome.SERIOUS_FAILURE, "association rejected: peer not in allow list")
             return RJ_CALLING_AE
         if cfg.check_called_ae and called != cfg.ae_title:
             log.warning("rejected association from %s: called AE %r is not ours (%r); fix the peer's "
                         "configuration or set dimse.check_called_ae: false", self.peer.label(), called, cfg.ae_title)
-            self._audit(audit.SECURITY_ALERT, audit.MINOR_FAILURE, "association rejected: called AE title unknown")
+            self._audit(audit.SECURITY_ALERT, audit.Outcome.MINOR_FAILURE, "association rejected: called AE title unknown")
             return RJ_CALLED_AE
         why = self.admit()
         if why is not None:
             log.warning("rejected association from %s (transient, the peer may retry): %s", self.peer.label(), why)
-            self._audit(audit.APPLICATION_ACTIVITY, audit.MINOR_FAILURE, f"association rejected (transient): {why}")
+            self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE, f"association rejected (transient): {why}")
             return RJ_LOCAL_LIMIT
         return None
 
@@ -240,7 +242,7 @@ class Association:
         self.command: dict[int, int | str] | None = None
         self.msg_context = 0
         self.writer: SpoolWriter | None = None
-        self.refusal: Result | None = None
+        self.refusal: StoreResult | None = None
         self.dataset_offset = 0
 
     def _p_data(self, body: memoryview) -> None:
@@ -288,11 +290,11 @@ class Association:
         context = self.contexts[ctx_id]
         sop_class, sop_instance = str(cmd.get(dimse.AFFECTED_SOP_CLASS, "")), str(cmd.get(dimse.AFFECTED_SOP_INSTANCE, ""))
         if sop_class != context.abstract_syntax:
-            self.refusal = Result(st.SOP_CLASS_NOT_SUPPORTED,
-                                  "SOP class differs from the presentation context's abstract syntax", "failed",
+            self.refusal = StoreResult.refused(st.SOP_CLASS_NOT_SUPPORTED,
+                                  "SOP class differs from the presentation context's abstract syntax",
                                   sop_class, sop_instance)
         elif self.store.below_floor():
-            self.refusal = Result(st.OUT_OF_RESOURCES, "disk below the free-space floor", "failed", sop_class, sop_instance)
+            self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "disk below the free-space floor", sop_class, sop_instance)
         else:
             meta = file_meta(sop_class, sop_instance, context.transfer_syntax)
             self.writer = self.store.spool.writer()
@@ -309,7 +311,7 @@ class Association:
                 self.writer.abort()
                 self.writer = None
                 cmd = self.command
-                self.refusal = Result(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", "failed",
+                self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}",
                                       str(cmd.get(dimse.AFFECTED_SOP_CLASS, "")), str(cmd.get(dimse.AFFECTED_SOP_INSTANCE, "")))
         if last:
             self._finish_store()
@@ -330,7 +332,7 @@ class Association:
                 rec.sha256 = writer.finish()
             except OSError as exc:
                 writer.abort()
-                refusal: Result | None = Result(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}", "failed",
+                refusal: StoreResult | None = StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
                                                 sop_class, sop_instance)
             else:
                 refusal = self.store.identify(rec, sop_class, sop_instance)

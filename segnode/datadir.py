@@ -1,0 +1,79 @@
+"""What lives in a node's data directory, named in one place.
+
+    segnode.db            the index, queue and audit trail (SQLite; PostgreSQL when database_url is set)
+    audit.key             the key of the patient-identity hashes (made once, never leaves this folder)
+    audit.head            the audit trail's head anchor
+    tmp/                  files being received (never acknowledged; wiped at start)
+    spool/<study>/<series>/<sop>.dcm   stored instances (UIDs validated before a path is built)
+    superseded/           older versions of instances replaced by different bytes
+    results/<job id>/     a job's results: labels.nii.gz, segmentation.json, seg.dcm, sr.dcm, sc-NNNN.dcm
+
+Kept free of torch and highdicom, so `audit trace` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LABELS_FILE = "labels.nii.gz"
+RECORD_FILE = "segmentation.json"
+SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "segnode.db"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.root / "audit.key"
+
+    @property
+    def audit_head(self) -> Path:
+        return self.root / "audit.head"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def superseded(self) -> Path:
+        return self.root / "superseded"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def result_folder(self, job_id: int) -> Path:
+        """Where job `job_id`'s results go."""
+        return self.results / str(int(job_id))
+
+    def path(self, relative: str) -> Path:
+        """A path the index or the queue stores relative to the data directory."""
+        return self.root / relative
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def dicom_names(record: dict[str, Any]) -> list[str]:
+    """The DICOM files a job's record (segmentation.json) lists: SEG, SR and any contour images."""
+    return [SEG_FILE, SR_FILE, *record.get("outputs", {}).get("secondary_capture", [])]
+
+
+def result_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """(the DICOM files a job's results hold, the ones its record names that are missing)."""
+    record = folder / RECORD_FILE
+    files = [folder / name for name in dicom_names(json.loads(record.read_text()) if record.is_file() else {})]
+    return files, [str(f) for f in files if not f.is_file()]

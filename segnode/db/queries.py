@@ -1,0 +1,40 @@
+"""Reads of the instance index shared by the stages, the REST API and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from segnode.db.models import Instance
+from segnode.flow import CompletedSeries, SeriesInstance
+
+INSTANCES = Instance.__table__
+
+
+def list_studies(conn: Connection) -> list[dict[str, Any]]:
+    """Studies with their series and instance counts, in the shape GET /api/studies returns."""
+    rows = conn.execute(
+        select(Instance.study_uid, Instance.series_uid, func.max(Instance.modality), func.count())
+        .group_by(Instance.study_uid, Instance.series_uid)
+        .order_by(Instance.study_uid, Instance.series_uid)
+    ).all()
+    studies: dict[str, dict[str, Any]] = {}
+    for study_uid, series_uid, modality, count in rows:
+        study = studies.setdefault(study_uid, {"study_uid": study_uid, "series": []})
+        study["series"].append({"series_uid": series_uid, "modality": modality, "instances": count})
+    return list(studies.values())
+
+
+def completed_series(conn: Connection, series_uid: str, generation: int) -> CompletedSeries:
+    """The instances the index holds for a series, in arrival order, as version `generation`.
+
+    Returns:
+        A CompletedSeries; its `instances` is empty when the index holds none (unknown series).
+    """
+    rows = conn.execute(select(INSTANCES.c.sop_instance_uid, INSTANCES.c.sha256, INSTANCES.c.path,
+                               INSTANCES.c.study_uid, INSTANCES.c.source)
+                        .where(INSTANCES.c.series_uid == series_uid).order_by(INSTANCES.c.id)).all()
+    return CompletedSeries(series_uid, rows[0].study_uid if rows else "", generation,
+                           tuple(SeriesInstance(r.sop_instance_uid, r.sha256, r.path) for r in rows),
+                           rows[0].source if rows else "")

@@ -1,0 +1,128 @@
+"""`segnode demo`: Orthanc (Debian package) + segnode in one process; a CT and a chest radiograph phantom
+go in with dcmtk's storescu as a modality would send them (to segnode and to the PACS); SEG and SR come
+out in Orthanc, confirmed; per-organ volumes, Dice against the phantom truth, and the study's lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from segnode import pipeline
+from segnode.audit.trail import verify_connection
+from segnode.config import Settings
+from segnode.datadir import LABELS_FILE, RECORD_FILE
+from segnode.demo.pacs import PACS, RunningOrthanc, orthanc
+from segnode.flow import JobKind, JobState
+from segnode.imaging.nifti import read_labels
+from segnode.imaging.volume import read_series
+from segnode.jobs.queue import list_jobs
+from segnode.lineage import render, trace
+from segnode.logs import setup_logging
+from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+from segnode.service import Node
+from segnode.tools import dcmtk
+from segnode.training.metrics import label_metrics
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    data_dir: Path
+    seed: int = 1
+    slice_spacing: float = 5.0  # mm between CT slices
+    orthanc_url: str | None = None  # an Orthanc already running (REST URL), instead of starting one
+    keep: bool = False  # leave both running until Ctrl-C
+
+
+def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings]) -> int:
+    """Run the demo; `settings_for(data_dir, pacs)` gives the node's settings once the PACS is known.
+
+    Returns:
+        0 when every job and delivery succeeded and the audit trail verifies, else 1.
+    Raises:
+        ToolMissing: Orthanc or dcmtk is not installed, or no Orthanc answers at `orthanc_url`.
+    """
+    env = dict(os.environ, TCP_NODELAY="1")
+    with (RunningOrthanc.at(options.orthanc_url) if options.orthanc_url else orthanc(options.data_dir / "orthanc")) as pacs:
+        settings = settings_for(options.data_dir, pacs)
+        data = settings.data
+        setup_logging(settings.log_level)
+        node = Node(settings)
+        node.start()
+        try:
+            print(f"Orthanc ({'already running' if options.orthanc_url else 'test PACS'}) at {pacs.url}, DICOM "
+                  f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
+                  f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
+            phantoms = options.data_dir / "phantoms"
+            ct = generate_ct(options.seed, CTOptions(matrix=256, slice_spacing=options.slice_spacing))
+            dx = generate_dx(options.seed, DXOptions(matrix=512))
+            cases = [("CT", "DEMO_CT", write_phantom(ct, phantoms / "ct"), ct.labels, ct.label_names),
+                     ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
+            truths = {}
+            for what, aet, files, labels, names in cases:
+                for ae, host, port in ((settings.dimse.ae_title, "127.0.0.1", node.dimse.port),
+                                       (pacs.aet, pacs.host, pacs.dicom_port)):
+                    subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, host, str(port),
+                                    *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
+                vol = read_series(files)
+                truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
+                print(f"{what} phantom (seed {options.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
+            completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                completion.poll()
+                while worker.run_once():
+                    pass
+                with node.engine.connect() as conn:  # a reused data directory may hold older studies
+                    jobs = [j for j in list_jobs(conn) if j.series_uid in truths]
+                if len([j for j in jobs if j.kind == JobKind.DELIVER and j.state in (JobState.SUCCEEDED, JobState.DEAD)]) >= 2:
+                    break
+                time.sleep(0.5)
+            ok = True
+            for job in (j for j in jobs if j.kind == JobKind.SEGMENT):
+                labels_truth, names, vol = truths[job.series_uid]
+                out = data.path(job.output)
+                record = json.loads((out / RECORD_FILE).read_text())
+                labels, _ = read_labels(out / LABELS_FILE)
+                metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
+                voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
+                print(f"\n{job.model} {job.model_version} (rule {job.rule}): {job.state}")
+                for value, name in names.items():
+                    truth_ml = float((labels_truth == value).sum()) * voxel_ml
+                    got = record.get("outputs", {}).get("volumes_ml", {}).get(name, 0.0)
+                    print(f"  {name:14s} {got:9.1f} mL (truth {truth_ml:9.1f} mL)  Dice {metrics[value]['dice']:.3f}")
+                ok &= job.state == JobState.SUCCEEDED
+            for job in (j for j in jobs if j.kind == JobKind.DELIVER):
+                print(f"delivery job {job.id} to {job.destination}: {job.state}"
+                      + (f" ({job.last_error})" if job.last_error else ""))
+                ok &= job.state == JobState.SUCCEEDED
+            study = _study_of(cases[0][2][0])
+            print(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
+            with node.engine.connect() as conn:
+                print("\n".join(render(trace(conn, data, study))))
+                verified = verify_connection(conn, data.audit_head)
+            print(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {options.data_dir}")
+            if options.keep:
+                print("running until Ctrl-C (--keep)")
+                stop = threading.Event()
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                stop.wait()
+            return 0 if ok and verified.ok else 1
+        finally:
+            node.stop()
+
+
+
+def _study_of(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
