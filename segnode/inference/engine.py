@@ -21,26 +21,23 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segnode.imaging.preprocess import normalize, resample, resample_slabs
 from segnode.imaging.volume import Volume
-from segnode.models.manifest import Manifest, Normalization
+from segnode.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "bf16", "fp32"]
-_SLAB_VOXELS = 1 << 24  # grid_sample works through the output in slabs of at most this many voxels
-_QUANTILE_SAMPLES = 1 << 22  # torch.quantile's input limit is 2**24; percentiles come from a subsample
-# direction cosines are stored as 16-character decimal strings: an off-diagonal term below this is rounding
-# (at most 1e-6 * 1024 = 0.001 voxel across a volume), not a rotation between the grids
-_DIAGONAL_ATOL = 1e-6
 
 
 @dataclass
@@ -110,88 +107,6 @@ def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:
     model[:3, :3] = frame * voxel
     model[:3, 3] = frame @ (low + 0.5 * voxel)
     return Grid((int(shape[0]), int(shape[1]), int(shape[2])), np.linalg.inv(a) @ model)
-
-
-def _is_interpolation(m: np.ndarray, src: Sequence[int], shape: Sequence[int], axes: Sequence[int]) -> bool:
-    """Whether the affine, on these axes, is the map interpolate(align_corners=False) applies:
-    j -> (j + 0.5) * in/out - 0.5."""
-    ratio = np.array([src[a] for a in axes], dtype=float) / np.array([shape[a] for a in axes], dtype=float)
-    return bool(np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=_DIAGONAL_ATOL)
-                and np.allclose(np.diag(m)[list(axes)], ratio, rtol=1e-6)
-                and np.allclose(m[list(axes), 3], 0.5 * ratio - 0.5, atol=1e-6))
-
-
-def resample(x: torch.Tensor, to_source: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """x [B, C, D, H, W] sampled (trilinear, edges repeated) at the points of a grid of `shape` whose
-    index maps to x's index by the affine `to_source`."""
-    m = np.asarray(to_source, dtype=float)
-    if _is_interpolation(m, x.shape[2:], shape, (0, 1, 2)):
-        if tuple(shape) == tuple(x.shape[2:]):
-            return x
-        return F.interpolate(x, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
-    out = torch.empty((x.shape[0], x.shape[1], *shape), dtype=x.dtype, device=x.device)
-    for start, slab in _slabs(x, m, shape):
-        out[:, :, start:start + slab.shape[2]] = slab
-    return out
-
-
-def _slabs(x: torch.Tensor, m: np.ndarray, shape: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-    """Resampled x, a slab of output slices at a time: (first slice, [B, C, n, H, W]).
-
-    A diagonal map is done separably (linear along the slices by hand, bilinear in-plane with
-    interpolate); any other affine (a tilted stack) with grid_sample on generated coordinates."""
-    plane = int(shape[1]) * int(shape[2])
-    step = max(1, _SLAB_VOXELS // max(1, plane * x.shape[1]))
-    if _is_interpolation(m, x.shape[2:], shape, (1, 2)) and m[0, 0] > 0:
-        depth = x.shape[2]
-        z = (torch.arange(int(shape[0]), dtype=torch.float64) * m[0, 0] + m[0, 3]).clamp(0, depth - 1)
-        i0 = z.floor().long()
-        i1 = (i0 + 1).clamp(max=depth - 1)
-        w = (z - i0).to(x.device)
-        for start in range(0, int(shape[0]), step):
-            a, b = i0[start:start + step], i1[start:start + step]
-            ws = w[start:start + step].to(x.dtype)[None, None, :, None, None]
-            # blend along the slices on the coarse grid first, then upsample in-plane: the same linear
-            # map, but the full-size planes are made once (2.4x faster than upsampling, then blending)
-            blended = x[:, :, a] * (1 - ws) + x[:, :, b] * ws  # [B, C, n, H, W]
-            if tuple(blended.shape[3:]) != (int(shape[1]), int(shape[2])):
-                planes = F.interpolate(blended.transpose(1, 2).flatten(0, 1), size=(int(shape[1]), int(shape[2])),
-                                       mode="bilinear", align_corners=False)  # [B*n, C, H', W']
-                blended = planes.unflatten(0, (x.shape[0], len(a))).transpose(1, 2)
-            yield start, blended
-        return
-    dev = x.device
-    src = torch.tensor(x.shape[2:], dtype=torch.float64)
-    # index -> normalized coordinate (align_corners=True): -1 at index 0, +1 at index n-1
-    norm = torch.eye(4, dtype=torch.float64)
-    norm[:3, :3] = torch.diag(torch.where(src > 1, 2.0 / (src - 1).clamp(min=1), torch.zeros_like(src)))
-    norm[:3, 3] = torch.where(src > 1, -1.0, 0.0)
-    full = (norm @ torch.from_numpy(m)).float().to(dev)  # output index -> normalized input coordinate
-    j1 = torch.arange(int(shape[1]), device=dev, dtype=torch.float32)
-    j2 = torch.arange(int(shape[2]), device=dev, dtype=torch.float32)
-    source = x if x.dtype == torch.float32 else x.float()  # coordinates need fp32; so does grid_sample
-    for start in range(0, int(shape[0]), step):
-        j0 = torch.arange(start, min(start + step, int(shape[0])), device=dev, dtype=torch.float32)
-        coords = (full[:3, 0] * j0[:, None, None, None] + full[:3, 1] * j1[None, :, None, None]
-                  + full[:3, 2] * j2[None, None, :, None] + full[:3, 3])
-        grid = coords.flip(-1)[None].expand(x.shape[0], -1, -1, -1, -1)  # grid_sample wants (W, H, D) order
-        yield start, F.grid_sample(source, grid, mode="bilinear", padding_mode="border",
-                                   align_corners=True).to(x.dtype)
-
-
-def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """The same arithmetic as segnode.imaging.preprocess.normalize, on the tensor's device."""
-    if norm.method == "ct":
-        assert norm.clip is not None and norm.mean is not None and norm.std is not None
-        return (x.clamp(*norm.clip) - norm.mean) / norm.std
-    if norm.method == "zscore":
-        return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-6)
-    assert norm.percentiles is not None
-    flat = x.reshape(-1)
-    if flat.numel() > _QUANTILE_SAMPLES:
-        flat = flat[:: math.ceil(flat.numel() / _QUANTILE_SAMPLES)]
-    lo, hi = torch.quantile(flat.float(), torch.tensor(norm.percentiles, device=x.device) / 100.0)
-    return (x - lo) / (hi - lo).clamp(min=1e-6)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -297,7 +212,7 @@ class Engine:
         """Logits on the model grid -> uint8 labels on the source grid: resampled and reduced to
         labels a slab at a time, so no full-size copy of every class's logits is ever made."""
         out = np.empty(tuple(shape), dtype=np.uint8)
-        for start, slab in _slabs(logits[None], np.linalg.inv(grid.to_source), shape):
+        for start, slab in resample_slabs(logits[None], np.linalg.inv(grid.to_source), shape):
             # max().indices, not argmax(): the same first-maximum answer, but on the CPU argmax over the
             # outer (class) dimension is 7.7x slower - 15 of 19 s on a 300x512x512 CT with 2 cores
             labels = slab[0].max(0).indices.to(torch.uint8).cpu().numpy()
