@@ -121,8 +121,8 @@ def resample_slabs(x: torch.Tensor, to_source: np.ndarray, shape: Sequence[int],
         mode: "linear" or "nearest", as in `resample`.
 
     Yields:
-        (first output slice, [B, C, n, H', W'] in x's dtype on x's device), in slice order, with
-        at most about 2**24 voxels per slab.
+        (first output slice, [B, C, n, H', W'] in x's dtype on x's device), in slice order; n is
+        chosen so that C * n * H' * W' stays at or under 2**24 voxels (at least one slice).
 
     Raises:
         ValueError: `mode` is neither "linear" nor "nearest".

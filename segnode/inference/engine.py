@@ -42,6 +42,8 @@ Precision = Literal["fp16", "bf16", "fp32"]
 
 @dataclass
 class EngineOptions:
+    """How an engine runs; the fields are recorded in segmentation.json and part of the warm engine's key."""
+
     device: str = "auto"  # auto: CUDA when present, else CPU
     overlap: float = 0.5
     batch_size: int = 8  # windows per forward pass
@@ -52,6 +54,11 @@ class EngineOptions:
     host_accumulation: bool | None = None  # None: only when the accumulators do not fit on the device
 
     def torch_device(self) -> torch.device:
+        """The device to run on: the first CUDA device for "auto" when there is one, else the CPU.
+
+        Raises:
+            RuntimeError: `device` is not a device string torch knows (e.g. "cuda:0", "cpu").
+        """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -68,6 +75,7 @@ class Timings:
     postprocess: float = 0.0  # connected components
 
     def as_dict(self) -> dict[str, float]:
+        """{stage: seconds}, rounded to 0.1 ms, for segmentation.json."""
         return {k: round(v, 4) for k, v in self.__dict__.items()}
 
     def __str__(self) -> str:
@@ -85,13 +93,35 @@ class Grid:
 
 @dataclass
 class Segmentation:
-    labels: np.ndarray  # uint8, the source volume's shape and geometry
+    """What Engine.segment returns.
+
+    Attributes:
+        labels: uint8 (slices, rows, cols), the source volume's shape and voxels (its affine applies);
+            0 is background, k the manifest's label with value k.
+        timings: Seconds per stage.
+        notes: The volume's notes plus the engine's (e.g. mirroring requested but not allowed).
+    """
+
+    labels: np.ndarray
     timings: Timings
     notes: list[str] = field(default_factory=list)
 
 
 def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:
-    """An orthogonal grid along the source's axes, covering its field of view at about `spacing` mm."""
+    """An orthogonal grid along the source's axes, covering its field of view at about `spacing` mm.
+
+    The extent is the source's voxel edges (not centres), divided into round(extent / spacing)
+    voxels (at least 1) per axis, so the actual spacing differs from `spacing` by under half a voxel
+    over the extent. For a tilted stack the grid is the bounding box of the sheared volume.
+
+    Args:
+        volume: The source, with its LPS affine.
+        spacing: Wanted spacing in mm along (slice normal, column direction, row direction), i.e.
+            the model's (slice, row, col) axes.
+
+    Returns:
+        The grid's (slices, rows, cols) shape and its model index -> source index affine.
+    """
     a = volume.affine
     col, row = a[:3, 1] / np.linalg.norm(a[:3, 1]), a[:3, 2] / np.linalg.norm(a[:3, 2])
     normal = np.cross(row, col)
@@ -111,7 +141,16 @@ def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Window origins along one axis, spaced window*(1-overlap) apart, the last flush with the end
-    (the scheme of MONAI's sliding_window_inference)."""
+    (the scheme of MONAI's sliding_window_inference, so the blend matches it).
+
+    Args:
+        size: The axis' length in voxels.
+        window: The window's length in voxels.
+        overlap: Fraction of a window shared with the next, in [0, 1).
+
+    Returns:
+        Sorted, distinct origins; [0] when the axis fits in one window.
+    """
     if size <= window:
         return [0]
     interval = max(1, int(window * (1 - overlap)))
@@ -121,7 +160,14 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 def gaussian(window: Sequence[int]) -> torch.Tensor:
     """Importance weights: MONAI's Gaussian (sigma = window/8 per axis, peak 1, floor 1e-3), so that a
-    window's blend is the same as with sliding_window_inference(mode="gaussian")."""
+    window's blend is the same as with sliding_window_inference(mode="gaussian").
+
+    Args:
+        window: The window's shape in voxels.
+
+    Returns:
+        float32 tensor of that shape, on the CPU.
+    """
     from monai.data.utils import compute_importance_map
 
     return compute_importance_map(tuple(int(w) for w in window), mode="gaussian", sigma_scale=0.125,
@@ -140,7 +186,18 @@ class _Slicewise(nn.Module):
 
 
 class Engine:
-    """One model on one device, loaded once and kept warm."""
+    """One model on one device, loaded once and kept warm.
+
+    Args:
+        manifest: The model's manifest (spacing, patch size, normalization, labels, mirror axes).
+        net: The network, taking [B, input_channels, *patch_size] and returning
+            [B, out_channels, *patch_size] logits; moved to the device and put in eval mode. A 2D
+            network is run slice by slice on windows one slice deep.
+        options: How to run; defaults to EngineOptions().
+
+    Raises:
+        RuntimeError: options.device is not a device torch knows.
+    """
 
     def __init__(self, manifest: Manifest, net: nn.Module, options: EngineOptions | None = None) -> None:
         self.manifest = manifest
@@ -167,6 +224,7 @@ class Engine:
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
+        """float16 on CUDA unless precision is fp32 (half the memory for the logits), else float32."""
         return torch.float16 if self._cuda and self.options.precision != "fp32" else torch.float32
 
     def _autocast(self) -> torch.autocast:
@@ -180,10 +238,25 @@ class Engine:
 
     # -- the chain ---------------------------------------------------------------------------------
     def spacing_for(self, volume: Volume) -> tuple[float, float, float]:
+        """The model grid's spacing in mm (slice, row, col); a 2D model keeps the source's slice spacing."""
         t = self.manifest.target_spacing
         return (float(t[0]), float(t[1]), float(t[2])) if len(t) == 3 else (volume.spacing[0], float(t[0]), float(t[1]))
 
     def segment(self, volume: Volume) -> Segmentation:
+        """Segment a volume in its own geometry: resample to the model grid, normalize, sliding window,
+        logits back onto the source voxels, argmax.
+
+        Args:
+            volume: float32 (slices, rows, cols) with its LPS affine; any orientation or gantry tilt.
+
+        Returns:
+            uint8 labels of the volume's shape, on the CPU, with per-stage timings and notes.
+
+        Raises:
+            torch.OutOfMemoryError: on CUDA, the volume on the model grid or a batch of windows does
+                not fit in device memory (accumulators that do not fit move to the host by themselves,
+                see EngineOptions.host_accumulation).
+        """
         timings = Timings()
         start = time.perf_counter()
         grid = model_grid(volume, self.spacing_for(volume))
@@ -210,7 +283,17 @@ class Engine:
 
     def labels_in_source(self, logits: torch.Tensor, grid: Grid, shape: Sequence[int]) -> np.ndarray:
         """Logits on the model grid -> uint8 labels on the source grid: resampled and reduced to
-        labels a slab at a time, so no full-size copy of every class's logits is ever made."""
+        labels a slab at a time, so no full-size copy of every class's logits is ever made.
+
+        Args:
+            logits: [C, D, H, W] on the model grid, any float dtype, on any device.
+            grid: The model grid the logits are on.
+            shape: The source's (slices, rows, cols).
+
+        Returns:
+            uint8 (slices, rows, cols) on the CPU: per voxel the class with the highest trilinearly
+            interpolated logit (the first on a tie).
+        """
         out = np.empty(tuple(shape), dtype=np.uint8)
         for start, slab in resample_slabs(logits[None], np.linalg.inv(grid.to_source), shape):
             # max().indices, not argmax(): the same first-maximum answer, but on the CPU argmax over the
@@ -220,8 +303,17 @@ class Engine:
         return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Gaussian-weighted sliding window over x [1, 1, D, H, W] (normalized, on the model grid):
-        logits [C, D, H, W] in the accumulation dtype, on the accumulating device."""
+        """Gaussian-weighted sliding window over the model grid.
+
+        Args:
+            x: [1, input_channels, D, H, W], normalized, on the model grid, on the engine's device.
+                An axis shorter than the window is zero-padded symmetrically (as MONAI does).
+
+        Returns:
+            [C, D, H, W] logits (C = out_channels), the weighted mean over the windows (and their
+            mirror images when asked), in `accumulate_dtype` on the device, or float32 on the host
+            when host accumulation is on.
+        """
         spatial = tuple(x.shape[2:])
         pad = [max(0, w - s) for w, s in zip(self.window, spatial)]
         if any(pad):  # smaller than a window: pad symmetrically with zeros, as MONAI does
@@ -271,8 +363,12 @@ class Engine:
         return [dims for r in range(1, 4) for dims in itertools.combinations(self.mirror_dims, r)]
 
     def warm_up(self) -> float:
-        """One full batch through the network, so the first study does not pay for lazy allocation,
-        cuDNN's autotuning or compilation; seconds taken."""
+        """One full batch of zeros through the network, so the first study does not pay for lazy
+        allocation, cuDNN's autotuning or compilation.
+
+        Returns:
+            Seconds taken.
+        """
         start = time.perf_counter()
         n = self.options.batch_size * (1 + len(self._flips()))
         with torch.inference_mode(), self._autocast():
@@ -289,7 +385,14 @@ class Engine:
 
 
 def largest_components(labels: np.ndarray) -> np.ndarray:
-    """Keep only the largest 26-connected component of each label (stray islands go to background)."""
+    """Keep only the largest 26-connected component of each label (stray islands go to background).
+
+    Args:
+        labels: Integer label map, 3D (26-connectivity needs three axes).
+
+    Returns:
+        A copy of the same shape and dtype; on a tie in size the component found first stays.
+    """
     from scipy import ndimage
 
     out = labels.copy()
@@ -310,7 +413,21 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(folder: Path, options: EngineOptions | None = None) -> Engine:
-    """The engine for a model folder and device, loaded on first use and then kept (one per worker)."""
+    """The engine for a model folder and device, loaded on first use and then kept (one per worker).
+
+    Cached by folder, weights hash and options, so new weights in the same folder load afresh.
+    Thread-safe: concurrent first calls load the model once.
+
+    Args:
+        folder: A model folder (model.json, weights.safetensors).
+        options: How to run; defaults to EngineOptions().
+
+    Returns:
+        The warm engine.
+
+    Raises:
+        ModelError: the folder's manifest or weights are missing, invalid or do not match.
+    """
     from segnode.models.registry import load_model, read_manifest
 
     options = options or EngineOptions()

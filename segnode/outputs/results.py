@@ -24,6 +24,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Encoded:
+    """The DICOM files written for one job.
+
+    Attributes:
+        seg: Path of the SEG.
+        sr: Path of the SR.
+        seg_uid: The SEG's SOP Instance UID.
+        sr_uid: The SR's SOP Instance UID.
+        volumes_ml: {label name: volume in mL, 2 decimals}, labels present only.
+        overlays: Paths of the contour images (secondary capture), empty unless asked for.
+    """
+
     seg: Path
     sr: Path
     seg_uid: str
@@ -35,7 +46,20 @@ class Encoded:
 def encode_results(result: Result, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
                    seg_type: SegType = "BINARY", secondary_capture: bool = False) -> Encoded:
     """Write OUT/seg.dcm and OUT/sr.dcm (and OUT/sc-NNNN.dcm) for the segmentation in `result` of the
-    series `files`."""
+    series `files`, and add them (with volumes and the encoding time) to segmentation.json.
+
+    Args:
+        result: What infer_series returned for the series.
+        files: The series' files, in the order infer_series read them (Volume.order indexes them).
+        manifest: The model's manifest (labels, codes, colours).
+        job_key: The job's idempotency key; every UID derives from it.
+        out: Output folder, which must exist (infer_series made it).
+        seg_type: "BINARY" or "LABELMAP".
+        secondary_capture: Also write contour images.
+
+    Returns:
+        The files written, their UIDs and the volumes in mL.
+    """
     start = time.perf_counter()
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
     prov = Provenance(job_key, manifest)
