@@ -34,6 +34,21 @@ def _tls_context(dest: Destination) -> ssl.SSLContext:
 
 
 def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dict[str, str]:
+    """C-STORE the files over one association (TLS when the destination asks for it), released at
+    the end whatever happened.
+
+    Args:
+        dest: A "dimse" destination (AE title, host, port).
+        files: Part 10 files; each is offered in its own transfer syntax.
+        calling_ae: Our AE title, as the destination knows us.
+
+    Returns:
+        {SOP Instance UID: "C-STORE status 0xNNNN"}; success or a warning (0xB000, 0xB006, 0xB007).
+
+    Raises:
+        DeliveryError: the association is not established, an answer is missing (association
+            lost) or a status is a failure; the instances before it were sent.
+    """
     datasets = [dcmread(f) for f in files]
     configure_pynetdicom()  # no identifiers in logs, TCP_NODELAY (idempotent)
     ae = AE(ae_title=calling_ae)
@@ -70,6 +85,19 @@ def _auth(dest: Destination) -> tuple[dict[str, str], httpx.BasicAuth | None]:
 
 
 def send_stow(dest: Destination, files: Sequence[Path]) -> dict[str, str]:
+    """STOW-RS the files in one multipart request to {url}/studies (bearer or basic auth when set).
+
+    Args:
+        dest: A "dicomweb" destination (url, credentials, timeout in s, CA file).
+        files: Part 10 files.
+
+    Returns:
+        {SOP Instance UID: "STOW-RS HTTP 200" or "... 202"}.
+
+    Raises:
+        DeliveryError: the request fails (connection, TLS, timeout), the answer is not HTTP 200 or
+            202, or the response lists instances in its Failed SOP Sequence.
+    """
     boundary = uuid.uuid4().hex
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
                     + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
@@ -103,7 +131,20 @@ def _stow_failures(rsp: httpx.Response) -> list[str]:
 def confirm(dest: Destination, uids: Sequence[str]) -> str:
     """Ask the PACS whether every instance is there: Orthanc's REST API when `orthanc_url` is set,
     else QIDO-RS on a DICOMweb destination; a DIMSE destination without either counts its C-STORE
-    success statuses, and says so."""
+    success statuses, and says so. A sender's success is not proof of storage, hence the question.
+
+    Args:
+        dest: The destination the instances went to.
+        uids: Their SOP Instance UIDs.
+
+    Returns:
+        How arrival was confirmed, for the audit trail.
+
+    Raises:
+        DeliveryError: the PACS does not have (Orthanc) or does not find (QIDO-RS) an instance.
+        httpx.HTTPError: a QIDO-RS request fails outright (connection, timeout); errors of the
+            Orthanc client propagate as it raises them.
+    """
     if dest.orthanc_url:
         from orthanc_api_client import OrthancApiClient
 
@@ -128,10 +169,19 @@ def confirm(dest: Destination, uids: Sequence[str]) -> str:
 
 
 def deliver(dest: Destination, files: Sequence[Path], calling_ae: str) -> DeliveryReceipt:
-    """Send `files` to `dest` (C-STORE calling as `calling_ae`, or STOW-RS), then have the PACS confirm.
+    """Send the files (C-STORE or STOW-RS, by the destination's kind), then confirm their arrival.
+
+    Args:
+        dest: Where to.
+        files: Part 10 files.
+        calling_ae: Our AE title for C-STORE.
+
+    Returns:
+        The destination's answers and how arrival was confirmed.
 
     Raises:
-        DeliveryError: refused, unreachable or not confirmed (retryable: the PACS may come back).
+        DeliveryError: sending failed or an instance is not confirmed (see send_dimse, send_stow, confirm);
+            retryable, as the PACS may come back.
     """
     answers = send_dimse(dest, files, calling_ae) if dest.kind == "dimse" else send_stow(dest, files)
     return DeliveryReceipt(answers, confirm(dest, list(answers)))

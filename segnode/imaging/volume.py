@@ -29,17 +29,36 @@ SPACING_TOLERANCE = 0.1  # a gap between slices more than 10 % off the usual spa
 
 
 class SeriesError(InputError):
-    """The series cannot be turned into one regular volume; the message says which and why."""
+    """The series cannot be turned into one regular volume; the message names the series (its UID)
+    and says why, so it can be shown to whoever sent it."""
 
 
 @dataclass
 class Volume:
-    array: np.ndarray  # float32 [slice, row, col], rescaled values (HU for CT); a 2D image has one slice
-    spacing: tuple[float, float, float]  # mm along each array axis; for a tilted stack, between planes
-    affine: np.ndarray  # 4x4: array index (slice, row, col, 1) -> patient mm (LPS)
-    order: list[tuple[int, int]]  # (input file, frame) of each slice, in array order
+    """A series as one regular volume with its geometry.
+
+    Attributes:
+        array: float32 (slices, rows, cols), rescaled values (HU for CT); a 2D image has one slice.
+            Slices are in position order along the slice normal, not instance order.
+        spacing: mm along each array axis (slice, row, col); for a tilted stack the slice spacing is
+            the distance between planes, not the step between slice origins.
+        affine: 4x4 from the array index (slice, row, col, 1) to patient coordinates in mm, DICOM LPS.
+            Column 0 is the step from one slice to the next (oblique to the image plane for a gantry
+            tilt); columns 1 and 2 are one row down and one column across (Image Orientation's
+            column and row cosines times the pixel spacing). A projection image (DX) has no patient
+            coordinates: its affine is diag(1, row spacing, column spacing, 1).
+        order: (index into the files read, frame) of each slice, in array order; maps results back
+            to the source instances (SEG, overlays).
+        series_uid: Series Instance UID ("" when absent).
+        notes: Decisions taken on the way (single slice, gantry tilt, projection), recorded with the result.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    order: list[tuple[int, int]]
     series_uid: str = ""
-    notes: list[str] = field(default_factory=list)  # decisions taken on the way (recorded with the result)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def sheared(self) -> bool:
@@ -162,8 +181,23 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
 def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     """One volume from a series: single-frame slices, enhanced multi-frame, or one 2D image.
 
-    tilt="resample": a gantry-tilted stack keeps its exact sheared affine and the engine resamples it
-    to an orthogonal grid (and back); "refuse" raises instead. Either way the choice is in `notes`."""
+    Args:
+        paths: The series' Part 10 files, in any order (slices are sorted by position).
+        tilt: "resample": a gantry-tilted stack keeps its exact sheared affine and the engine
+            resamples it to an orthogonal grid (and back); "refuse" raises instead. Either way the
+            choice is in the volume's `notes`.
+
+    Returns:
+        The volume: float32 (slices, rows, cols) rescaled values, spacing in mm, LPS affine.
+
+    Raises:
+        SeriesError: no paths; instances from more than one series; no pixel data or undecodable
+            pixels; colour images; mixed sizes, orientations or pixel spacings; missing position or
+            orientation (on more than one image); duplicate positions, uneven slice spacing
+            (missing slices) or positions off a line; a gantry tilt with tilt="refuse".
+        pydicom.errors.InvalidDicomError: a file is not DICOM.
+        OSError: a file cannot be read.
+    """
     if not paths:
         raise SeriesError("no instances given")
     datasets = [dcmread(p) for p in paths]
@@ -238,7 +272,17 @@ def _projection(ds: Dataset, frames: list[_Frame], series: str) -> Volume:
 
 def dicom_files(folder: Path) -> list[Path]:
     """The Part 10 files directly in `folder` (by their 'DICM' marker), sorted by name; other files
-    (labels, notes) are passed over."""
+    (labels, notes) are passed over, subfolders are not searched.
+
+    Args:
+        folder: A folder holding one series.
+
+    Returns:
+        The DICOM files, sorted by name.
+
+    Raises:
+        SeriesError: `folder` is not a folder or holds no Part 10 file.
+    """
     found = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if path.is_file():
@@ -252,5 +296,15 @@ def dicom_files(folder: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> Volume:
-    """A single 2D image (e.g. DX)."""
+    """A single 2D image (e.g. DX) as a one-slice volume; `read_series` of that one file.
+
+    Args:
+        path: The image's Part 10 file.
+
+    Returns:
+        float32 (1, rows, cols); a projection image's spacing is (1.0, row, col) mm.
+
+    Raises:
+        SeriesError: as `read_series` (no pixel data, colour, undecodable).
+    """
     return read_series([path])

@@ -21,9 +21,10 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,21 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from segnode.flow import Segmentation, Timings
+from segnode.imaging.preprocess import normalize, resample, resample_slabs
 from segnode.imaging.volume import Volume
-from segnode.models.manifest import Manifest, Normalization
+from segnode.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "bf16", "fp32"]
-_SLAB_VOXELS = 1 << 24  # grid_sample works through the output in slabs of at most this many voxels
-_QUANTILE_SAMPLES = 1 << 22  # torch.quantile's input limit is 2**24; percentiles come from a subsample
-# direction cosines are stored as 16-character decimal strings: an off-diagonal term below this is rounding
-# (at most 1e-6 * 1024 = 0.001 voxel across a volume), not a rotation between the grids
-_DIAGONAL_ATOL = 1e-6
 
 
 @dataclass
 class EngineOptions:
+    """How an engine runs; the fields are recorded in segmentation.json and part of the warm engine's key."""
+
     device: str = "auto"  # auto: CUDA when present, else CPU
     overlap: float = 0.5
     batch_size: int = 8  # windows per forward pass
@@ -56,6 +55,11 @@ class EngineOptions:
     host_accumulation: bool | None = None  # None: only when the accumulators do not fit on the device
 
     def torch_device(self) -> torch.device:
+        """The device to run on: the first CUDA device for "auto" when there is one, else the CPU.
+
+        Raises:
+            RuntimeError: `device` is not a device string torch knows (e.g. "cuda:0", "cpu").
+        """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -70,7 +74,20 @@ class Grid:
 
 
 def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:
-    """An orthogonal grid along the source's axes, covering its field of view at about `spacing` mm."""
+    """An orthogonal grid along the source's axes, covering its field of view at about `spacing` mm.
+
+    The extent is the source's voxel edges (not centres), divided into round(extent / spacing)
+    voxels (at least 1) per axis, so the actual spacing differs from `spacing` by under half a voxel
+    over the extent. For a tilted stack the grid is the bounding box of the sheared volume.
+
+    Args:
+        volume: The source, with its LPS affine.
+        spacing: Wanted spacing in mm along (slice normal, column direction, row direction), i.e.
+            the model's (slice, row, col) axes.
+
+    Returns:
+        The grid's (slices, rows, cols) shape and its model index -> source index affine.
+    """
     a = volume.affine
     col, row = a[:3, 1] / np.linalg.norm(a[:3, 1]), a[:3, 2] / np.linalg.norm(a[:3, 2])
     normal = np.cross(row, col)
@@ -88,91 +105,18 @@ def model_grid(volume: Volume, spacing: Sequence[float]) -> Grid:
     return Grid((int(shape[0]), int(shape[1]), int(shape[2])), np.linalg.inv(a) @ model)
 
 
-def _is_interpolation(m: np.ndarray, src: Sequence[int], shape: Sequence[int], axes: Sequence[int]) -> bool:
-    """Whether the affine, on these axes, is the map interpolate(align_corners=False) applies:
-    j -> (j + 0.5) * in/out - 0.5."""
-    ratio = np.array([src[a] for a in axes], dtype=float) / np.array([shape[a] for a in axes], dtype=float)
-    return bool(np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=_DIAGONAL_ATOL)
-                and np.allclose(np.diag(m)[list(axes)], ratio, rtol=1e-6)
-                and np.allclose(m[list(axes), 3], 0.5 * ratio - 0.5, atol=1e-6))
-
-
-def resample(x: torch.Tensor, to_source: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """x [B, C, D, H, W] sampled (trilinear, edges repeated) at the points of a grid of `shape` whose
-    index maps to x's index by the affine `to_source`."""
-    m = np.asarray(to_source, dtype=float)
-    if _is_interpolation(m, x.shape[2:], shape, (0, 1, 2)):
-        if tuple(shape) == tuple(x.shape[2:]):
-            return x
-        return F.interpolate(x, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
-    out = torch.empty((x.shape[0], x.shape[1], *shape), dtype=x.dtype, device=x.device)
-    for start, slab in _slabs(x, m, shape):
-        out[:, :, start:start + slab.shape[2]] = slab
-    return out
-
-
-def _slabs(x: torch.Tensor, m: np.ndarray, shape: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-    """Resampled x, a slab of output slices at a time: (first slice, [B, C, n, H, W]).
-
-    A diagonal map is done separably (linear along the slices by hand, bilinear in-plane with
-    interpolate); any other affine (a tilted stack) with grid_sample on generated coordinates."""
-    plane = int(shape[1]) * int(shape[2])
-    step = max(1, _SLAB_VOXELS // max(1, plane * x.shape[1]))
-    if _is_interpolation(m, x.shape[2:], shape, (1, 2)) and m[0, 0] > 0:
-        depth = x.shape[2]
-        z = (torch.arange(int(shape[0]), dtype=torch.float64) * m[0, 0] + m[0, 3]).clamp(0, depth - 1)
-        i0 = z.floor().long()
-        i1 = (i0 + 1).clamp(max=depth - 1)
-        w = (z - i0).to(x.device)
-        for start in range(0, int(shape[0]), step):
-            a, b = i0[start:start + step], i1[start:start + step]
-            ws = w[start:start + step].to(x.dtype)[None, None, :, None, None]
-            # blend along the slices on the coarse grid first, then upsample in-plane: the same linear
-            # map, but the full-size planes are made once (2.4x faster than upsampling, then blending)
-            blended = x[:, :, a] * (1 - ws) + x[:, :, b] * ws  # [B, C, n, H, W]
-            if tuple(blended.shape[3:]) != (int(shape[1]), int(shape[2])):
-                planes = F.interpolate(blended.transpose(1, 2).flatten(0, 1), size=(int(shape[1]), int(shape[2])),
-                                       mode="bilinear", align_corners=False)  # [B*n, C, H', W']
-                blended = planes.unflatten(0, (x.shape[0], len(a))).transpose(1, 2)
-            yield start, blended
-        return
-    dev = x.device
-    src = torch.tensor(x.shape[2:], dtype=torch.float64)
-    # index -> normalized coordinate (align_corners=True): -1 at index 0, +1 at index n-1
-    norm = torch.eye(4, dtype=torch.float64)
-    norm[:3, :3] = torch.diag(torch.where(src > 1, 2.0 / (src - 1).clamp(min=1), torch.zeros_like(src)))
-    norm[:3, 3] = torch.where(src > 1, -1.0, 0.0)
-    full = (norm @ torch.from_numpy(m)).float().to(dev)  # output index -> normalized input coordinate
-    j1 = torch.arange(int(shape[1]), device=dev, dtype=torch.float32)
-    j2 = torch.arange(int(shape[2]), device=dev, dtype=torch.float32)
-    source = x if x.dtype == torch.float32 else x.float()  # coordinates need fp32; so does grid_sample
-    for start in range(0, int(shape[0]), step):
-        j0 = torch.arange(start, min(start + step, int(shape[0])), device=dev, dtype=torch.float32)
-        coords = (full[:3, 0] * j0[:, None, None, None] + full[:3, 1] * j1[None, :, None, None]
-                  + full[:3, 2] * j2[None, None, :, None] + full[:3, 3])
-        grid = coords.flip(-1)[None].expand(x.shape[0], -1, -1, -1, -1)  # grid_sample wants (W, H, D) order
-        yield start, F.grid_sample(source, grid, mode="bilinear", padding_mode="border",
-                                   align_corners=True).to(x.dtype)
-
-
-def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """The same arithmetic as segnode.imaging.preprocess.normalize, on the tensor's device."""
-    if norm.method == "ct":
-        assert norm.clip is not None and norm.mean is not None and norm.std is not None
-        return (x.clamp(*norm.clip) - norm.mean) / norm.std
-    if norm.method == "zscore":
-        return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-6)
-    assert norm.percentiles is not None
-    flat = x.reshape(-1)
-    if flat.numel() > _QUANTILE_SAMPLES:
-        flat = flat[:: math.ceil(flat.numel() / _QUANTILE_SAMPLES)]
-    lo, hi = torch.quantile(flat.float(), torch.tensor(norm.percentiles, device=x.device) / 100.0)
-    return (x - lo) / (hi - lo).clamp(min=1e-6)
-
-
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Window origins along one axis, spaced window*(1-overlap) apart, the last flush with the end
-    (the scheme of MONAI's sliding_window_inference)."""
+    (the scheme of MONAI's sliding_window_inference, so the blend matches it).
+
+    Args:
+        size: The axis' length in voxels.
+        window: The window's length in voxels.
+        overlap: Fraction of a window shared with the next, in [0, 1).
+
+    Returns:
+        Sorted, distinct origins; [0] when the axis fits in one window.
+    """
     if size <= window:
         return [0]
     interval = max(1, int(window * (1 - overlap)))
@@ -182,7 +126,14 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 def gaussian(window: Sequence[int]) -> torch.Tensor:
     """Importance weights: MONAI's Gaussian (sigma = window/8 per axis, peak 1, floor 1e-3), so that a
-    window's blend is the same as with sliding_window_inference(mode="gaussian")."""
+    window's blend is the same as with sliding_window_inference(mode="gaussian").
+
+    Args:
+        window: The window's shape in voxels.
+
+    Returns:
+        float32 tensor of that shape, on the CPU.
+    """
     from monai.data.utils import compute_importance_map
 
     return compute_importance_map(tuple(int(w) for w in window), mode="gaussian", sigma_scale=0.125,
@@ -201,7 +152,18 @@ class _Slicewise(nn.Module):
 
 
 class Engine:
-    """One model on one device, loaded once and kept warm."""
+    """One model on one device, loaded once and kept warm.
+
+    Args:
+        manifest: The model's manifest (spacing, patch size, normalization, labels, mirror axes).
+        net: The network, taking [B, input_channels, *patch_size] and returning
+            [B, out_channels, *patch_size] logits; moved to the device and put in eval mode. A 2D
+            network is run slice by slice on windows one slice deep.
+        options: How to run; defaults to EngineOptions().
+
+    Raises:
+        RuntimeError: options.device is not a device torch knows.
+    """
 
     def __init__(self, manifest: Manifest, net: nn.Module, options: EngineOptions | None = None) -> None:
         self.manifest = manifest
@@ -228,6 +190,7 @@ class Engine:
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
+        """float16 on CUDA unless precision is fp32 (half the memory for the logits), else float32."""
         return torch.float16 if self._cuda and self.options.precision != "fp32" else torch.float32
 
     def _autocast(self) -> torch.autocast:
@@ -241,10 +204,25 @@ class Engine:
 
     # -- the chain ---------------------------------------------------------------------------------
     def spacing_for(self, volume: Volume) -> tuple[float, float, float]:
+        """The model grid's spacing in mm (slice, row, col); a 2D model keeps the source's slice spacing."""
         t = self.manifest.target_spacing
         return (float(t[0]), float(t[1]), float(t[2])) if len(t) == 3 else (volume.spacing[0], float(t[0]), float(t[1]))
 
     def segment(self, volume: Volume) -> Segmentation:
+        """Segment a volume in its own geometry: resample to the model grid, normalize, sliding window,
+        logits back onto the source voxels, argmax.
+
+        Args:
+            volume: float32 (slices, rows, cols) with its LPS affine; any orientation or gantry tilt.
+
+        Returns:
+            uint8 labels of the volume's shape, on the CPU, with per-stage timings and notes.
+
+        Raises:
+            torch.OutOfMemoryError: on CUDA, the volume on the model grid or a batch of windows does
+                not fit in device memory (accumulators that do not fit move to the host by themselves,
+                see EngineOptions.host_accumulation).
+        """
         timings = Timings()
         start = time.perf_counter()
         grid = model_grid(volume, self.spacing_for(volume))
@@ -271,9 +249,19 @@ class Engine:
 
     def labels_in_source(self, logits: torch.Tensor, grid: Grid, shape: Sequence[int]) -> np.ndarray:
         """Logits on the model grid -> uint8 labels on the source grid: resampled and reduced to
-        labels a slab at a time, so no full-size copy of every class's logits is ever made."""
+        labels a slab at a time, so no full-size copy of every class's logits is ever made.
+
+        Args:
+            logits: [C, D, H, W] on the model grid, any float dtype, on any device.
+            grid: The model grid the logits are on.
+            shape: The source's (slices, rows, cols).
+
+        Returns:
+            uint8 (slices, rows, cols) on the CPU: per voxel the class with the highest trilinearly
+            interpolated logit (the first on a tie).
+        """
         out = np.empty(tuple(shape), dtype=np.uint8)
-        for start, slab in _slabs(logits[None], np.linalg.inv(grid.to_source), shape):
+        for start, slab in resample_slabs(logits[None], np.linalg.inv(grid.to_source), shape):
             # max().indices, not argmax(): the same first-maximum answer, but on the CPU argmax over the
             # outer (class) dimension is 7.7x slower - 15 of 19 s on a 300x512x512 CT with 2 cores
             labels = slab[0].max(0).indices.to(torch.uint8).cpu().numpy()
@@ -281,8 +269,17 @@ class Engine:
         return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Gaussian-weighted sliding window over x [1, 1, D, H, W] (normalized, on the model grid):
-        logits [C, D, H, W] in the accumulation dtype, on the accumulating device."""
+        """Gaussian-weighted sliding window over the model grid.
+
+        Args:
+            x: [1, input_channels, D, H, W], normalized, on the model grid, on the engine's device.
+                An axis shorter than the window is zero-padded symmetrically (as MONAI does).
+
+        Returns:
+            [C, D, H, W] logits (C = out_channels), the weighted mean over the windows (and their
+            mirror images when asked), in `accumulate_dtype` on the device, or float32 on the host
+            when host accumulation is on.
+        """
         spatial = tuple(x.shape[2:])
         pad = [max(0, w - s) for w, s in zip(self.window, spatial)]
         if any(pad):  # smaller than a window: pad symmetrically with zeros, as MONAI does
@@ -332,8 +329,12 @@ class Engine:
         return [dims for r in range(1, 4) for dims in itertools.combinations(self.mirror_dims, r)]
 
     def warm_up(self) -> float:
-        """One full batch through the network, so the first study does not pay for lazy allocation,
-        cuDNN's autotuning or compilation; seconds taken."""
+        """One full batch of zeros through the network, so the first study does not pay for lazy
+        allocation, cuDNN's autotuning or compilation.
+
+        Returns:
+            Seconds taken.
+        """
         start = time.perf_counter()
         n = self.options.batch_size * (1 + len(self._flips()))
         with torch.inference_mode(), self._autocast():
@@ -350,7 +351,14 @@ class Engine:
 
 
 def largest_components(labels: np.ndarray) -> np.ndarray:
-    """Keep only the largest 26-connected component of each label (stray islands go to background)."""
+    """Keep only the largest 26-connected component of each label (stray islands go to background).
+
+    Args:
+        labels: Integer label map, 3D (26-connectivity needs three axes).
+
+    Returns:
+        A copy of the same shape and dtype; on a tie in size the component found first stays.
+    """
     from scipy import ndimage
 
     out = labels.copy()
@@ -371,7 +379,21 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(folder: Path, options: EngineOptions | None = None) -> Engine:
-    """The engine for a model folder and device, loaded on first use and then kept (one per worker)."""
+    """The engine for a model folder and device, loaded on first use and then kept (one per worker).
+
+    Cached by folder, weights hash and options, so new weights in the same folder load afresh.
+    Thread-safe: concurrent first calls load the model once.
+
+    Args:
+        folder: A model folder (model.json, weights.safetensors).
+        options: How to run; defaults to EngineOptions().
+
+    Returns:
+        The warm engine.
+
+    Raises:
+        ModelError: the folder's manifest or weights are missing, invalid or do not match.
+    """
     from segnode.models.registry import load_model, read_manifest
 
     options = options or EngineOptions()

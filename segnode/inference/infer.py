@@ -24,7 +24,22 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
                  tilt: TiltPolicy = "resample") -> SegmentedSeries:
     """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
 
-    Raises SeriesError (named series and reason) when the series cannot be one volume."""
+    Args:
+        model_folder: The model folder; its engine is loaded once per process and kept warm.
+        files: The series' Part 10 files, any order.
+        out: Output folder, created if needed.
+        options: Engine options; defaults to EngineOptions().
+        tilt: What to do with a gantry-tilted stack ("resample" or "refuse").
+
+    Returns:
+        The volume, the segmentation (uint8 (slices, rows, cols) in the volume's geometry) and the
+        paths of the label map (NIfTI, RAS affine) and the record (model, options, voxel counts,
+        notes, timings in s).
+
+    Raises:
+        SeriesError: the series cannot be one volume (the message names it and says why).
+        ModelError: the model folder cannot be used.
+    """
     start = time.perf_counter()
     volume = read_series(files, tilt=tilt)
     read = time.perf_counter() - start

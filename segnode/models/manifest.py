@@ -25,6 +25,16 @@ class Code(_Strict):
 
 
 class Label(_Strict):
+    """One output class: value k is channel k of the logits and segment k of the SEG.
+
+    Attributes:
+        value: 1-255 (0 is background); a manifest's values are 1..K without gaps.
+        name: Short name (segment label, SR tracking identifier).
+        category: Segmented property category (usually Anatomical Structure).
+        type: Segmented property type, a SNOMED CT code.
+        color: Display colour, RGB 0-255 (SEG, contour images).
+    """
+
     value: int = Field(ge=1, le=255)
     name: str
     category: Code
@@ -40,6 +50,9 @@ class Label(_Strict):
 
 
 class Network(_Strict):
+    """The network to build: one of segnode.nets.ARCHITECTURES and its constructor's arguments
+    (without spatial_dims, in_channels, out_channels, which come from the manifest)."""
+
     architecture: str
     args: dict[str, Any] = Field(default_factory=dict)
 
@@ -53,7 +66,18 @@ class Network(_Strict):
 
 class Normalization(_Strict):
     """CT: clip to a HU window, then z-score with the training set's statistics. MR: per-image
-    z-score. X-ray: map the image's low/high percentiles to 0/1."""
+    z-score. X-ray: map the image's low/high percentiles to 0/1 (segnode.imaging.preprocess.normalize).
+
+    Attributes:
+        method: "ct", "zscore" or "percentile".
+        clip: ct: (low, high) in HU.
+        mean: ct: mean HU of the training set's foreground (labelled voxels).
+        std: ct: their standard deviation in HU, > 0.
+        percentiles: percentile: (low, high) in percent, e.g. (1, 99).
+
+    Raises:
+        pydantic.ValidationError: ct without clip, mean and std, or percentile without percentiles.
+    """
 
     method: Literal["ct", "zscore", "percentile"]
     clip: tuple[float, float] | None = None
@@ -71,6 +95,25 @@ class Normalization(_Strict):
 
 
 class Manifest(_Strict):
+    """model.json: what the model is, how to build it and how to feed it. Validated on load, so a
+    model that would run on the wrong grid or emit the wrong codes is refused before it runs.
+
+    Attributes:
+        name: Folder-safe name (lowercase letters, digits, hyphens).
+        modality: The DICOM Modality it segments (CT, DX, ...).
+        spatial_dims: 2 or 3.
+        target_spacing: mm per array axis: (slice, row, col) for 3D, (row, col) for 2D.
+        patch_size: Sliding-window size in voxels, same axes.
+        labels: Output classes 1..K; channel 0 is background.
+        mirror_axes: Array axes the model may be mirrored along (test-time augmentation).
+        weights_sha256: Hash of weights.safetensors, checked before loading.
+        training: How it was trained (command, seed, data, validation), free-form.
+
+    Raises:
+        pydantic.ValidationError: on construction or model_validate, for an unknown architecture,
+            a bad name or hash, spacing or patch size not spatial_dims long, or label values not 1..K.
+    """
+
     format: Literal[1] = 1
     name: str
     version: str
@@ -114,4 +157,5 @@ class Manifest(_Strict):
 
     @property
     def out_channels(self) -> int:
+        """Number of logits channels: the labels plus background."""
         return len(self.labels) + 1  # background is channel 0

@@ -22,11 +22,27 @@ class ModelError(ConfigurationError):
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(folder: Path) -> Manifest:
+    """The folder's model.json, validated (weights are not touched).
+
+    Args:
+        folder: A model folder.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ModelError: model.json is missing, not JSON, or invalid (every problem named with its field).
+    """
     path = folder / MANIFEST
     try:
         return Manifest.model_validate(json.loads(path.read_text()))
@@ -40,10 +56,16 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def list_models(root: Path) -> list[Path]:
+    """The model folders (those with a model.json) directly under `root`, sorted; [] if it is no folder."""
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
 
 
 def build(manifest: Manifest) -> Segmenter:
+    """The manifest's network with fresh (random) weights.
+
+    Raises:
+        ModelError: the network description cannot be built (see segnode.nets.build_network).
+    """
     try:
         return build_network(manifest.network.architecture, manifest.spatial_dims, manifest.input_channels,
                              manifest.out_channels, manifest.network.args)
@@ -52,7 +74,20 @@ def build(manifest: Manifest) -> Segmenter:
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Manifest, Segmenter]:
-    """Manifest + network with its weights, after checking the weights' hash. No pickles."""
+    """Manifest + network with its weights, after checking the weights' hash. No pickles: weights
+    are safetensors, so a model folder cannot run code.
+
+    Args:
+        folder: A model folder (model.json, weights.safetensors).
+        device: Where to put the network.
+
+    Returns:
+        (manifest, network in eval mode on `device`).
+
+    Raises:
+        ModelError: model.json missing or invalid, weights missing, their SHA-256 not the manifest's,
+            the network cannot be built, or the weights do not fit it.
+    """
     from safetensors.torch import load_model as load_weights
 
     manifest = read_manifest(folder)
@@ -71,20 +106,39 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Manife
 
 
 def probe_size(manifest: Manifest) -> list[int]:
-    """A small input the network accepts: the patch size rounded to its divisor, at least 2 steps."""
+    """A small input the network accepts: the patch size capped at 64 and rounded down to the
+    network's divisor, at least 2 divisors per axis.
+
+    Returns:
+        Spatial size in voxels, one per axis of the patch.
+    """
     step = divisor(manifest.network.architecture, manifest.network.args)
     return [max(step * 2, (min(p, 64) // step) * step) for p in manifest.patch_size]
 
 
 @dataclass
 class Check:
+    """One step of check_model: its name, whether it passed and what was found."""
+
     name: str
     ok: bool
     detail: str = ""
 
 
 def check_model(folder: Path) -> list[Check]:
-    """Manifest valid, weights present and matching their hash, network builds and runs forward."""
+    """Manifest valid, weights present and matching their hash, network builds and runs forward on
+    zeros of probe_size with finite output of the expected shape.
+
+    Args:
+        folder: A model folder.
+
+    Returns:
+        The checks passed, then a failed "load" check (a ModelError is reported, not raised) or
+        a "forward" check that may have failed.
+
+    Raises:
+        RuntimeError: the forward pass itself raises (e.g. the network rejects the probe size).
+    """
     checks: list[Check] = []
     try:
         manifest = read_manifest(folder)
@@ -106,7 +160,17 @@ def check_model(folder: Path) -> list[Check]:
 
 
 def write_model_folder(folder: Path, manifest: Manifest, net: torch.nn.Module, card: str) -> Manifest:
-    """Write weights, then the manifest with their hash, then the model card."""
+    """Write weights, then the manifest with their hash, then the model card (the folder is created).
+
+    Args:
+        folder: Where the model folder goes; existing files are overwritten.
+        manifest: The manifest; its weights_sha256 is replaced.
+        net: The trained network (its state dict is written as safetensors).
+        card: MODEL_CARD.md text.
+
+    Returns:
+        The manifest as written, with the weights' hash.
+    """
     from safetensors.torch import save_model  # handles tensors shared between modules (DynUNet)
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,19 @@ def _monai_class(architecture: str) -> type[nn.Module]:
 
 
 class Segmenter(nn.Module):
-    """One logits tensor out, whatever the network returns (U-Net++ returns a list)."""
+    """One logits tensor out, whatever the network returns (U-Net++ returns a list, one output per
+    nested depth: the last, deepest is kept), so engine and trainer need not know the architecture.
+
+    Args:
+        net: The MONAI network.
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_channels, *spatial] -> logits [B, out_channels, *spatial]."""
         out = self.net(x)
         if isinstance(out, (list, tuple)):
             out = out[-1]
@@ -52,7 +58,22 @@ class Segmenter(nn.Module):
 
 def build_network(architecture: str, spatial_dims: int, in_channels: int, out_channels: int,
                   args: dict[str, Any] | None = None) -> Segmenter:
-    """Build from the manifest's fields; unknown or missing arguments are named in the error."""
+    """Build from the manifest's fields; unknown or missing arguments are named in the error.
+
+    Args:
+        architecture: One of ARCHITECTURES.
+        spatial_dims: 2 or 3.
+        in_channels: Input channels (1 for one image).
+        out_channels: Classes including background.
+        args: Further constructor arguments of the MONAI class (not the three above).
+
+    Returns:
+        The network, wrapped to return one tensor, with random weights on the CPU.
+
+    Raises:
+        NetworkError: unknown architecture, spatial_dims not 2 or 3, an argument the class does not
+            take or one of the three fixed ones in args, or the class rejecting the arguments.
+    """
     if spatial_dims not in (2, 3):
         raise NetworkError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
     cls = _monai_class(architecture)
@@ -74,7 +95,17 @@ def build_network(architecture: str, spatial_dims: int, in_channels: int, out_ch
 
 
 def divisor(architecture: str, args: dict[str, Any] | None) -> int:
-    """What each spatial input size must be a multiple of for this network."""
+    """What each spatial input size must be a multiple of for this network: the product of its
+    strides for unet, attention_unet and dynunet (the largest per level when strides differ by
+    axis), 16 for the others (four poolings).
+
+    Args:
+        architecture: One of ARCHITECTURES.
+        args: The manifest's network args (strides are read from them).
+
+    Returns:
+        The divisor in voxels.
+    """
     args = args or {}
     if architecture == "vnet":
         return 16

@@ -23,7 +23,17 @@ CT_WINDOW = (-160.0, 240.0)  # level 40, width 400 HU
 
 
 def grey_range(volume: np.ndarray, modality: str) -> tuple[float, float]:
-    """The values shown black and white."""
+    """The values shown black and white, one range for the whole series so slices look alike.
+
+    Args:
+        volume: Rescaled values (HU for CT), any shape.
+        modality: DICOM Modality; "CT" gets a fixed soft-tissue window.
+
+    Returns:
+        (black, white) in the volume's units: (-160, 240) HU for CT, else the 1st and 99th
+        percentiles of every k-th voxel (k = size // 10**6, at least 1: under 2 million values;
+        white >= black + 1).
+    """
     if modality == "CT":
         return CT_WINDOW
     flat = volume.ravel()
@@ -34,8 +44,18 @@ def grey_range(volume: np.ndarray, modality: str) -> tuple[float, float]:
 
 def burn_contours(image: np.ndarray, labels: np.ndarray, colors: dict[int, Sequence[int]],
                   grey: tuple[float, float]) -> np.ndarray:
-    """uint8 RGB [rows, cols, 3]: the image in grey with each label's outline in its colour; the line
-    is one pixel per 256 of the matrix wide, so it stays visible on a 512 or 2048 image."""
+    """The image in grey with each label's outline in its colour; the line is one pixel per 256 of
+    the matrix wide, so it stays visible on a 512 or 2048 image.
+
+    Args:
+        image: (rows, cols) rescaled values (HU for CT).
+        labels: (rows, cols) integer label map.
+        colors: {label value: (r, g, b) 0-255}; values not in it are not drawn.
+        grey: (black, white) values, as grey_range gives.
+
+    Returns:
+        uint8 RGB (rows, cols, 3).
+    """
     lo, hi = grey
     shade = (np.clip((image.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(shade[..., None], 3, axis=-1)
@@ -49,8 +69,16 @@ def burn_contours(image: np.ndarray, labels: np.ndarray, colors: dict[int, Seque
 
 
 def patient_orientation(source: Dataset) -> tuple[str, str]:
-    """Row and column directions as patient letters (e.g. L, P): the source's, or the dominant
-    direction of its image orientation (highdicom takes one letter each)."""
+    """Row and column directions as patient letters (e.g. L, P): the source's Patient Orientation,
+    or the dominant LPS axis of its Image Orientation (highdicom takes one letter each).
+
+    Args:
+        source: The source image's dataset.
+
+    Returns:
+        (direction of the rows, direction of the columns), one of L R P A H F each; ("L", "P")
+        for an axial default when the source has neither attribute.
+    """
     if "PatientOrientation" in source and len(source.PatientOrientation) == 2:
         return str(source.PatientOrientation[0])[:1], str(source.PatientOrientation[1])[:1]
     cosines = [float(v) for v in source.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
@@ -64,7 +92,20 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
 
 def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple[int, int]],
                    sources: Sequence[Dataset], prov: Provenance, modality: str) -> list[Dataset]:
-    """SC instances, in volume order, for the slices [slice, row, col] of `labels` that hold a label."""
+    """Secondary-capture images of the slices that hold a label, in volume order.
+
+    Args:
+        labels: uint8 (slices, rows, cols) in volume order.
+        volume: (slices, rows, cols) rescaled values (HU for CT), the same geometry.
+        order: (source index, frame) of each slice (Volume.order).
+        sources: The source datasets (headers suffice), indexed by `order`.
+        prov: The job and model; UIDs derive from the job key, so re-encoding repeats them.
+        modality: DICOM Modality, for the grey range.
+
+    Returns:
+        RGB SC instances (8 bit, explicit VR little endian), numbered from 1, each referencing its
+        source image (and frame); none for a label map that is all background.
+    """
     colors = {label.value: label.color for label in prov.manifest.labels}
     legend = ", ".join(f"{label.name} rgb({','.join(str(c) for c in label.color)})" for label in prov.manifest.labels)
     grey = grey_range(volume, modality)

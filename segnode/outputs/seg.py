@@ -36,6 +36,7 @@ class Provenance:
 
     @property
     def model_label(self) -> str:
+        """The model's name and version ("name version"), as the series descriptions show it."""
         return f"{self.manifest.name} {self.manifest.version}"
 
     @property
@@ -44,11 +45,13 @@ class Provenance:
         return derived_uid("device", self.manifest.name, self.manifest.version, self.manifest.weights_sha256)
 
     def algorithm(self) -> hd.AlgorithmIdentificationSequence:
+        """The model as the SEG's segment algorithm (AI family, weights hash as a parameter)."""
         return hd.AlgorithmIdentificationSequence(
             name=self.manifest.name, family=codes.cid7162.ArtificialIntelligence, version=self.manifest.version,
             source=MANUFACTURER, parameters={"weights_sha256": self.manifest.weights_sha256})
 
     def equipment(self) -> hd.ContributingEquipment:
+        """segnode and the model as Contributing Equipment, with the weights hash, for every output."""
         return hd.ContributingEquipment(
             manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
             manufacturer_model_name=self.manifest.name[:64],
@@ -62,6 +65,8 @@ def _coded(code) -> hd.sr.CodedConcept:  # type: ignore[no-untyped-def]
 
 
 def segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
+    """One segment per manifest label, numbered by its label value, with its codes, colour and a
+    tracking UID derived from the job (stable across re-encodings)."""
     return [hd.seg.SegmentDescription(
         segment_number=label.value, segment_label=label.name, segmented_property_category=_coded(label.category),
         segmented_property_type=_coded(label.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -72,8 +77,18 @@ def segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
 
 def frames_for_sources(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset]
                        ) -> tuple[list[Dataset], np.ndarray]:
-    """(source images, label frames in their order): a single-frame series gets its slices in volume
-    order; a multi-frame instance gets its frames back in frame order."""
+    """Pair label slices with the source images highdicom expects them against.
+
+    Args:
+        labels: uint8 (slices, rows, cols) in volume order.
+        order: (source index, frame) of each slice (Volume.order).
+        sources: The source datasets.
+
+    Returns:
+        (source images, label frames (frames, rows, cols) uint8 in their order): a single-frame
+        series gets its slices in volume order; one multi-frame instance gets its frames back in
+        frame order (frames the volume does not cover are empty).
+    """
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         frames = np.zeros((int(sources[0].NumberOfFrames), *labels.shape[1:]), dtype=np.uint8)
         for index, (_, frame) in enumerate(order):
@@ -84,7 +99,22 @@ def frames_for_sources(labels: np.ndarray, order: Sequence[tuple[int, int]], sou
 
 def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset], prov: Provenance,
               kind: SegType = "BINARY", compression: Literal["jpegls", "rle"] = "jpegls") -> Dataset:
-    """The SEG instance for a label map [slice, row, col] in the volume order `order` of `sources`."""
+    """The SEG instance for a label map in the volume order `order` of `sources`.
+
+    Args:
+        labels: (slices, rows, cols) label values, cast to uint8; values are the manifest's.
+        order: (source index, frame) of each slice (Volume.order).
+        sources: The source datasets (headers suffice).
+        prov: The job and model; UIDs derive from the job key, so re-encoding gives the same instance.
+        kind: "BINARY" (uncompressed, empty frames omitted) or "LABELMAP" (compressed).
+        compression: For LABELMAP: "jpegls" (JPEG-LS lossless) or "rle".
+
+    Returns:
+        The hd.seg.Segmentation, not yet written.
+
+    Raises:
+        ValueError: highdicom refuses the label map against the sources (e.g. rows and columns differ).
+    """
     images, frames = frames_for_sources(np.asarray(labels, dtype=np.uint8), order, sources)
     measures = None
     if "FrameOfReferenceUID" not in images[0]:  # a projection image: spacing at the detector
@@ -111,7 +141,16 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
 
 
 def labels_from_seg(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Read a SEG back (highdicom) into a label map in the volume order it was built from."""
+    """Read a SEG back (highdicom) into a label map in the volume order it was built from.
+
+    Args:
+        seg: The SEG (a dataset or an hd.seg.Segmentation).
+        sources: The source datasets it was built against.
+        order: (source index, frame) of each slice (Volume.order).
+
+    Returns:
+        uint8 (slices, rows, cols); frames the SEG omitted (empty) are background.
+    """
     parsed = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         frames = parsed.get_pixels_by_source_frame(

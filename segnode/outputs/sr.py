@@ -22,17 +22,41 @@ HOUNSFIELD = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 @dataclass
 class SegmentStats:
+    """Measurements of one segment.
+
+    Attributes:
+        value: Label value (the SEG's segment number).
+        name: The label's name.
+        voxels: Voxel count.
+        volume_ml: Volume in mL.
+        mean: Mean HU inside the segment; CT only, else None.
+        std: Population standard deviation of HU inside the segment; CT only, else None.
+    """
+
     value: int
     name: str
     voxels: int
     volume_ml: float
-    mean: float | None = None  # HU, CT only
+    mean: float | None = None
     std: float | None = None
 
 
 def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, values: Sequence[int],
                   names: Sequence[str], hounsfield: bool) -> list[SegmentStats]:
-    """Volume from the voxel count and the affine's voxel volume (exact for sheared stacks too)."""
+    """Per-label volume and, for CT, HU statistics. The volume is the voxel count times the affine's
+    voxel volume |det|, which stays exact for sheared (gantry-tilted) stacks too.
+
+    Args:
+        labels: (slices, rows, cols) integer label map.
+        image: (slices, rows, cols) rescaled values (HU for CT), the same geometry.
+        affine: 4x4 from index (slice, row, col, 1) to patient mm (LPS).
+        values: Label values to measure.
+        names: Their names, in the same order.
+        hounsfield: Also give mean and std of `image` inside each label (CT).
+
+    Returns:
+        One SegmentStats per label present, in `values` order; absent labels are left out.
+    """
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     out = []
     for value, name in zip(values, names):
@@ -49,6 +73,21 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
 
 
 def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentStats], prov: Provenance) -> Dataset:
+    """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3
+    decimals) and, where measured, HU mean and std (2 decimals), observed by the model as a device.
+
+    Args:
+        seg: The SEG the groups reference (its SOP Instance UID and segment numbers).
+        sources: The source datasets (evidence; the first gives series UID and modality).
+        stats: From segment_stats; values must be the manifest's label values.
+        prov: The job and model; UIDs derive from the job key.
+
+    Returns:
+        The hd.sr.Comprehensive3DSR, not yet written.
+
+    Raises:
+        KeyError: a stats value is not one of the manifest's labels.
+    """
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

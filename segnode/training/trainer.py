@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segnode.imaging.preprocess import normalize, resample
+from segnode.imaging.preprocess import normalize, resample_to_spacing
 from segnode.models.manifest import Manifest, Network
 from segnode.models.registry import build, write_model_folder
 from segnode.training.data import Case
@@ -42,8 +42,13 @@ class TrainResult:
 
 
 def prepare(case: Case, plan: Plan) -> Prepared:
-    image = normalize(resample(case.image, case.spacing, plan.target_spacing, order=1), plan.normalization)
-    labels = resample(case.labels, case.spacing, plan.target_spacing, order=0).astype(np.uint8)
+    """A case at the plan's spacing (image linear, labels nearest) and normalized, with the same
+    functions the inference engine applies, on the CPU."""
+    with torch.inference_mode():
+        image_t = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
+        image = normalize(resample_to_spacing(image_t, case.spacing, plan.target_spacing), plan.normalization).numpy()
+        labels_t = torch.from_numpy(np.ascontiguousarray(case.labels, dtype=np.uint8))
+        labels = resample_to_spacing(labels_t, case.spacing, plan.target_spacing, mode="nearest").numpy().copy()
     flat = labels.ravel()
     return Prepared(case.name, image, labels,
                     {k: np.flatnonzero(flat == k) for k in range(1, len(plan.labels) + 1) if (flat == k).any()})
