@@ -22,14 +22,13 @@ from sqlalchemy import Connection
 from segnode.audit import events as audit
 from segnode.audit.ledger import Append, Ledger
 from segnode.config import Settings
-from segnode.db.models import Instance, SeriesState
+from segnode.db.models import INSTANCES, SERIES
 from segnode.db.queries import completed_series
 from segnode.flow import utc_iso, utc_now
 from segnode.routing.router import facts, route
 from segnode.routing.rules import Action, RuleSet, decide
 
 log = logging.getLogger(__name__)
-INSTANCES, SERIES = Instance.__table__, SeriesState.__table__
 # an instance's received_at is taken just before its commit; commits finish within this (else the
 # store has failed and said so), so re-reading this far back never misses a late commit
 COMMIT_SLACK = timedelta(seconds=60)
@@ -50,7 +49,9 @@ def request_completion(ledger: Ledger, study_uid: str, who: str) -> int:
                               .values(complete_requested=1))
         count = int(result.rowcount or 0)
         if count:
-            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS, actor={"component": who}, objects={"study_uid": study_uid, "series": count}, detail="completion requested"))
+            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS,
+                               actor={"component": who}, objects={"study_uid": study_uid, "series": count},
+                               detail="completion requested"))
     return count
 
 
@@ -68,9 +69,12 @@ def _touch(conn: Connection, append: Append, series_uids: Iterable[str]) -> None
         elif row["state"] == "complete" and newest > row["last_received_at"]:
             conn.execute(update(SERIES).where(SERIES.c.series_uid == uid).values(
                 state="open", generation=row["generation"] + 1, complete_requested=0))
-            append(audit.Event(type=audit.SERIES_REOPENED, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS, actor={"component": "completion"}, objects={"series_uid": uid, "study_uid": study, "generation": row["generation"] + 1,
-                                "instances": count, "previous_instances": row["instances"]}, detail=f"instances arrived after completion ({row['instances']} -> {count}); "
-                               f"it will be routed again and its new results supersede the old"))
+            objects = {"series_uid": uid, "study_uid": study, "generation": row["generation"] + 1, "instances": count,
+                       "previous_instances": row["instances"]}
+            append(audit.Event(type=audit.SERIES_REOPENED, action=audit.Action.UPDATE, actor={"component": "completion"},
+                               objects=objects, detail=f"instances arrived after completion ({row['instances']} -> "
+                                                       f"{count}); it will be routed again and its new results "
+                                                       f"supersede the old"))
             log.info("series reopened: %d instances (was %d when completed)", count, row["instances"])
 
 
@@ -138,8 +142,10 @@ class Completion:
                                           complete_requested=0))
             if result.rowcount != 1:
                 return False  # reopened or completed meanwhile
-            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor={"component": "completion"}, objects={"series_uid": uid, "study_uid": series.study_uid, "generation": series.generation,
-                                "instances": len(series.instances), "input_sha256": series.input_sha256}, detail=f"complete ({reason})"))
+            objects = {"series_uid": uid, "study_uid": series.study_uid, "generation": series.generation,
+                       "instances": len(series.instances), "input_sha256": series.input_sha256}
+            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.EXECUTE, actor={"component": "completion"},
+                               objects=objects, detail=f"complete ({reason})"))
             decision = route(conn, append, series, ruleset, self.settings)
         log.info("series complete (%s), %d instance(s), generation %d: %s", reason, len(series.instances),
                  series.generation, "ignored" if decision.ignored else "routed to " + ", ".join(decision.models))

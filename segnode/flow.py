@@ -167,10 +167,9 @@ class JobSpec:
     parent_job: int | None = None  # deliver: the segment job whose results go there
     parent_key: str = ""  # deliver: that job's idempotency key
 
-    @property
-    def idempotency_key(self) -> str:
-        """Same series, same model version and weights, same instances: the same job (and for a
-        delivery: the same results to the same destination)."""
+    def key(self) -> str:
+        """The idempotency key: same series, same model version and weights, same instances: the same
+        job (and for a delivery: the same results to the same destination)."""
         if self.kind == JobKind.DELIVER:
             key = "\n".join(["deliver", self.parent_key, self.destination])
         else:
@@ -179,30 +178,16 @@ class JobSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Job:
-    """One row of the job queue, read-only. Times: `next_run_at` and `lease_expires_at` in epoch
-    seconds, `created_at`/`updated_at` as `utc_now` writes them; `output` relative to the data directory."""
+class Job(JobSpec):
+    """One row of the job queue, read-only: the spec it was queued with and its state. Times:
+    `next_run_at` and `lease_expires_at` in epoch seconds, `created_at`/`updated_at` as `utc_now` writes
+    them; `output` relative to the data directory."""
 
     id: int
-    kind: JobKind
     state: JobState
     idempotency_key: str
-    series_uid: str
-    study_uid: str
-    generation: int
-    model: str
-    model_version: str
-    weights_sha256: str
-    input_sha256: str
-    instances: int
-    rule: str
-    ruleset_sha256: str
-    destinations: tuple[str, ...]
-    priority: int
     attempts: int
     max_attempts: int
-    destination: str = ""
-    parent_job: int | None = None
     next_run_at: float = 0.0
     lease_owner: str = ""
     lease_expires_at: float = 0.0
@@ -232,7 +217,7 @@ class Job:
 
     def as_dict(self) -> dict[str, Any]:
         """The row as the REST API and `segnode jobs list --json` show it: the table's columns."""
-        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "parent_key"}  # not a column
         out.update(kind=str(self.kind), state=str(self.state), destinations=json.dumps(list(self.destinations)))
         return out
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from sqlalchemy import Connection, or_, select
 
-from segnode.db.models import AuditEvent, Instance, RoutingDecision, SeriesState
+from segnode.db.models import AUDIT_EVENTS as EVENTS
+from segnode.db.models import DECISIONS, INSTANCES, SERIES, RoutingDecision, SeriesState
 from segnode.flow import input_hash
 from segnode.jobs.queue import list_jobs
 from segnode.datadir import LABELS_FILE, RECORD_FILE, DataDir, dicom_names
 
-EVENTS, INSTANCES = AuditEvent.__table__, Instance.__table__
 
 
 def _sha256(path: Path) -> str | None:
@@ -41,13 +41,13 @@ def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
     for uid, s in series.items():
         s["senders"] = sorted(s["senders"])
         s["input_sha256"] = input_hash(s.pop("hashes"))  # as the job's input hash
-        state = conn.execute(select(SeriesState.__table__).where(SeriesState.series_uid == uid)).first()
+        state = conn.execute(select(SERIES).where(SeriesState.series_uid == uid)).first()
         s["completion"] = None if state is None else {
             "state": state.state, "generation": state.generation, "completed_at": state.completed_at,
             "completed_by": state.completed_by, "instances": state.instances}
         s["routing"] = [{"generation": d.generation, "rules": json.loads(d.rules), "models": json.loads(d.models),
                          "ruleset_sha256": d.ruleset_sha256, "decided_at": d.decided_at}
-                        for d in conn.execute(select(RoutingDecision.__table__)
+                        for d in conn.execute(select(DECISIONS)
                                               .where(RoutingDecision.series_uid == uid).order_by(RoutingDecision.id))]
     jobs = [job.as_dict() for job in list_jobs(conn, study_uid=study_uid)]
     for job in jobs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from segnode.cli import _demo_settings
+from segnode.cli import _demo_settings, build_parser
 from peers import RunningOrthanc, orthanc
 
 
@@ -30,7 +30,8 @@ def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):
         found = RunningOrthanc.at(pacs.url.replace("http://", "http://demo:secret@"))
         assert (found.url, found.aet, found.dicom_port, found.host) == (pacs.url, "HOSPITALPACS", pacs.dicom_port,
                                                                        "127.0.0.1")
-        dest = _demo_settings(tmp_path / "demo", found).destinations["orthanc"]
+        args = build_parser().parse_args(["demo"])
+        dest = _demo_settings(args, tmp_path / "demo", found).destinations["orthanc"]
         assert (dest.ae_title, dest.port, dest.orthanc_url, dest.username) == ("HOSPITALPACS", pacs.dicom_port,
                                                                                pacs.url, "demo")
         assert dest.password is not None and dest.password.get_secret_value() == "secret"

@@ -288,3 +288,20 @@ rules:
                           capture_output=True, text=True, timeout=120)
     assert "1 routed series: 0 would be routed differently" in same.stdout
     assert len(_jobs(node)) == 1  # a dry run
+
+
+def test_a_job_for_a_model_version_no_longer_installed_is_dead_at_once_with_what_to_do(node, series):
+    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0, "max_attempts": 3})
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    with led.transaction() as (conn, _):  # the model was replaced after routing
+        conn.execute(queue.JOBS.update().values(model_version="0.9.0"))
+    worker = pipeline.worker(node.settings, led)  # the real runner: it checks the installed version first
+    assert worker.run_once()
+    (job,) = _jobs(node)
+    assert job.state == "dead" and job.attempts == 1  # retrying would fail the same way
+    assert "ModelVersionMismatch" in job.last_error and "queued for 0.9.0" in job.last_error
+    assert "retrying cannot help" in job.last_error and "send the series again" in job.last_error
+    assert not worker.run_once()

@@ -3,6 +3,7 @@ and the field, first/every modes, the default rules, and `segnode rules explain`
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,31 @@ rules:
     result = subprocess.run([sys.executable, "-m", "segnode", "rules", "check", "--rules", str(bad)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "rule 'thin-ct'" in result.stderr and "Modalitty" in result.stderr
+
+
+def test_rules_check_refuses_what_serve_refuses_and_accepts_what_serve_accepts(tmp_path):
+    """One loader for both: a rule naming a destination the settings do not configure is refused by both
+    with the same message; with a configuration that names it, `rules check` passes."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("""mode: first
+rules:
+  - name: ct
+    match: {attribute: Modality, equals: CT}
+    action: {models: [ct-abdomen-phantom-3d], destinations: [archive]}
+""")
+    env = {k: v for k, v in os.environ.items() if k != "SEGNODE_CONFIG"}
+
+    def segnode(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "segnode", *args], capture_output=True, text=True, timeout=120,
+                              env=env)
+
+    check = segnode("rules", "check", "--rules", str(rules))
+    serve = segnode("serve", "--rules", str(rules), "--data-dir", str(tmp_path / "data"), "--dimse-port", "0",
+                    "--http-port", "0")
+    assert check.returncode == serve.returncode == 2
+    assert "rule 'ct', field action.destinations: unknown destination 'archive'" in check.stderr
+    assert check.stderr.strip().splitlines()[-1] == serve.stderr.strip().splitlines()[-1]
+    config = tmp_path / "segnode.yaml"
+    config.write_text("destinations:\n  archive: {kind: dicomweb, url: 'http://127.0.0.1:9/dicom-web'}\n")
+    ok = segnode("rules", "check", "--config", str(config), "--rules", str(rules))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 rules"), ok.stderr

@@ -95,7 +95,8 @@ def test_the_card_names_each_kind_of_training_series():
 
     def case(seed: int, **options: object) -> Case:
         opts = {"matrix": 128, "oblique_deg": 0.0, "tilt_deg": 0.0, "reversed_order": False, **options}
-        return Case(f"ct-{seed}", np.zeros(1), np.zeros(1), (1.0,), "CT", {}, {"generator": "ct", "seed": seed, "options": opts})
+        return Case(name=f"ct-{seed}", image=np.zeros(1), labels=np.zeros(1), spacing=(1.0,), modality="CT",
+                    label_names={}, origin={"generator": "ct", "seed": seed, "options": opts})
 
     summary = _data_summary([case(0), case(1), case(2, oblique_deg=12.0), case(3, tilt_deg=15.0)])
     assert summary == ("segnode CT phantoms, seeds 0..1 (2): matrix 128; seeds 2..2 (1): matrix 128, oblique_deg 12.0; "

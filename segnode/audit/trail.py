@@ -24,9 +24,8 @@ from sqlalchemy import Connection, select
 from segnode.audit.events import Event
 from segnode.flow import utc_now
 from segnode.db.fast import Tx
-from segnode.db.models import AuditEvent
+from segnode.db.models import AUDIT_EVENTS as TABLE
 
-TABLE = AuditEvent.__table__
 
 GENESIS = "0" * 64
 APPEND_LOCK = 0x5E6A0D17  # PostgreSQL advisory lock key held while an event is appended
@@ -101,8 +100,8 @@ class AuditTrail:
         on PostgreSQL an advisory lock serializes appenders until commit."""
         if not tx.db.sqlite:
             tx.cursor.execute("SELECT pg_advisory_xact_lock(%s)" % APPEND_LOCK)
-        row = tx.last(TABLE, ("seq", "hash"), "seq")
-        seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+        head = tx.last(TABLE, ("seq", "hash"), "seq")
+        seq, prev = (head[0], head[1]) if head else (0, GENESIS)
         row: dict[str, Any] = {
             "seq": seq + 1,
             "time": utc_now(),

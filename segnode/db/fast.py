@@ -19,10 +19,12 @@ class _Statement:
     def __init__(self, engine: Engine, stmt: ClauseElement) -> None:
         self.compiled = stmt.compile(dialect=engine.dialect)
         self.sql = str(self.compiled)
-        self.order = self.compiled.positiontup if self.compiled.positional else None
+        positional = getattr(self.compiled, "positional", False)  # SQLCompiler's; `Compiled` does not declare it
+        self.order: list[str] | None = getattr(self.compiled, "positiontup", None) if positional else None
 
     def params(self, values: dict[str, Any]) -> Any:
         p = self.compiled.construct_params(values)
+        assert p is not None
         return tuple(p[k] for k in self.order) if self.order is not None else p
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, Index, Integer, MetaData, String, Text
+from typing import cast
+
+from sqlalchemy import BigInteger, Float, Index, Integer, MetaData, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -140,3 +142,16 @@ class Job(Base):
     supersedes: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the job whose result this replaces")
     created_at: Mapped[str] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+# The tables for Core statements (the hot paths and the queue use Core, not the ORM)
+INSTANCES = _table(Instance)
+SUPERSEDED = _table(SupersededInstance)
+AUDIT_EVENTS = _table(AuditEvent)
+SERIES = _table(SeriesState)
+DECISIONS = _table(RoutingDecision)
+JOBS = _table(Job)

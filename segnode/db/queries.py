@@ -6,10 +6,9 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from segnode.db.models import Instance
+from segnode.db.models import INSTANCES, Instance
 from segnode.flow import CompletedSeries, SeriesInstance
 
-INSTANCES = Instance.__table__
 
 
 def list_studies(conn: Connection) -> list[dict[str, Any]]:

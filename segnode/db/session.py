@@ -9,6 +9,7 @@ start-up recovery re-indexes the spool after a power loss.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from pathlib import Path
 
 from alembic import command
@@ -26,7 +27,7 @@ def make_engine(url: str, durable: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # transactions are begun explicitly, below and in FastDB
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -35,7 +36,7 @@ def make_engine(url: str, durable: bool = True) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):  # type: ignore[no-untyped-def]
+        def _begin(conn: Any) -> None:
             # Take the write lock up front: a deferred transaction that reads, then writes after another
             # process committed fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn. The
             # listener, completion, router and workers are separate processes writing one database.

@@ -54,7 +54,8 @@ def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dic
     ae = AE(ae_title=calling_ae)
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    tls = (_tls_context(dest), dest.host or "") if dest.tls.enabled else None
+    assert dest.host and dest.port and dest.ae_title  # Destination validates a dimse destination's address
+    tls = (_tls_context(dest), dest.host) if dest.tls.enabled else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
         raise DeliveryError(f"{dest.ae_title}@{dest.host}:{dest.port} did not accept an association "

@@ -41,7 +41,7 @@ class MalformedDataset(InputError):
     """The bytes are not a complete, well-formed DICOM dataset."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Identifiers:
     sop_class_uid: str = ""
     sop_instance_uid: str = ""

@@ -45,4 +45,5 @@ def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         nibabel.filebasedimages.ImageFileError: `path` is not an image nibabel can read.
     """
     image = nib.load(str(path))
+    assert isinstance(image, nib.Nifti1Image)  # what write_labels writes
     return np.asarray(image.dataobj, dtype=np.uint8).T, LPS_TO_RAS @ image.affine @ SWAP

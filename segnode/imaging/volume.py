@@ -200,7 +200,7 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     """
     if not paths:
         raise SeriesError("no instances given")
-    datasets = [dcmread(p) for p in paths]
+    datasets: list[Dataset] = [dcmread(p) for p in paths]
     uids = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     series = uids.most_common(1)[0][0]
     if len(uids) > 1:

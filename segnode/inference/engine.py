@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp16", "bf16", "fp32"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineOptions:
     """How an engine runs; the fields are recorded in segmentation.json and part of the warm engine's key."""
 

@@ -109,7 +109,10 @@ class DimseServer:
                     conn = self.tls.wrap_socket(conn, server_side=True)
                 except (ssl.SSLError, OSError) as exc:
                     log.warning("TLS handshake with %s:%d failed: %s", addr[0], addr[1], exc)
-                    self.store.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=Peer("dimse", addr[0], addr[1]).actor(), detail=f"TLS handshake failed: {type(exc).__name__}"))
+                    self.store.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE,
+                                                  outcome=audit.Outcome.SERIOUS_FAILURE,
+                                                  actor=Peer("dimse", addr[0], addr[1]).actor(),
+                                                  detail=f"TLS handshake failed: {type(exc).__name__}"))
                     conn.close()
                     return
             Association(conn, addr[:2], self.cfg, self.store, self._admit).run()

@@ -21,7 +21,7 @@ from segnode.audit import events as audit
 from segnode.audit.trail import AuditTrail, patient_key
 from segnode.config import StorageConfig
 from segnode.db.fast import FastDB
-from segnode.db.models import Instance, SupersededInstance
+from segnode.db.models import INSTANCES, SUPERSEDED, Instance
 from segnode.dicom import status as st
 from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from segnode.dicom.part10 import NotPart10, parse_meta
@@ -30,7 +30,6 @@ from segnode.flow import StoreOutcome, StoreResult, utc_now
 from segnode.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
-INSTANCES, SUPERSEDED = Instance.__table__, SupersededInstance.__table__
 
 
 @dataclass
@@ -145,7 +144,9 @@ class StoreService:
         if rec is not None and rec.ids.study_uid and is_valid_uid(rec.ids.study_uid):
             objs.setdefault("study_uid", rec.ids.study_uid)
         try:
-            self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.CREATE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), objects=objs, status=result.status, detail=result.comment))
+            self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.CREATE,
+                                    outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), objects=objs,
+                                    status=result.status, detail=result.comment))
         except Exception:  # the sender still gets its status; the operator gets the reason
             log.exception("could not write the audit event for a refused instance; check the database")
         log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
@@ -154,7 +155,8 @@ class StoreService:
 
     def record_security(self, peer: Peer, detail: str) -> None:
         log.warning("security: %s from %s", detail, peer.label())
-        self.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE, outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), detail=detail))
+        self.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE,
+                                outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), detail=detail))
 
     def record(self, event: audit.Event) -> None:
         """Append one audit event in its own transaction."""
@@ -208,7 +210,10 @@ class StoreService:
                             outcome, action = StoreOutcome.OVERWRITTEN, audit.Action.UPDATE
                             detail = f"overwrite: version {row.version} (sha256 {row.sha256}) kept at {aside}"
                             objects["superseded_sha256"] = row.sha256
-                    self.trail.append(tx, audit.Event(type=audit.INSTANCES_TRANSFERRED, action=action, outcome=audit.Outcome.SUCCESS, actor=peer.actor(), objects=dict(objects, patient_key=pkey), status=st.SUCCESS, detail=detail))
+                    self.trail.append(tx, audit.Event(type=audit.INSTANCES_TRANSFERRED, action=action,
+                                                      outcome=audit.Outcome.SUCCESS, actor=peer.actor(),
+                                                      objects=dict(objects, patient_key=pkey), status=st.SUCCESS,
+                                                      detail=detail))
             except Exception as exc:
                 self.trail.rolled_back()
                 for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old

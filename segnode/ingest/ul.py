@@ -27,7 +27,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import AllStoragePresentationContexts, negotiate_as_acceptor
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
 from segnode.audit import events as audit
 from segnode.errors import SegnodeError
@@ -48,6 +48,7 @@ _JPIP = {"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.
 TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _JPIP]
 SUPPORTED_CONTEXTS = [build_context(Verification)] + [
     build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+    if cx.abstract_syntax is not None
 ]
 MAX_ASSOCIATE_RQ = 1024 * 1024
 
@@ -152,9 +153,10 @@ class Association:
             except OSError:
                 pass
 
-    def _audit(self, code: tuple[str, str], outcome: int, detail: str) -> None:
+    def _audit(self, code: audit.EventType, outcome: audit.Outcome, detail: str) -> None:
         try:
-            self.store.record(audit.Event(type=code, action=audit.Action.EXECUTE, outcome=outcome, actor=self.peer.actor(), detail=detail))
+            self.store.record(audit.Event(type=code, action=audit.Action.EXECUTE, outcome=outcome,
+                                          actor=self.peer.actor(), detail=detail))
         except Exception:
             log.exception("could not write the audit event: %s", detail)
 
@@ -176,10 +178,10 @@ class Association:
             return False
         self.peer_max_pdu = rq.maximum_length_received or 0
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
         results, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, SUPPORTED_CONTEXTS,
                                                   roles or None)
-        self.contexts = {cx.context_id: Context(cx.abstract_syntax, cx.transfer_syntax[0])
+        self.contexts = {int(cx.context_id or 0): Context(str(cx.abstract_syntax), cx.transfer_syntax[0])
                          for cx in results if cx.result == 0}
         ac = A_ASSOCIATE()
         ac.application_context_name = rq.application_context_name

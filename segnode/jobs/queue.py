@@ -13,10 +13,9 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from segnode.audit import events as audit
 from segnode.audit.ledger import Append, Ledger
-from segnode.db.models import Job as JobRow
+from segnode.db.models import JOBS
 from segnode.flow import RUNNABLE, Job, JobKind, JobSpec, JobState, utc_now
 
-JOBS = JobRow.__table__
 
 
 def _actor(owner: str = "") -> dict[str, Any]:
@@ -25,7 +24,8 @@ def _actor(owner: str = "") -> dict[str, Any]:
 
 def _event(job_id: int, what: str, outcome: audit.Outcome = audit.Outcome.SUCCESS, owner: str = "",
            **objects: Any) -> audit.Event:
-    return audit.Event(type=audit.JOB_EVENT, action=audit.Action.EXECUTE if owner else audit.Action.CREATE, outcome=outcome, actor=_actor(owner), objects={"job_id": job_id, **objects}, detail=what)
+    return audit.Event(type=audit.JOB_EVENT, action=audit.Action.EXECUTE if owner else audit.Action.CREATE,
+                       outcome=outcome, actor=_actor(owner), objects={"job_id": job_id, **objects}, detail=what)
 
 
 def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) -> tuple[int, bool]:
@@ -34,7 +34,7 @@ def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) 
     Returns:
         (job id, created): an existing job with the same idempotency key is returned, not repeated.
     """
-    key = spec.idempotency_key
+    key = spec.key()
     found = conn.execute(select(JOBS.c.id).where(JOBS.c.idempotency_key == key)).scalar()
     if found is not None:
         return int(found), False
@@ -42,14 +42,16 @@ def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) 
         JOBS.c.series_uid == spec.series_uid, JOBS.c.model == spec.model, JOBS.c.kind == JobKind.SEGMENT,
         JOBS.c.state == JobState.SUCCEEDED)).scalar()
     stamp = utc_now()
-    job_id = conn.execute(JOBS.insert().values(
+    inserted = conn.execute(JOBS.insert().values(
         kind=str(spec.kind), destination=spec.destination, parent_job=spec.parent_job,
         idempotency_key=key, series_uid=spec.series_uid, study_uid=spec.study_uid, generation=spec.generation,
         model=spec.model, model_version=spec.model_version, weights_sha256=spec.weights_sha256,
         input_sha256=spec.input_sha256, instances=spec.instances, rule=spec.rule, ruleset_sha256=spec.ruleset_sha256,
         destinations=json.dumps(list(spec.destinations)), priority=spec.priority, state=JobState.QUEUED.value, attempts=0,
         max_attempts=max_attempts, next_run_at=0.0, lease_owner="", lease_expires_at=0.0, last_error="", output="",
-        supersedes=previous, created_at=stamp, updated_at=stamp)).inserted_primary_key[0]
+        supersedes=previous, created_at=stamp, updated_at=stamp))
+    assert inserted.inserted_primary_key is not None
+    job_id = inserted.inserted_primary_key[0]
     detail = (f"queued: deliver job {spec.parent_job}'s results to {spec.destination}" if spec.kind == JobKind.DELIVER else
               f"queued: {spec.model} {spec.model_version} on {spec.instances} instance(s) (rule {spec.rule})")
     if previous is not None:
@@ -93,7 +95,7 @@ def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = 
             .returning(*JOBS.c))
     with engine.begin() as conn:
         row = conn.execute(stmt).mappings().first()
-    return Job.from_row(row) if row is not None else None
+    return Job.from_row(dict(row)) if row is not None else None
 
 
 def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool:
@@ -162,7 +164,9 @@ def retry(ledger: Ledger, job_id: int, who: str = "operator") -> bool:
                               .values(state=JobState.QUEUED.value, attempts=0, next_run_at=0.0, updated_at=utc_now()))
         if result.rowcount != 1:
             return False
-        append(audit.Event(type=audit.JOB_EVENT, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS, actor={"component": "cli", "user": who}, objects={"job_id": job_id}, detail="queued again by request"))
+        append(audit.Event(type=audit.JOB_EVENT, action=audit.Action.UPDATE, outcome=audit.Outcome.SUCCESS,
+                           actor={"component": "cli", "user": who}, objects={"job_id": job_id},
+                           detail="queued again by request"))
     return True
 
 
@@ -176,7 +180,7 @@ def list_jobs(conn: Connection, state: str | None = None, series_uid: str | None
         stmt = stmt.where(JOBS.c.series_uid == series_uid)
     if study_uid:
         stmt = stmt.where(JOBS.c.study_uid == study_uid)
-    return [Job.from_row(r) for r in conn.execute(stmt).mappings()]
+    return [Job.from_row(dict(r)) for r in conn.execute(stmt).mappings()]
 
 
 def job_output(conn: Connection, job_id: int) -> str:

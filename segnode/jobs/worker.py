@@ -92,15 +92,21 @@ class Worker:
         objects = {"job_id": job.id, "study_uid": job.study_uid, "series_uid": job.series_uid,
                    "destination": name, "files": [f.name for f in files]}
         with self.ledger.transaction() as (_, append):
-            append(audit.Event(type=audit.BEGIN_TRANSFERRING, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor=actor, objects=objects, detail=f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
+            append(audit.Event(type=audit.BEGIN_TRANSFERRING, action=audit.Action.EXECUTE,
+                               outcome=audit.Outcome.SUCCESS, actor=actor, objects=objects,
+                               detail=f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
         try:
             delivered = deliver(dest, files, self.settings.dimse.ae_title)
         except Exception as exc:
             with self.ledger.transaction() as (_, append):
-                append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE, outcome=audit.Outcome.MAJOR_FAILURE, actor=actor, objects=objects, detail=f"delivery to {name} failed: {exc}"))
+                append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE,
+                                   outcome=audit.Outcome.MAJOR_FAILURE, actor=actor, objects=objects,
+                                   detail=f"delivery to {name} failed: {exc}"))
             raise
         with self.ledger.transaction() as (_, append):
-            append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE, outcome=audit.Outcome.SUCCESS, actor=actor, objects=dict(objects, answers=delivered.answers), detail=delivered.confirmed))
+            append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE,
+                               outcome=audit.Outcome.SUCCESS, actor=actor,
+                               objects=dict(objects, answers=delivered.answers), detail=delivered.confirmed))
         return f"delivered to {name}: {delivered.confirmed}"
 
     def _infer(self, job: Job, files: list[Path], out: Path) -> str:

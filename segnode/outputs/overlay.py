@@ -106,13 +106,13 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         RGB SC instances (8 bit, explicit VR little endian), numbered from 1, each referencing its
         source image (and frame); none for a label map that is all background.
     """
-    colors = {label.value: label.color for label in prov.manifest.labels}
+    colors: dict[int, Sequence[int]] = {label.value: label.color for label in prov.manifest.labels}
     legend = ", ".join(f"{label.name} rgb({','.join(str(c) for c in label.color)})" for label in prov.manifest.labels)
     grey = grey_range(volume, modality)
     series_uid = derived_uid(prov.job_key, "sc-series")
-    out = []
+    out: list[Dataset] = []
     for index in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
-        file, frame = order[index]
+        file, frame = order[int(index)]
         source = sources[file]
         spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -120,7 +120,7 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
             series_instance_uid=series_uid, series_number=SERIES_NUMBER_SC,
             sop_instance_uid=derived_uid(prov.job_key, "sc", str(int(index))), instance_number=len(out) + 1,
             manufacturer=MANUFACTURER, patient_orientation=patient_orientation(source),
-            pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
+            pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,  # type: ignore[arg-type]
             transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=[prov.equipment()])
         sc.DeviceUID = prov.device_uid
         sc.SeriesDescription = f"contours {prov.model_label} (not for diagnosis)"[:64]

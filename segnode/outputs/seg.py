@@ -10,7 +10,7 @@ instance and a re-push creates no duplicate in the PACS.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -60,7 +60,7 @@ class Provenance:
             contribution_description=f"automatic segmentation, weights sha256 {self.manifest.weights_sha256}")
 
 
-def _coded(code) -> hd.sr.CodedConcept:  # type: ignore[no-untyped-def]
+def _coded(code: Any) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
@@ -128,7 +128,7 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
         series_instance_uid=derived_uid(prov.job_key, "seg-series"), series_number=SERIES_NUMBER_SEG,
         sop_instance_uid=derived_uid(prov.job_key, "seg"), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=prov.manifest.name[:64],
-        software_versions=[f"segnode {__version__}", f"{prov.manifest.name} {prov.manifest.version}"],
+        software_versions=[f"segnode {__version__}", f"{prov.manifest.name} {prov.manifest.version}"],  # type: ignore[arg-type]
         device_serial_number=prov.manifest.weights_sha256[:16],
         content_description=f"{prov.model_label} (automatic)"[:64], content_label="SEGNODE",
         content_creator_name="segnode^automatic", transfer_syntax_uid=syntax, omit_empty_frames=True,

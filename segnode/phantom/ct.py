@@ -25,7 +25,7 @@ AIR, FAT, SOFT = -1000.0, -95.0, 35.0
 VISCERAL_FAT_LEVEL = 0.15  # mesentery field threshold: about 60 % of the viscera is fat
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CTOptions:
     """What the acquisition looks like. None means: drawn at random from the seed."""
 
@@ -39,7 +39,7 @@ class CTOptions:
     noise_hu: float | None = None  # 8-25 HU
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CTPhantom:
     seed: int
     options: CTOptions
@@ -212,7 +212,8 @@ def generate_ct(seed: int, options: CTOptions | None = None, patient_id: str | N
         datasets.append(ds)
         labels.append(lab)
         hus.append(hu_i)
-    return CTPhantom(seed, opts, datasets, np.stack(labels), np.stack(hus), positions, orientation, (float(spacing), float(spacing)))
+    return CTPhantom(seed=seed, options=opts, datasets=datasets, labels=np.stack(labels), hu=np.stack(hus),
+                     positions=positions, orientation=orientation, pixel_spacing=(float(spacing), float(spacing)))
 
 
 def write_phantom(phantom: CTPhantom, out: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from segnode.audit import events as audit
 from segnode.audit.ledger import Append
 from segnode.config import Settings
 from segnode.datadir import DataDir
-from segnode.db.models import RoutingDecision as DecisionRow
+from segnode.db.models import DECISIONS
 from segnode.db.queries import completed_series
 from segnode.flow import CompletedSeries, JobSpec, RoutingDecision, utc_now
 from segnode.jobs.queue import enqueue, supersede_stale
@@ -24,7 +24,6 @@ from segnode.routing.facts import facts_for
 from segnode.routing.rules import Action, Facts, RuleSet, decide
 
 log = logging.getLogger(__name__)
-DECISIONS = DecisionRow.__table__
 _SOURCE = re.compile(r"^(?P<protocol>[a-z]+):(?:(?P<ae>[^@]*)@)?(?P<host>.*):(?P<port>\d+)$")
 
 

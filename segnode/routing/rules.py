@@ -151,7 +151,8 @@ def _kind(value: Any) -> str:
             if key in value:
                 return tag
     elif isinstance(value, BaseModel):
-        return {All: "All", Any_: "Any", Not: "Not", Always: "Always"}.get(type(value), "Condition")  # type: ignore[arg-type]
+        tags: dict[type[BaseModel], str] = {All: "All", Any_: "Any", Not: "Not", Always: "Always"}
+        return tags.get(type(value), "Condition")
     return "Condition"
 
 
@@ -379,7 +380,7 @@ class Decision:
         lines = []
         for rule, outcome in self.outcomes:
             tag = "APPLIED" if rule in self.applied else ("matched" if outcome.passed else "no match")
-            action = "ignore" if rule.action == "ignore" else f"models {', '.join(rule.action.models)}"  # type: ignore[union-attr]
+            action = "ignore" if rule.action == "ignore" else f"models {', '.join(rule.action.models)}"  # type: ignore[union-attr,unused-ignore]
             lines.append(f"rule {rule.name}: {tag} -> {action}")
             lines.extend("  " + line for line in outcome.lines())
         lines.append("decision: " + ("ignore" if self.ignored else "run " + ", ".join(self.models)))

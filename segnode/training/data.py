@@ -11,7 +11,7 @@ import numpy as np
 from segnode.imaging.volume import read_image, read_series
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Case:
     name: str
     image: np.ndarray  # float32 [z, y, x] or [y, x]
@@ -29,7 +29,7 @@ def load_case(folder: Path) -> Case:
     labels = saved["labels"].astype(np.uint8)
     if (folder / "dx.dcm").exists():
         vol, modality = read_image(folder / "dx.dcm"), "DX"
-        image, spacing = vol.array[0], vol.spacing[1:]
+        image, spacing = vol.array[0], tuple(vol.spacing[1:])
     else:
         files = sorted(folder.glob("ct*.dcm"))
         if not files:
@@ -40,7 +40,8 @@ def load_case(folder: Path) -> Case:
     if labels.shape != image.shape:
         raise ValueError(f"{folder}: labels {labels.shape} do not match the image {image.shape}")
     origin = json.loads((folder / "phantom.json").read_text()) if (folder / "phantom.json").exists() else {}
-    return Case(folder.name, image, labels, spacing, modality, names, origin)
+    return Case(name=folder.name, image=image, labels=labels, spacing=spacing, modality=modality, label_names=names,
+                origin=origin)
 
 
 def load_cases(data_dir: Path) -> list[Case]:

@@ -70,7 +70,7 @@ def _patch(prep: Prepared, plan: Plan, rng: np.random.Generator) -> tuple[np.nda
     return image[sl], labels[sl]
 
 
-def _augmenter(plan: Plan):  # type: ignore[no-untyped-def]
+def _augmenter(plan: Plan) -> Any:
     from monai import transforms as T
 
     dims, keys = plan.spatial_dims, ["image", "label"]
@@ -80,7 +80,8 @@ def _augmenter(plan: Plan):  # type: ignore[no-untyped-def]
                                       mode=("bilinear", "nearest"), padding_mode="border")]
     if plan.elastic:  # Ronneberger: random displacements on a coarse grid, smoothly interpolated
         if dims == 2:  # displacements ~ N(0, magnitude^2) px on the control points, smoothly interpolated
-            grid = [max(1.0, p / (plan.elastic_grid - 1)) for p in plan.patch_size]
+            grid = (max(1.0, plan.patch_size[0] / (plan.elastic_grid - 1)),
+                    max(1.0, plan.patch_size[1] / (plan.elastic_grid - 1)))
             steps.append(T.Rand2DElasticd(keys, spacing=grid, magnitude_range=plan.elastic_magnitude_px, prob=0.2,
                                           mode=("bilinear", "nearest"), padding_mode="border"))
         else:
@@ -103,6 +104,7 @@ def _validate(net: torch.nn.Module, preps: list[Prepared], plan: Plan, device: t
         for prep in preps:
             x = torch.from_numpy(prep.image)[None, None].to(device)
             logits = sliding_window_inference(x, plan.patch_size, 2, net, overlap=0.25, mode="gaussian")
+            assert isinstance(logits, torch.Tensor)
             pred = logits.max(1).indices[0].cpu().numpy().astype(np.uint8)  # argmax, faster on the CPU
             metrics = label_metrics(pred, prep.labels, range(1, len(plan.labels) + 1), plan.target_spacing)
             for value, name in enumerate(plan.labels, start=1):
