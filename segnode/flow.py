@@ -93,7 +93,7 @@ def input_hash(instances: Sequence[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompletedSeries:
     """One version of a series as the index holds it: instances in arrival order, the first one's
     sender as the store recorded it (e.g. 'dimse:CT1@10.0.0.5:40112')."""
@@ -110,7 +110,7 @@ class CompletedSeries:
 
 
 # -- routing ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoutingDecision:
     """The router's answer for one series version, as recorded with the rule set's sha256."""
 
@@ -252,7 +252,7 @@ class Segmentation:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SegmentedSeries:
     """One series through one model: the volume read, its segmentation, and the files written
     (labels.nii.gz and segmentation.json, the record of what produced them)."""
@@ -264,7 +264,7 @@ class SegmentedSeries:
 
 
 # -- outputs ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncodedResults:
     """The DICOM results written beside the label map, with their SOP Instance UIDs."""
 
@@ -277,7 +277,7 @@ class EncodedResults:
 
 
 # -- delivery ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeliveryReceipt:
     """`answers`: SOP Instance UID -> what the destination said; `confirmed`: how arrival was checked."""
 

@@ -107,7 +107,14 @@ def _positional(cls: ast.ClassDef) -> int | None:
     if isinstance(decorator, ast.Call) and any(k.arg == "kw_only" and ast.unparse(k.value) == "True"
                                                for k in decorator.keywords):
         return 0
-    return sum(1 for item in cls.body if isinstance(item, ast.AnnAssign) and "ClassVar" not in ast.unparse(item.annotation))
+    count = 0
+    for item in cls.body:
+        if isinstance(item, ast.AnnAssign):
+            annotation = ast.unparse(item.annotation)
+            if annotation in ("KW_ONLY", "dataclasses.KW_ONLY"):
+                break  # the fields after it are keyword-only
+            count += "ClassVar" not in annotation
+    return count
 
 
 def test_dependencies_between_parts_point_one_way():
@@ -144,3 +151,10 @@ def test_importing_segnode_leaves_pynetdicom_as_it_is():
 def test_help_lists_no_hidden_command():
     run = subprocess.run([sys.executable, "-m", "segnode", "--help"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "SUPPRESS" not in run.stdout and "component" not in run.stdout
+
+
+if __name__ == "__main__":  # python tests/test_layout.py: the graph, its cycles, the widest constructors
+    graph = import_graph()
+    for part in sorted(graph):
+        print(f"{part:22s} -> {', '.join(sorted(graph[part])) or '-'}")
+    print("cycles:", cycles(graph) or "none")

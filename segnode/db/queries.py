@@ -34,6 +34,6 @@ def completed_series(conn: Connection, series_uid: str, generation: int) -> Comp
     rows = conn.execute(select(INSTANCES.c.sop_instance_uid, INSTANCES.c.sha256, INSTANCES.c.path,
                                INSTANCES.c.study_uid, INSTANCES.c.source)
                         .where(INSTANCES.c.series_uid == series_uid).order_by(INSTANCES.c.id)).all()
-    return CompletedSeries(series_uid, rows[0].study_uid if rows else "", generation,
-                           tuple(SeriesInstance(r.sop_instance_uid, r.sha256, r.path) for r in rows),
-                           rows[0].source if rows else "")
+    return CompletedSeries(series_uid=series_uid, study_uid=rows[0].study_uid if rows else "", generation=generation,
+                           instances=tuple(SeriesInstance(r.sop_instance_uid, r.sha256, r.path) for r in rows),
+                           source=rows[0].source if rows else "")

@@ -185,4 +185,4 @@ def deliver(dest: Destination, files: Sequence[Path], calling_ae: str) -> Delive
             retryable, as the PACS may come back.
     """
     answers = send_dimse(dest, files, calling_ae) if dest.kind == "dimse" else send_stow(dest, files)
-    return DeliveryReceipt(answers, confirm(dest, list(answers)))
+    return DeliveryReceipt(answers=answers, confirmed=confirm(dest, list(answers)))

@@ -9,16 +9,6 @@ CANNOT_UNDERSTAND = 0xC210  # bytes are not a complete DICOM dataset
 MISSING_IDENTIFIER = 0xC211  # SOP Instance, Study or Series UID absent
 INVALID_UID = 0xC212  # a UID that is not a valid UID (e.g. path characters)
 
-NAMES = {
-    SUCCESS: "Success",
-    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported on this presentation context",
-    OUT_OF_RESOURCES: "Out of resources",
-    DATASET_MISMATCH: "Dataset does not match",
-    CANNOT_UNDERSTAND: "Cannot understand: not a complete DICOM dataset",
-    MISSING_IDENTIFIER: "Cannot understand: identifier missing",
-    INVALID_UID: "Cannot understand: invalid UID",
-}
-
 # What the operator or the sender should do about each refusal (goes into the log line).
 HINTS = {
     SOP_CLASS_NOT_SUPPORTED: "the sender put the instance on the wrong presentation context; check its configuration",

@@ -65,4 +65,4 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     log.info("segmented series with %s %s: %s", m.name, m.version, seg.timings)
-    return SegmentedSeries(volume, seg, labels_path, record_path)
+    return SegmentedSeries(volume=volume, segmentation=seg, labels_path=labels_path, record_path=record_path)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +47,7 @@ class Peer:
     protocol: str  # "dimse", "stow", "http", "recovery" or "local"
     host: str
     port: int = 0
+    _: KW_ONLY  # the AE titles and the user are named at every call: they are easily swapped
     ae_title: str = ""
     called_ae_title: str = ""
     user: str = ""
@@ -59,9 +60,10 @@ class Peer:
         return f"{self.protocol}:{who}{self.host}:{self.port}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Received:
-    """A finished, fsynced temp file holding our file meta followed by the received dataset."""
+    """A finished, fsynced temp file holding our file meta followed by the received dataset (which starts
+    `dataset_offset` bytes in, encoded in `transfer_syntax_uid`); `ids` are filled in by `identify`."""
 
     tmp_path: Path
     sha256: str
@@ -261,7 +263,8 @@ class StoreService:
                 continue
             tmp = self.spool.tmp / f"recover.{path.name}"
             os.replace(path, tmp)
-            rec = Received(tmp, sha, tmp.stat().st_size, meta.transfer_syntax_uid, meta.dataset_offset)
+            rec = Received(tmp_path=tmp, sha256=sha, size=tmp.stat().st_size,
+                           transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=meta.dataset_offset)
             refusal = self.identify(rec)
             result = self.refuse(peer, refusal, rec) if refusal else self.commit(rec, peer)
             recovered += result.status == st.SUCCESS

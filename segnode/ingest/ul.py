@@ -171,7 +171,7 @@ class Association:
         except Exception as exc:
             raise Abort(AB_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {exc}") from exc
         calling, called = rq.calling_ae_title.strip(), rq.called_ae_title.strip()
-        self.peer = Peer("dimse", self.peer.host, self.peer.port, calling, called)
+        self.peer = Peer("dimse", self.peer.host, self.peer.port, ae_title=calling, called_ae_title=called)
         reject = self._check_peer(calling, called)
         if reject is not None:
             self._send(bytes([0x03, 0, 0, 0, 0, 4, 0, *reject]))
@@ -328,8 +328,9 @@ class Association:
         else:
             writer, self.writer = self.writer, None
             assert writer is not None
-            rec = Received(writer.path, "", writer.size, self.contexts[self.msg_context].transfer_syntax,
-                           self.dataset_offset)
+            rec = Received(tmp_path=writer.path, sha256="", size=writer.size,
+                           transfer_syntax_uid=self.contexts[self.msg_context].transfer_syntax,
+                           dataset_offset=self.dataset_offset)
             try:
                 rec.sha256 = writer.finish()
             except OSError as exc:

@@ -63,6 +63,6 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
                          "sr": {"file": SR_FILE, "sop_instance_uid": sr.SOPInstanceUID}, "volumes_ml": volumes,
                          "secondary_capture": [f.name for f in overlays]}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
-    return EncodedResults(out / SEG_FILE, out / SR_FILE, seg.SOPInstanceUID, sr.SOPInstanceUID, volumes,
-                          tuple(overlays))
+    return EncodedResults(seg=out / SEG_FILE, sr=out / SR_FILE, seg_uid=seg.SOPInstanceUID, sr_uid=sr.SOPInstanceUID,
+                          volumes_ml=volumes, overlays=tuple(overlays))
 

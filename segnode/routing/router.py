@@ -55,7 +55,8 @@ def route(conn: Connection, append: Append, series: CompletedSeries, ruleset: Ru
     """
     decision = decide(ruleset, facts(settings.data, series))
     applied = tuple(rule.name for rule in decision.applied)
-    recorded = RoutingDecision(series.series_uid, series.generation, ruleset.sha256, applied, tuple(decision.models))
+    recorded = RoutingDecision(series_uid=series.series_uid, generation=series.generation,
+                               ruleset_sha256=ruleset.sha256, rules=applied, models=tuple(decision.models))
     conn.execute(DECISIONS.insert().values(series_uid=series.series_uid, generation=series.generation,
                                            ruleset_sha256=ruleset.sha256, rules=json.dumps(list(applied)),
                                            models=json.dumps(decision.models), decided_at=utc_now()))

@@ -158,7 +158,8 @@ class StowSession:
             part.writer.abort()
             return self.store.refuse(self.peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
                                                        meta.sop_class_uid, meta.sop_instance_uid))
-        rec = Received(part.writer.path, sha, part.writer.size, meta.transfer_syntax_uid, part.dataset_offset)
+        rec = Received(tmp_path=part.writer.path, sha256=sha, size=part.writer.size,
+                       transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=part.dataset_offset)
         refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
         if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
             refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", rec.ids.sop_class_uid, rec.ids.sop_instance_uid)
