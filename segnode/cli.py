@@ -24,6 +24,8 @@ from segnode.flow import JobState
 from segnode.logs import setup_logging
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from segnode.audit.ledger import Ledger
     from segnode.routing.rules import RuleSet
     from segnode.demo.pacs import PACS
@@ -90,9 +92,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> "Ledger":
+    """The database and the audit trail, for commands that change state (and audit it)."""
     from segnode import pipeline
 
     return pipeline.ledger(load(args))
+
+
+def _database(settings: Settings) -> "Engine":
+    """The database only, for commands that read: nothing else is created in the data directory."""
+    from segnode.db.session import make_engine, migrate
+
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    return engine
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -110,7 +122,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     from segnode.jobs.queue import list_jobs
 
-    with _ledger(args).engine.connect() as conn:
+    with _database(load(args)).connect() as conn:
         jobs = list_jobs(conn, state=args.state)
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
@@ -135,7 +147,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 def cmd_studies(args: argparse.Namespace) -> int:
     from segnode.db.queries import list_studies
 
-    with _ledger(args).engine.connect() as conn:
+    with _database(load(args)).connect() as conn:
         print(json.dumps(list_studies(conn), indent=2))
     return 0
 
@@ -145,7 +157,7 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     from segnode.lineage import render, trace
 
     settings = load(args)
-    with _ledger(args).engine.connect() as conn:
+    with _database(settings).connect() as conn:
         story = trace(conn, settings.data, args.study_uid)
     if not story["series"] and not story["jobs"]:
         print(f"nothing is known about study {args.study_uid}", file=sys.stderr)
@@ -157,8 +169,9 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from segnode.audit.trail import verify_connection
 
-    anchor = load(args).data.audit_head
-    with _ledger(args).engine.connect() as conn:
+    settings = load(args)
+    anchor = settings.data.audit_head
+    with _database(settings).connect() as conn:
         result = verify_connection(conn, anchor)
     if not result.anchored:
         print(f"note: no head anchor at {anchor}: events deleted from the end of the trail cannot be detected "
@@ -318,7 +331,7 @@ def cmd_rules_replay(args: argparse.Namespace) -> int:
     from segnode.routing.router import replay
     ruleset = _rules(args)  # a RulesError is reported by main()
     settings = load(args)
-    with _ledger(args).engine.connect() as conn:
+    with _database(settings).connect() as conn:
         results = replay(conn, settings.data, ruleset)
     changed = [r for r in results if r.changed]
     print(f"dry run of {settings.routing.rules or 'the built-in rules'} (sha256 {ruleset.sha256[:16]}...) over {len(results)} "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
@@ -197,6 +197,10 @@ class Job(JobSpec):
     created_at: str = ""
     updated_at: str = ""
 
+    def key(self) -> str:
+        """The key it was queued under (a delivery's cannot be recomputed: its parent's key is not stored)."""
+        return self.idempotency_key
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
         """From a `jobs` row (SQLAlchemy mapping); `destinations` is stored as JSON text."""
@@ -208,12 +212,9 @@ class Job(JobSpec):
 
     def delivery(self, destination: str) -> JobSpec:
         """The delivery job that sends this (segment) job's results to `destination`."""
-        return JobSpec(kind=JobKind.DELIVER, series_uid=self.series_uid, study_uid=self.study_uid,
-                       generation=self.generation, model=self.model, model_version=self.model_version,
-                       weights_sha256=self.weights_sha256, input_sha256=self.input_sha256, instances=self.instances,
-                       rule=self.rule, ruleset_sha256=self.ruleset_sha256, destinations=(destination,),
-                       priority=self.priority, destination=destination, parent_job=self.id,
-                       parent_key=self.idempotency_key)
+        spec = {f.name: getattr(self, f.name) for f in fields(JobSpec)}
+        return JobSpec(**{**spec, "kind": JobKind.DELIVER, "destinations": (destination,), "destination": destination,
+                          "parent_job": self.id, "parent_key": self.idempotency_key})
 
     def as_dict(self) -> dict[str, Any]:
         """The row as the REST API and `segnode jobs list --json` show it: the table's columns."""
