@@ -37,7 +37,12 @@ COMMIT_SLACK = timedelta(seconds=60)
 def request_completion(ledger: Ledger, study_uid: str, who: str) -> int:
     """Mark every open series of a study for completion at the next poll.
 
+    Series indexed but not yet seen by a poll are opened first (and completed ones that received
+    instances since, reopened), so a request right after the last instance is not lost.
+
     Args:
+        ledger: the database and the audit trail.
+        study_uid: Study Instance UID.
         who: the component that asked ("cli", "http"), for the audit event.
     Returns:
         How many series were marked (0: unknown study, or nothing open).
@@ -79,7 +84,8 @@ def _touch(conn: Connection, append: Append, series_uids: Iterable[str]) -> None
 
 
 class Completion:
-    """Polls the index; completes and routes series. One instance per database.
+    """Polls the index; completes and routes series. One instance per database: it remembers in
+    memory how far it has read the index (`received_at`, re-read with COMMIT_SLACK of margin).
 
     Args:
         ledger: the database and the audit trail.
@@ -93,7 +99,20 @@ class Completion:
         self._since = ""  # the first poll looks at everything
 
     def poll(self, now: datetime | None = None) -> list[str]:
-        """One pass; returns the Series Instance UIDs completed (and routed) in it."""
+        """One pass: open or reopen series with new instances, then complete every open series that is
+        due - asked for ("manual"), its study quiet for `stable_seconds` ("quiet"), or a matching
+        rule's `expected_instances` reached ("expected") - routing it in the same transaction.
+
+        Args:
+            now: the time to judge quietness by (tests); default the clock. Timezone-aware.
+
+        Returns:
+            The Series Instance UIDs completed (and routed) in this pass.
+
+        Raises:
+            Exception: database errors, or a routing failure (e.g. a first instance's file that cannot
+                be read); `run` logs them and polls again.
+        """
         now = now or datetime.now(timezone.utc)
         with self.ledger.transaction() as (conn, append):
             touched = conn.execute(select(INSTANCES.c.series_uid).where(INSTANCES.c.received_at > self._since)
@@ -152,6 +171,7 @@ class Completion:
         return True
 
     def run(self, stop: Callable[[], bool], poll_seconds: float) -> None:
+        """`poll` every `poll_seconds` (s) until `stop()` is true; a failed poll is logged and retried."""
         while not stop():
             try:
                 self.poll()

@@ -28,7 +28,22 @@ def _sha256(path: Path) -> str | None:
 
 def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
     """Everything known about a study, as a JSON-ready dict: series (instances, senders, input hash,
-    completion, routing), jobs (with their result files' hashes) and the audit events naming them."""
+    completion, routing), jobs (with their result files' hashes) and the audit events naming them.
+
+    Args:
+        conn: a connection to the node's database.
+        data: the data directory holding results/<job id>/ (files are hashed, so this reads them all).
+        study_uid: Study Instance UID.
+
+    Returns:
+        {"study_uid", "series": [...], "jobs": [...], "events": [...]}. Times are ISO 8601 UTC as
+        stored; senders are peer labels without their port; `input_sha256` is the current index's
+        (flow.input_hash), comparable with the jobs'. A job's "result" (software, device, notes,
+        outputs, files_sha256: file name -> sha256 or None when missing) is present when its
+        segmentation.json is. Events: those whose objects' JSON contains the study's or a series' UID
+        as text (LIKE '%uid%') or names one of the jobs as "job_id", in sequence order. An unknown
+        study has no series and no jobs.
+    """
     rows = conn.execute(select(INSTANCES).where(INSTANCES.c.study_uid == study_uid).order_by(INSTANCES.c.id)).all()
     series: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -69,6 +84,7 @@ def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
 
 
 def render(story: dict[str, Any]) -> list[str]:
+    """`trace`'s result as the lines `segnode audit trace` prints (hashes shortened to 16 hex digits)."""
     out = [f"study {story['study_uid']}"]
     for s in story["series"]:
         out.append(f"  series {s['series_uid']} ({s['modality']}): {s['instances']} instance(s) from "

@@ -24,7 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def load_secret(data: DataDir) -> bytes:
-    """The key for patient-identity hashes: made once per node, never leaves the data directory."""
+    """The key for patient-identity hashes: made once per node, never leaves the data directory.
+
+    Created on first use as 32 random bytes in the data directory's audit key file (mode 0600,
+    fsynced); losing it unlinks every later patient key from the earlier ones.
+
+    Returns:
+        The key's bytes, as stored.
+
+    Raises:
+        OSError: the file cannot be created or read (FileExistsError if another process created it
+            between the check and the creation).
+    """
     path = data.audit_key
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -39,7 +50,14 @@ class Node:
     """The receiving side of a running segnode: DIMSE and HTTP listeners over one store.
 
     `start()` recovers from any earlier crash before accepting anything. The later stages
-    (completion, workers) run beside it as processes (segnode.supervisor) or in-process (tests, demo)."""
+    (completion, workers) run beside it as processes (segnode.supervisor) or in-process (tests, demo).
+
+    Constructing it creates the data directory, opens the database and applies migrations, so it
+    raises what those raise (OSError, SQLAlchemy/Alembic errors); nothing listens until `start`.
+
+    Args:
+        settings: the node's settings (data directory, database URL, storage, DIMSE, HTTP).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,6 +74,13 @@ class Node:
         self._stopped = False
 
     def start(self, http: bool = True) -> None:
+        """Reconcile the spool with the index, start the DIMSE listener and (with `http`) uvicorn in a
+        thread, waiting until it serves; then audit "started".
+
+        Raises:
+            OSError: the DIMSE port cannot be bound. An HTTP port that cannot be bound is only logged
+                by uvicorn, and the node runs without HTTP.
+        """
         self.store.reconcile()
         self.dimse.start()
         if http:
@@ -77,10 +102,13 @@ class Node:
 
     @property
     def http_port(self) -> int:
+        """The bound HTTP port (the real one when `http.port` is 0); only after `start(http=True)`."""
         assert self._http is not None and self._http.servers
         return int(self._http.servers[0].sockets[0].getsockname()[1])
 
     def stop(self) -> None:
+        """Stop the listeners (waiting up to 5 s for HTTP), audit "stopped", close the trail and the
+        database. Idempotent."""
         if self._stopped:
             return
         self._stopped = True

@@ -34,8 +34,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 @dataclass
 class Child:
+    """One supervised stage process and its restart bookkeeping (times from time.monotonic, in s)."""
+
     name: str  # "completion" or "worker-N"
-    kind: str
+    kind: str  # the stage: "completion" or "worker" (segnode.stage's first argument)
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -44,7 +46,12 @@ class Child:
 
 class Supervisor:
     """Starts completion and `jobs.workers` workers as `python -m segnode.stage` children and restarts
-    them when they exit; `on_exit(name, exit status, restart delay in s)` is told of each exit."""
+    them when they exit; `on_exit(name, exit status, restart delay in s)` is told of each exit.
+
+    The restart delay doubles with each quick exit (0.5 s * 2**n, at most 30 s) and starts over once
+    a child ran longer than HEALTHY_AFTER (60 s). A negative exit status is the signal that ended it.
+    `on_exit` runs on the watcher thread.
+    """
 
     def __init__(self, settings: Settings, on_exit: Callable[[str, int, float], None] | None = None) -> None:
         self.settings = settings
@@ -68,6 +75,7 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def start(self) -> None:
+        """Spawn every child and the watcher thread that restarts them; returns at once."""
         for child in self.children:
             self._spawn(child)
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
@@ -96,6 +104,8 @@ class Supervisor:
                 due[child.name] = time.monotonic() + delay
 
     def stop(self, timeout: float = 20.0) -> None:
+        """Stop restarting, SIGTERM the running children and wait up to `timeout` (s) in all for them;
+        SIGKILL those still running (a killed worker's job is requeued when its lease expires)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -114,7 +124,12 @@ class Supervisor:
 
 def settings_payload(settings: Settings) -> bytes:
     """The settings a child reads on its standard input (segnode.stage.read_settings). Destination secrets
-    pass in clear, through a pipe only the child reads: neither its arguments nor its environment hold them."""
+    pass in clear, through a pipe only the child reads: neither its arguments nor its environment hold them.
+
+    Returns:
+        UTF-8 JSON of the settings without `http` (the bearer token stays with the listener); paths as
+        strings.
+    """
     return json.dumps(settings.model_dump(mode="python", exclude={"http"}), default=_plain).encode()
 
 

@@ -31,7 +31,17 @@ GENESIS = "0" * 64
 APPEND_LOCK = 0x5E6A0D17  # PostgreSQL advisory lock key held while an event is appended
 
 def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
-    """Keyed hash of the patient identity: linkable inside this node, not reversible outside it."""
+    """Keyed hash of the patient identity: linkable inside this node, not reversible outside it.
+
+    Args:
+        secret: the node's key (segnode.service.load_secret), so that a dictionary of patient IDs
+            hashed elsewhere does not reverse it.
+        patient_id: Patient ID (0010,0020); "" gives "".
+        issuer: Issuer of Patient ID (0010,0021): the same ID from two issuers is two patients.
+
+    Returns:
+        32 hex characters (the first 128 bits of HMAC-SHA256), or "" without a Patient ID.
+    """
     if not patient_id:
         return ""
     return hmac.new(secret, f"{issuer}\x00{patient_id}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -52,14 +62,20 @@ class HeadAnchor:
     the machine (ATNA) is the answer to that.
     """
 
-    SIZE = 100
+    SIZE = 100  # bytes: "<seq> <sha256 hex>", space-padded, newline-terminated
 
     def __init__(self, path: Path) -> None:
+        """Open (create, mode 0640) the anchor file; keep it open for `write`.
+
+        Raises:
+            OSError: the file cannot be opened.
+        """
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
 
     def write(self, seq: int, digest: str) -> None:
-        """Advance the anchor; never move it back (processes commit and then write in either order)."""
+        """Advance the anchor to event `seq` with hash `digest`; never move it back (processes commit
+        and then write in either order). An exclusive flock serializes the processes sharing the file."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             current = os.pread(self._fd, self.SIZE, 0).split()
@@ -70,10 +86,16 @@ class HeadAnchor:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        """Close the file; `write` must not be called afterwards."""
         os.close(self._fd)
 
     @staticmethod
     def read(path: Path) -> tuple[int, str] | None:
+        """The anchored (sequence number, hash), or None when the file is missing or empty.
+
+        Raises:
+            ValueError: the file does not hold "<seq> <hash>" (it was damaged or edited).
+        """
         try:
             text = path.read_text().strip()
         except FileNotFoundError:
@@ -85,7 +107,16 @@ class HeadAnchor:
 
 
 class AuditTrail:
-    """Appends events inside the caller's transaction; one writer at a time keeps the chain linear."""
+    """Appends events inside the caller's transaction; one writer at a time keeps the chain linear.
+
+    Protocol: hold `lock`, open a transaction, `append`, commit, then `committed()` (or `rolled_back()`
+    on failure) - see Ledger.transaction and StoreService.record. `lock` (reentrant) serializes this
+    process's threads, whose pending head is kept in one slot; other processes are serialized by the
+    database (see `append`).
+
+    Args:
+        anchor: the head anchor file (data directory's audit head); None: no anchor.
+    """
 
     def __init__(self, anchor: Path | None = None) -> None:
         self.lock = threading.RLock()
@@ -97,7 +128,11 @@ class AuditTrail:
 
         The head is read inside the transaction, never cached: other processes (completion, router,
         workers) append to the same chain. SQLite transactions hold the write lock from their start;
-        on PostgreSQL an advisory lock serializes appenders until commit."""
+        on PostgreSQL an advisory lock serializes appenders until commit.
+
+        Returns:
+            The event's sequence number (1 for the first event).
+        """
         if not tx.db.sqlite:
             tx.cursor.execute("SELECT pg_advisory_xact_lock(%s)" % APPEND_LOCK)
         head = tx.last(TABLE, ("seq", "hash"), "seq")
@@ -128,15 +163,20 @@ class AuditTrail:
         self._pending = None
 
     def close(self) -> None:
+        """Close the anchor file."""
         if self._anchor is not None:
             self._anchor.close()
 
     def rolled_back(self) -> None:
+        """Forget the pending head: the transaction holding the append did not commit."""
         self._pending = None
 
 
 @dataclass
 class VerifyResult:
+    """`verify`'s answer: `ok` when no problem was found; `count` events read; `problems` in chain
+    order, each naming the event(s); `anchored` when a head anchor was compared."""
+
     ok: bool
     count: int
     problems: list[str]
@@ -145,7 +185,15 @@ class VerifyResult:
 
 def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> VerifyResult:
     """Walk the chain and name every event that was edited, deleted, inserted or reordered;
-    with the head anchor, also events deleted from the end."""
+    with the head anchor, also events deleted from the end.
+
+    Args:
+        rows: audit_events rows (SQLAlchemy Row, with `_mapping`), in sequence order.
+        anchor: (seq, hash) from HeadAnchor.read; None: the end of the trail is not checked.
+
+    Returns:
+        The result; it never raises for a damaged chain, it reports it.
+    """
     problems: list[str] = []
     anchored_hash: str | None = None  # the stored hash of the event the anchor names
     prev_hash, expected_seq, count = GENESIS, 1, 0
@@ -176,5 +224,10 @@ def verify(rows: Iterable[Any], anchor: tuple[int, str] | None = None) -> Verify
 
 
 def verify_connection(conn: Connection, anchor_path: Path | None = None) -> VerifyResult:
+    """`verify` over the whole audit_events table, with the anchor file when one is given.
+
+    Raises:
+        ValueError: the anchor file is damaged (see HeadAnchor.read).
+    """
     anchor = HeadAnchor.read(anchor_path) if anchor_path is not None else None
     return verify(conn.execute(select(TABLE).order_by(TABLE.c.seq)), anchor)

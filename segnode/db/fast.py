@@ -29,45 +29,65 @@ class _Statement:
 
 
 class Tx:
-    """One transaction on a raw connection."""
+    """One transaction on a raw connection: statements are compiled once per key and cached by the
+    FastDB. Nothing commits here; the owner of the transaction does (FastDB.transaction, Ledger).
+
+    Args:
+        db: the statement cache and dialect.
+        cursor: a DBAPI cursor of the transaction's connection.
+    """
 
     def __init__(self, db: "FastDB", cursor: Any) -> None:
         self.db, self.cursor = db, cursor
 
     def execute(self, key: tuple[Any, ...], make: Any, values: dict[str, Any]) -> Any:
+        """Run the statement cached under `key` (built by `make()` on first use) with `values`.
+
+        Returns:
+            The DBAPI cursor, for fetching.
+        """
         stmt = self.db.statement(key, make)
         self.cursor.execute(stmt.sql, stmt.params(values))
         return self.cursor
 
     def insert(self, table: Table, values: dict[str, Any]) -> None:
+        """INSERT one row; `values` by column name."""
         cols = tuple(sorted(values))
         self.execute(("insert", table.name, cols),
                      lambda: insert(table).values({c: bindparam(c) for c in cols}), values)
 
     def update(self, table: Table, row_id: int, values: dict[str, Any]) -> None:
+        """UPDATE the row whose `id` is `row_id`, setting `values` by column name."""
         cols = tuple(sorted(values))
         self.execute(("update", table.name, cols),
                      lambda: update(table).where(table.c.id == bindparam("row_id"))
                      .values({c: bindparam(c) for c in cols}), dict(values, row_id=row_id))
 
     def first(self, table: Table, columns: tuple[str, ...], where: str, value: Any) -> tuple[Any, ...] | None:
+        """`columns` of the first row whose column `where` equals `value` (no order: for unique keys);
+        None when there is none."""
         return self.execute(("select", table.name, columns, where),
                             lambda: select(*(table.c[c] for c in columns)).where(table.c[where] == bindparam("v")),
                             {"v": value}).fetchone()
 
     def last(self, table: Table, columns: tuple[str, ...], order_by: str) -> tuple[Any, ...] | None:
+        """`columns` of the row with the greatest `order_by`; None when the table is empty."""
         return self.execute(("last", table.name, columns, order_by),
                             lambda: select(*(table.c[c] for c in columns)).order_by(table.c[order_by].desc()).limit(1),
                             {}).fetchone()
 
 
 class FastDB:
+    """Compiled-statement cache and raw transactions for one engine; shared by threads (the cache only
+    grows, by a fixed set of keys)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self._cache: dict[tuple[Any, ...], _Statement] = {}
 
     def statement(self, key: tuple[Any, ...], make: Any) -> _Statement:
+        """The statement cached under `key`, compiling `make()` (a SQLAlchemy construct) on first use."""
         stmt = self._cache.get(key)
         if stmt is None:
             stmt = self._cache[key] = _Statement(self.engine, make())
@@ -75,6 +95,8 @@ class FastDB:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
+        """A Tx on a pooled raw connection: committed when the block ends, rolled back (and re-raised) on
+        any exception. On SQLite it begins IMMEDIATE, taking the write lock at once."""
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()

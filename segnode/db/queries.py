@@ -12,7 +12,12 @@ from segnode.flow import CompletedSeries, SeriesInstance
 
 
 def list_studies(conn: Connection) -> list[dict[str, Any]]:
-    """Studies with their series and instance counts, in the shape GET /api/studies returns."""
+    """Studies with their series and instance counts, in the shape GET /api/studies returns.
+
+    Returns:
+        [{"study_uid", "series": [{"series_uid", "modality", "instances"}]}], ordered by UID; the
+        counts are index rows (one per SOP Instance UID, overwritten versions not counted).
+    """
     rows = conn.execute(
         select(Instance.study_uid, Instance.series_uid, func.max(Instance.modality), func.count())
         .group_by(Instance.study_uid, Instance.series_uid)
@@ -28,8 +33,14 @@ def list_studies(conn: Connection) -> list[dict[str, Any]]:
 def completed_series(conn: Connection, series_uid: str, generation: int) -> CompletedSeries:
     """The instances the index holds for a series, in arrival order, as version `generation`.
 
+    Args:
+        conn: any connection; read inside the completing transaction, it sees that transaction's view.
+        series_uid: Series Instance UID.
+        generation: the version number to stamp on the record (the series table's), not looked up.
+
     Returns:
-        A CompletedSeries; its `instances` is empty when the index holds none (unknown series).
+        A CompletedSeries; its `instances` is empty when the index holds none (unknown series). Its
+        `source` is the first instance's sender (Peer.label).
     """
     rows = conn.execute(select(INSTANCES.c.sop_instance_uid, INSTANCES.c.sha256, INSTANCES.c.path,
                                INSTANCES.c.study_uid, INSTANCES.c.source)

@@ -4,6 +4,9 @@ SQLite runs in WAL mode. With `durable` (storage.fsync, the default) every commi
 (synchronous=FULL), so an acknowledged instance's index row and audit event survive a power loss,
 not just a process crash; without it (synchronous=NORMAL) they survive a process crash and the
 start-up recovery re-indexes the spool after a power loss.
+
+Every SQLite transaction begins IMMEDIATE, reads through `engine.connect()` included: it takes the
+database's write lock (waiting up to 30 s for it), so a reader waits for a writer's commit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def make_engine(url: str, durable: bool = True) -> Engine:
+    """An engine for `url` (sqlite:///path or postgresql://...), configured as the module describes.
+
+    Args:
+        url: SQLAlchemy URL (`db_url` in the settings).
+        durable: fsync every SQLite commit (storage.fsync); ignored for PostgreSQL, whose own
+            settings decide.
+    """
     if url.startswith("sqlite"):
         synchronous = "FULL" if durable else "NORMAL"
 
@@ -47,7 +57,11 @@ def make_engine(url: str, durable: bool = True) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to the newest revision (idempotent), in one transaction.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError, alembic errors: a migration failed; its transaction is rolled back.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def server_tls_context(cfg: DimseConfig) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2 or later), or None when `dimse.tls` is off.
+
+    With a CA file, client certificates are verified: required when `require_client_cert`, else
+    checked only if offered.
+
+    Raises:
+        OSError, ssl.SSLError: the certificate, key or CA file cannot be read or does not match.
+    """
     tls = cfg.tls
     if not tls.enabled:
         return None
@@ -30,6 +38,16 @@ def server_tls_context(cfg: DimseConfig) -> ssl.SSLContext | None:
 
 
 class DimseServer:
+    """The C-STORE/C-ECHO listener: one accept thread, one thread per association (all daemons).
+
+    Every association is counted against `max_associations` and refused (A-ASSOCIATE-RJ, transient)
+    above it or below the free-space watermark; a failed TLS handshake is audited as a security alert.
+
+    Args:
+        cfg: host, port (0: any free one), AE title, TLS, limits and timeouts (s).
+        store: where received instances are committed.
+    """
+
     def __init__(self, cfg: DimseConfig, store: StoreService) -> None:
         self.cfg, self.store = cfg, store
         self.tls = server_tls_context(cfg)
@@ -41,10 +59,16 @@ class DimseServer:
 
     @property
     def port(self) -> int:
+        """The bound TCP port (the real one when `cfg.port` is 0); only after `start`."""
         assert self._sock is not None
         return int(self._sock.getsockname()[1])
 
     def start(self) -> None:
+        """Bind, listen and start accepting in a background thread; returns at once.
+
+        Raises:
+            OSError: the address cannot be bound (e.g. port in use).
+        """
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,6 +84,8 @@ class DimseServer:
                  " (TLS)" if self.tls else "")
 
     def stop(self) -> None:
+        """Close the listening socket and shut down open associations' sockets (their threads then end
+        on the error); waits up to 5 s for the accept thread, not for the associations."""
         self._stopping.set()
         if self._sock is not None:
             try:

@@ -42,7 +42,11 @@ class _Row:
 
 @dataclass(frozen=True)
 class Peer:
-    """Who sent it: enough for the audit trail, nothing about the patient."""
+    """Who sent it: enough for the audit trail, nothing about the patient.
+
+    `host` is the peer's IP address as the socket reports it, `port` its (ephemeral) TCP port, 0 when
+    unknown; `user` is the HTTP caller ("bearer" when a token was checked).
+    """
 
     protocol: str  # "dimse", "stow", "http", "recovery" or "local"
     host: str
@@ -53,9 +57,12 @@ class Peer:
     user: str = ""
 
     def actor(self) -> dict[str, Any]:
+        """The audit event's actor: the non-empty fields by name (JSON-ready)."""
         return {k: v for k, v in self.__dict__.items() if v}
 
     def label(self) -> str:
+        """'protocol:[AE@]host:port', e.g. 'dimse:CT1@10.0.0.5:40112': the index's `source` column, which
+        segnode.routing.router.sender parses back into the rules' AE title and IP."""
         who = f"{self.ae_title}@" if self.ae_title else ""
         return f"{self.protocol}:{who}{self.host}:{self.port}"
 
@@ -108,13 +115,32 @@ class StoreService:
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
+        """True when the spool's file system has less free space than the floor: refuse the instance
+        (0xA700 over DIMSE, 503 over STOW-RS when every part is refused)."""
         return self.spool.free_mb() < self.floor_mb
 
     def below_watermark(self) -> bool:
+        """True when free space is below the watermark: refuse new associations (A-ASSOCIATE-RJ,
+        transient), letting the ones under way finish above the floor."""
         return self.spool.free_mb() < self.watermark_mb
 
     def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> StoreResult | None:
-        """Walk the stored dataset and check its identifiers; a StoreResult means refuse."""
+        """Walk the stored dataset and check its identifiers; fills in `rec.ids`.
+
+        Must pass before `commit`: it is what makes the UIDs safe to use as spool paths.
+
+        Args:
+            rec: the finished temp file.
+            expected_class: the SOP Class UID the sender announced (C-STORE command, STOW part's meta);
+                "" to skip the comparison.
+            expected_instance: likewise, the SOP Instance UID.
+
+        Returns:
+            None when the instance may be committed, else the refusal to pass to `refuse`: 0xC210 the
+            dataset does not parse, 0xC211 a SOP Class/Instance, Study or Series UID is missing, 0xC212
+            one is not a valid UID, 0xA900 the dataset's SOP Class/Instance UID differs from the
+            announced one.
+        """
         error = _walk_file(rec)
         if error is not None:
             return StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}",
@@ -137,7 +163,19 @@ class StoreService:
 
     # -- outcomes -------------------------------------------------------------------------------
     def refuse(self, peer: Peer, result: StoreResult, rec: Received | None = None, objects: dict[str, Any] | None = None) -> StoreResult:
-        """Record a refused instance: drop its temp file, audit, log what to do."""
+        """Record a refused instance: drop its temp file, audit, log what to do.
+
+        A failure to write the audit event is logged, not raised: the sender must still get its status.
+
+        Args:
+            peer: the sender.
+            result: the refusal (from `identify`, a transport's own checks, or a failed commit).
+            rec: the temp file, deleted here; None when nothing was written.
+            objects: extra audit objects; valid SOP Instance and Study UIDs are added.
+
+        Returns:
+            `result`, unchanged, for the caller to answer with.
+        """
         if rec is not None:
             rec.tmp_path.unlink(missing_ok=True)
         objs = dict(objects or {})
@@ -156,12 +194,17 @@ class StoreService:
         return result
 
     def record_security(self, peer: Peer, detail: str) -> None:
+        """Log and audit a security alert (e.g. a wrong bearer token); database errors propagate."""
         log.warning("security: %s from %s", detail, peer.label())
         self.record(audit.Event(type=audit.SECURITY_ALERT, action=audit.Action.EXECUTE,
                                 outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(), detail=detail))
 
     def record(self, event: audit.Event) -> None:
-        """Append one audit event in its own transaction."""
+        """Append one audit event in its own transaction.
+
+        Raises:
+            Exception: the DBAPI's error (sqlite3, psycopg) when the event cannot be written.
+        """
         with self.trail.lock:
             try:
                 with self.db.transaction() as tx:
@@ -172,7 +215,24 @@ class StoreService:
             self.trail.committed()
 
     def commit(self, rec: Received, peer: Peer) -> StoreResult:
-        """Place the file, index it and audit it; idempotent for identical bytes."""
+        """Place the file, index it and audit it; idempotent for identical bytes.
+
+        Identical bytes for a known SOP Instance UID: DUPLICATE, temp file dropped, nothing written
+        but the audit event. Different bytes: OVERWRITTEN, the old file moved to superseded/ and the
+        index row's version incremented. The file moves are undone if the transaction fails, so what
+        was not acknowledged leaves no file behind.
+
+        Args:
+            rec: a temp file that passed `identify` (its `ids` are the spool path).
+            peer: the sender, recorded as the row's `source` and the event's actor.
+
+        Returns:
+            Success (status 0x0000) with the outcome, or a refusal 0xA700 when the database or the disk
+            failed (already audited and logged via `refuse`).
+
+        Raises:
+            ValueError: `rec.ids` holds an invalid UID, i.e. `identify` was skipped.
+        """
         ids = rec.ids
         relative = self.spool.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         objects = {"study_uid": ids.study_uid, "series_uid": ids.series_uid,
@@ -237,8 +297,14 @@ class StoreService:
     def reconcile(self) -> int:
         """Index spool files a crash left unindexed (placed, not yet committed); drop temp files.
 
-        A temp file was never acknowledged, so it goes. A placed file may have been acknowledged
-        (the index commit is not fsynced, the spool is), so it is validated and indexed.
+        A temp file was never acknowledged, so it goes. A placed file without an index row was left
+        by a commit that crashed (never acknowledged) or, with storage.fsync off, by an acknowledged
+        commit lost in a power loss; it cannot tell which, so it is validated and indexed. A spool file
+        without file meta is moved to superseded/unreadable.<name>; one that fails `identify` is
+        refused and deleted. Run once at start, before any listener accepts.
+
+        Returns:
+            How many spool files were indexed (duplicates included).
         """
         dropped = self.spool.clean_tmp()
         with self.engine.connect() as conn:

@@ -50,7 +50,7 @@ SUPPORTED_CONTEXTS = [build_context(Verification)] + [
     build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
     if cx.abstract_syntax is not None
 ]
-MAX_ASSOCIATE_RQ = 1024 * 1024
+MAX_ASSOCIATE_RQ = 1024 * 1024  # bytes; read before the peer is identified, so capped apart from max_pdu
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 RJ_CALLING_AE = (1, 1, 3)
@@ -64,11 +64,18 @@ AB_NOT_SPECIFIED = (2, 0)
 
 
 class PeerGone(SegnodeError):
-    """The connection closed or timed out."""
+    """The peer closed the connection (recv returned 0); the association ends without an A-ABORT.
+    Timeouts surface as socket.timeout instead."""
 
 
 class Abort(SegnodeError):
-    """Abort the association with (source, reason) after recording why."""
+    """Abort the association with (source, reason) after recording why.
+
+    Args:
+        source_reason: the A-ABORT source and reason (PS3.8 9.3.8), one of the AB_* constants.
+        why: the audit detail and log message.
+        security: audit as a Security Alert (e.g. an oversized PDU) rather than Application Activity.
+    """
 
     def __init__(self, source_reason: tuple[int, int], why: str, security: bool = False) -> None:
         super().__init__(why)
@@ -77,12 +84,27 @@ class Abort(SegnodeError):
 
 @dataclass
 class Context:
+    """An accepted presentation context: its abstract syntax (SOP Class UID) and the one transfer
+    syntax UID negotiated for it, in which its datasets arrive."""
+
     abstract_syntax: str
     transfer_syntax: str
 
 
 class Association:
-    """Serve one connection until release, abort or timeout. Never raises."""
+    """Serve one connection until release, abort or timeout. Never raises.
+
+    Each C-STORE dataset is streamed into a spool temp file as its P-DATA fragments arrive and
+    committed (or refused) through the store when its last fragment is in; the C-STORE-RSP carries
+    the resulting DIMSE status. C-ECHO is answered; any other DIMSE command aborts the association.
+
+    Args:
+        sock: the connected socket (already TLS-wrapped when TLS is on).
+        address: the peer's (IP, port).
+        cfg: AE title, allow list, called-AE check, max PDU (bytes), ACSE and network timeouts (s).
+        store: where datasets are committed and events audited.
+        admit: asked once the peer is identified: None to accept, else why to reject (transient).
+    """
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], cfg: "DimseConfig", store: StoreService,
                  admit: Callable[[], str | None]) -> None:
@@ -124,6 +146,13 @@ class Association:
 
     # -- association ----------------------------------------------------------------------------
     def run(self) -> None:
+        """Negotiate, then serve P-DATA until A-RELEASE, A-ABORT, timeout or a protocol error.
+
+        Rejections (A-ASSOCIATE-RJ) and protocol errors are logged and audited, a protocol error then
+        answered with an A-ABORT; a timeout is logged and aborted; a dataset in progress is discarded
+        (never acknowledged); the socket is always closed. Nothing is raised: an unexpected error is
+        logged and aborted so the listener carries on.
+        """
         try:
             self.sock.settimeout(self.cfg.acse_timeout)
             if not self._associate():

@@ -63,8 +63,16 @@ def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) 
 
 
 def reap(ledger: Ledger, now: float | None = None) -> list[tuple[int, JobState]]:
-    """Running jobs whose lease expired (their worker died or hung): requeued, or dead after the last
-    try. Returns (job id, new state)."""
+    """Running jobs whose lease expired (their worker died or hung): requeued at once, or dead after
+    the last try; each change audited.
+
+    Args:
+        ledger: the database and the audit trail.
+        now: epoch seconds to compare leases with (tests); default the clock.
+
+    Returns:
+        (job id, new state) for every job reaped.
+    """
     now = time.time() if now is None else now
     changed = []
     with ledger.transaction() as (conn, append):
@@ -83,7 +91,20 @@ def reap(ledger: Ledger, now: float | None = None) -> list[tuple[int, JobState]]
 
 def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = None) -> Job | None:
     """Atomically take the most urgent runnable job (one UPDATE ... RETURNING: two workers can never
-    both get it, on SQLite or on PostgreSQL)."""
+    both get it, on SQLite or on PostgreSQL).
+
+    Most urgent: highest priority, then oldest id, among QUEUED or FAILED jobs whose `next_run_at`
+    has passed. The claim increments `attempts` and is not audited (the outcome is).
+
+    Args:
+        engine: the database.
+        owner: the worker's id ('host:pid'), which must match to renew, finish or fail.
+        lease_seconds: how long (s) the job is the worker's without a renewal.
+        now: epoch seconds (tests); default the clock.
+
+    Returns:
+        The job as claimed (state RUNNING), or None when nothing is runnable.
+    """
     now = time.time() if now is None else now
     runnable = and_(JOBS.c.state.in_([s.value for s in RUNNABLE]), JOBS.c.next_run_at <= now)
     pick = select(JOBS.c.id).where(runnable).order_by(JOBS.c.priority.desc(), JOBS.c.id).limit(1)
@@ -99,7 +120,11 @@ def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = 
 
 
 def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool:
-    """Extend the lease; False when the job is no longer this worker's (it was reaped)."""
+    """Extend the lease to now + `lease_seconds` (s).
+
+    Returns:
+        False when the job is no longer this worker's (reaped, or no longer RUNNING).
+    """
     with engine.begin() as conn:
         result = conn.execute(update(JOBS).where(JOBS.c.id == job_id, JOBS.c.state == JobState.RUNNING,
                                                  JOBS.c.lease_owner == owner)
@@ -157,7 +182,16 @@ def fail(ledger: Ledger, job: Job, owner: str, error: str, backoff_seconds: floa
 
 
 def retry(ledger: Ledger, job_id: int, who: str = "operator") -> bool:
-    """Queue a failed or dead job again, with a fresh set of tries."""
+    """Queue a failed or dead job again, with a fresh set of tries (attempts reset, runnable at once).
+
+    Args:
+        ledger: the database and the audit trail.
+        job_id: the job's id.
+        who: recorded as the audit event's user.
+
+    Returns:
+        False when there is no such job or it is neither FAILED nor DEAD (nothing recorded).
+    """
     with ledger.transaction() as (conn, append):
         result = conn.execute(update(JOBS).where(JOBS.c.id == job_id,
                                                  JOBS.c.state.in_((JobState.FAILED.value, JobState.DEAD.value)))
@@ -172,7 +206,17 @@ def retry(ledger: Ledger, job_id: int, who: str = "operator") -> bool:
 
 def list_jobs(conn: Connection, state: str | None = None, series_uid: str | None = None,
               study_uid: str | None = None) -> list[Job]:
-    """Jobs, oldest first, optionally of one state, series or study."""
+    """Jobs, oldest first, optionally of one state, series or study.
+
+    Args:
+        conn: a connection.
+        state: a JobState value ("dead", ...); an unknown one matches nothing. None or "": any.
+        series_uid: Series Instance UID; None or "": any.
+        study_uid: Study Instance UID; None or "": any.
+
+    Returns:
+        The matching rows as Job records.
+    """
     stmt = select(JOBS).order_by(JOBS.c.id)
     if state:
         stmt = stmt.where(JOBS.c.state == state)
@@ -184,12 +228,29 @@ def list_jobs(conn: Connection, state: str | None = None, series_uid: str | None
 
 
 def job_output(conn: Connection, job_id: int) -> str:
-    """The result folder of a job, relative to the data directory ("" when it has none)."""
+    """The result folder of a job, relative to the data directory.
+
+    Returns:
+        e.g. 'results/12'; "" when the job is unknown or has no output (not succeeded).
+    """
     return str(conn.execute(select(JOBS.c.output).where(JOBS.c.id == job_id)).scalar() or "")
 
 
 def supersede_stale(conn: Connection, series_uid: str, keep_generation: int) -> int:
-    """Queued or failed jobs of older generations of a series: their input is gone, a newer job covers it."""
+    """Queued or failed jobs of older generations of a series: their input is gone, a newer job covers it.
+
+    Marks them SUPERSEDED in the caller's transaction, deliveries of older results included. RUNNING
+    jobs are not touched: a segment job checks its input hash only before it runs, so one already
+    running finishes on the input it read. No audit event is written here.
+
+    Args:
+        conn: the routing transaction's connection.
+        series_uid: Series Instance UID.
+        keep_generation: the new generation; jobs of lower ones are superseded.
+
+    Returns:
+        How many jobs were superseded.
+    """
     result = conn.execute(update(JOBS).where(JOBS.c.series_uid == series_uid, JOBS.c.generation < keep_generation,
                                              JOBS.c.state.in_([s.value for s in RUNNABLE]))
                           .values(state=JobState.SUPERSEDED.value, last_error="the series changed before this job ran",

@@ -3,7 +3,8 @@
 Any number of workers (processes) may share one queue. A job's lease is renewed while it runs; a
 worker that dies stops renewing and the job is queued again. A job's output is its folder
 results/<job id>/ (segnode.datadir): labels.nii.gz, seg.dcm, sr.dcm and segmentation.json (what
-produced them). Whether a failed job is tried again is decided by `SegnodeError.retryable` alone.
+produced them). Whether a failed job is tried again is decided by `SegnodeError.retryable` alone;
+an exception that is not a SegnodeError (a bug, an environment fault) is retried too, as it may pass.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class Worker:
     def warm(self, models: Sequence[str]) -> None:
         """Load these models and run one batch through each before taking jobs: the first study would
         otherwise wait for it (4 s for the CT model on 2 CPU cores; cuDNN's autotuning on a GPU). A model
-        that fails here is only logged: its job will fail with the reason, retried and audited."""
+        that fails here is only logged: its job will fail with the reason, retried and audited.
+
+        Args:
+            models: model folder names under the models root.
+        """
         for name in models:
             try:
                 seconds = engine_for(self.models_dir / name, self.options).warm_up()
@@ -124,7 +129,20 @@ class Worker:
                 f"({result.segmentation.timings})")
 
     def run_once(self) -> bool:
-        """Handle at most one job; False when there was nothing to do."""
+        """Reap expired leases, then claim and run at most one job, renewing its lease meanwhile.
+
+        A segment job whose series changed since it was queued (input sha256 differs) is marked
+        SUPERSEDED unrun. Success records the result folder and queues a delivery per destination (the
+        rule's, else `routing.default_destinations`). A failure is recorded as FAILED (retried after
+        backoff) or DEAD (last attempt, or a non-retryable SegnodeError); it is not raised.
+
+        Returns:
+            False when no job was runnable, True when one was handled (whatever its outcome).
+
+        Raises:
+            Exception: a database error while reaping, claiming or recording (a claimed job's lease
+                then expires and it is reaped); `run` logs it and carries on.
+        """
         jobs = self.settings.jobs
         queue.reap(self.ledger)
         job = queue.claim(self.ledger.engine, self.owner, jobs.lease_seconds)
@@ -177,6 +195,8 @@ class Worker:
                 return
 
     def run(self, stop: Callable[[], bool], idle_seconds: float = 0.5) -> None:
+        """`run_once` until `stop()` is true, sleeping `idle_seconds` (s) when idle or after an error.
+        A job under way is finished before `stop` is looked at again."""
         while not stop():
             try:
                 busy = self.run_once()

@@ -180,7 +180,7 @@ class Rule(_Strict):
 class RuleSet(_Strict):
     mode: Literal["first", "every"]
     rules: list[Rule] = Field(min_length=1)
-    sha256: str = ""  # of the file's bytes; goes into every routing decision's audit event
+    sha256: str = ""  # of the rule text as UTF-8 (parse_rules); goes into every routing decision's audit event
 
     @model_validator(mode="after")
     def _unique(self) -> "RuleSet":
@@ -204,7 +204,22 @@ def _where(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
 
 def parse_rules(text: str, source: str = "<rules>", models: Iterable[str] | None = None,
                 destinations: Iterable[str] | None = None) -> RuleSet:
-    """Validate a rule file; unknown models/destinations are errors when the known ones are given."""
+    """Validate a rule file; unknown models/destinations are errors when the known ones are given.
+
+    Args:
+        text: the YAML (see the module docstring).
+        source: what error messages call it (the file's path).
+        models: installed model names; None: not checked.
+        destinations: configured destination names; None: not checked.
+
+    Returns:
+        The rule set, its `sha256` the hex SHA-256 of `text` encoded as UTF-8 (recorded with every
+        routing decision, so a decision names the exact rules that made it).
+
+    Raises:
+        RulesError: invalid YAML, a schema violation (the message names the rule and the field; the
+            three most specific complaints), or an unknown model or destination.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -240,6 +255,14 @@ def parse_rules(text: str, source: str = "<rules>", models: Iterable[str] | None
 
 def load_rules(path: Path | None = None, models: Iterable[str] | None = None,
                destinations: Iterable[str] | None = None) -> RuleSet:
+    """`parse_rules` over a file: `path`, or the shipped default.yaml when None.
+
+    The file is read as text (locale encoding, universal newlines), so `sha256` is of the decoded
+    text: it equals the file's own sha256 only for UTF-8 files with LF line endings.
+
+    Raises:
+        RulesError: the file cannot be read, or as `parse_rules`.
+    """
     path = path or DEFAULT_RULES
     try:
         text = path.read_text()
@@ -251,7 +274,10 @@ def load_rules(path: Path | None = None, models: Iterable[str] | None = None,
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Facts:
-    """What rules can see about one series."""
+    """What rules can see about one series (see segnode.routing.facts for how it is gathered).
+
+    `ae_title` and `ip` are the sender's, None when unknown (then a sender condition sees it absent).
+    """
 
     attributes: dict[str, Any]  # keyword -> value, from a representative instance
     instances: int
@@ -260,7 +286,8 @@ class Facts:
     ip: str | None = None
 
     def value(self, cond: Condition) -> tuple[bool, Any]:
-        """(present, value) of what the condition tests."""
+        """(present, value) of what the condition tests; an attribute that is missing, None or "" is
+        absent, series counts are always present."""
         if cond.attribute:
             v = self.attributes.get(cond.attribute)
             return (v is not None and v != ""), v
@@ -346,7 +373,16 @@ def _test(cond: Condition, facts: Facts) -> Outcome:
 
 
 def evaluate(match: Match, facts: Facts) -> Outcome:
-    """Every condition is evaluated (no short cut), so an explanation shows all of them."""
+    """Every condition is evaluated (no short cut), so an explanation shows all of them.
+
+    Conditions compare as text (stripped) unless the rule's value is a number (then numerically);
+    `regex` searches anywhere in the text of the value; `contains` tests one of a multi-valued
+    attribute's values; `range` bounds are inclusive; `network` accepts IPv4-mapped IPv6 senders. A
+    condition on an absent value fails (except `exists: false`).
+
+    Returns:
+        The tree of outcomes: pass/fail, the value seen and why, for `Decision.explain`.
+    """
     if isinstance(match, Always):
         return Outcome(True, "always")
     if isinstance(match, Condition):
@@ -362,7 +398,13 @@ def evaluate(match: Match, facts: Facts) -> Outcome:
 
 @dataclass
 class Decision:
-    """Which rules matched a series and what follows from them."""
+    """Which rules matched a series and what follows from them.
+
+    Attributes:
+        outcomes: every rule with its evaluation, in file order.
+        applied: the rules that decide (first match, or every match); may be empty.
+        ruleset_sha256: the rule set's hash, for the record.
+    """
 
     outcomes: list[tuple[Rule, Outcome]]
     applied: list[Rule]  # the rules that decide (first match, or every match)
@@ -370,13 +412,16 @@ class Decision:
 
     @property
     def models(self) -> list[str]:
+        """The models to run: the applied rules' models in order, each once (an `ignore` adds none)."""
         return list(dict.fromkeys(m for r in self.applied if isinstance(r.action, Action) for m in r.action.models))
 
     @property
     def ignored(self) -> bool:
+        """True when no model runs (no rule applied, or only `ignore` ones)."""
         return not self.models
 
     def explain(self) -> list[str]:
+        """Human-readable lines: each rule's verdict and condition tree, then the decision."""
         lines = []
         for rule, outcome in self.outcomes:
             tag = "APPLIED" if rule in self.applied else ("matched" if outcome.passed else "no match")
@@ -388,6 +433,8 @@ class Decision:
 
 
 def decide(ruleset: RuleSet, facts: Facts) -> Decision:
+    """Evaluate every rule on the facts; mode "first" applies the first rule that matches, "every"
+    all of them. Pure: reads nothing, records nothing (the router records the decision)."""
     outcomes = [(rule, evaluate(rule.match, facts)) for rule in ruleset.rules]
     matched = [rule for rule, outcome in outcomes if outcome.passed]
     applied = matched[:1] if ruleset.mode == "first" else matched

@@ -48,10 +48,17 @@ def _peer(request: Request, protocol: str, user: str = "") -> Peer:
 def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastAPI:
     """The node's HTTP side over its store (STOW-RS) and its ledger (index, queue, audit).
 
+    The /api and /dicom-web routes need `Authorization: Bearer <http.token>` when a token is configured:
+    401 otherwise, audited as a security alert. Without a token nothing is checked. /healthz and
+    FastAPI's /docs and /openapi.json are open.
+
     Args:
         settings: the node's settings (the bearer token in `http.token`).
         store: where STOW-RS parts are committed, as DIMSE instances are.
         ledger: the database and audit trail, for the API's reads and requests.
+
+    Returns:
+        The application, for uvicorn (segnode.service.Node runs it in a thread).
     """
     app = FastAPI(title="segnode", version=__version__)
     token = settings.http.token
@@ -69,17 +76,23 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
+        """Liveness, without authentication: {"status": "ok", "version": ...}."""
         return {"status": "ok", "version": __version__}
 
     @app.get("/api/studies")
     def studies(request: Request) -> list[dict[str, Any]]:
+        """Indexed studies with their series (modality, instance count); see db.queries.list_studies."""
         authorize(request)
         with ledger.engine.connect() as conn:
             return list_studies(conn)
 
     @app.post("/api/studies/{study}/complete", status_code=202)
     def complete(request: Request, study: str) -> dict[str, Any]:
-        """Complete (and route) the study's open series at the next completion poll."""
+        """Complete (and route) the study's open series at the next completion poll.
+
+        202 with {"study_uid", "series": how many were marked}; 400 when `study` is not a valid UID;
+        404 when the study has no open series (unknown, or every series already completed).
+        """
         from segnode.completion import request_completion
 
         authorize(request)
@@ -92,6 +105,8 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
 
     @app.get("/api/jobs")
     def jobs(request: Request, state: str | None = None) -> list[dict[str, Any]]:
+        """Jobs oldest first (rows as `Job.as_dict`), optionally of one state (?state=dead); an unknown
+        state matches nothing (200, [])."""
         from segnode.jobs.queue import list_jobs
 
         authorize(request)
@@ -99,6 +114,16 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
             return [job.as_dict() for job in list_jobs(conn, state=state)]
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
+        """STOW-RS: store every application/dicom part, answering the Store Instances Response (DICOM
+        JSON) with 200 (all stored), 202 (some refused), 409 (none stored) or 503 + Retry-After: 60 s
+        (none stored, disk full); see stow.http_status.
+
+        Parts are committed as they end, on a worker thread; with `study`, a part of another study is
+        refused (0xA900). 415: not multipart/related of application/dicom; 400: no boundary, a study
+        that is not a valid UID, a malformed body or no parts. A 400 for a malformed body comes after
+        the parts that ended before the fault were committed: they stay stored, though the answer does
+        not list them.
+        """
         user = await run_in_threadpool(authorize, request)  # a refusal writes an audit event
         if study is not None and not is_valid_uid(study):
             raise HTTPException(400, "the study in the URL is not a valid UID")

@@ -38,7 +38,25 @@ class _Part:
 
 
 class StowSession:
-    """Feeds one request body through the multipart parser, storing each part when it ends."""
+    """Feeds one request body through the multipart parser, storing each part when it ends.
+
+    The parser callbacks (on `feed`) only spool bytes; parts that have ended wait in `finished`
+    until `store_finished` commits them off the event loop. A part is refused, never failing the
+    request, when it is not application/dicom (0xC210), has no PS3.10 file meta in its first 64 KiB
+    (0xC210) or none naming its SOP Class/Instance UID (0xC211), or the disk is below the floor or a
+    write fails (0xA700).
+
+    Args:
+        store: where parts are committed.
+        boundary: the multipart boundary from the request's Content-Type.
+        peer: the caller, for the index and the audit trail.
+        study_uid: the study in the URL (/dicom-web/studies/{study}); parts of another study are
+            refused (0xA900). None: any study.
+
+    Attributes:
+        results: one StoreResult per part stored or refused so far, in request order.
+        finished: parts that ended and still wait for `store_finished`.
+    """
 
     def __init__(self, store: StoreService, boundary: str, peer: Peer, study_uid: str | None) -> None:
         self.store, self.peer, self.study_uid = store, peer, study_uid
@@ -57,12 +75,22 @@ class StowSession:
         })
 
     def feed(self, chunk: bytes) -> None:
+        """Parse the next chunk of the body (cheap: run on the event loop).
+
+        Raises:
+            BadRequest: the body is not well-formed multipart.
+        """
         try:
             self.parser.write(chunk)
         except Exception as exc:  # python-multipart raises its own error types
             raise BadRequest(f"malformed multipart body: {exc}") from exc
 
     def close(self) -> None:
+        """End of body: check the closing boundary was seen.
+
+        Raises:
+            BadRequest: the body is malformed or ends inside a part (whose temp file is removed).
+        """
         try:
             self.parser.finalize()
         except Exception as exc:
@@ -140,7 +168,8 @@ class StowSession:
 
     # -- storage (worker thread) ----------------------------------------------------------------
     def store_finished(self) -> None:
-        """Commit or refuse every part that has ended; blocking I/O, run off the event loop."""
+        """Commit or refuse every part that has ended, appending to `results`; blocking I/O, run off
+        the event loop."""
         parts, self.finished = self.finished, []
         for part in parts:
             self.results.append(self._store(part))
@@ -171,7 +200,13 @@ def _uid_attr(vr: str, value: str) -> dict[str, Any]:
 
 
 def response_body(results: list[StoreResult]) -> dict[str, Any]:
-    """The Store Instances Response Module as DICOM JSON."""
+    """The Store Instances Response Module (PS3.18 10.5.3) in the DICOM JSON model (PS3.18 Annex F).
+
+    Referenced SOP Sequence (0008,1199) lists the stored parts (duplicates and overwrites included),
+    Failed SOP Sequence (0008,1198) the refused ones with their DIMSE status as Failure Reason
+    (0008,1197); a UID that is not valid is left out rather than echoed. A sequence with no item is
+    omitted.
+    """
     body: dict[str, Any] = {}
     ok = [r for r in results if r.status == st.SUCCESS]
     failed = [r for r in results if r.status != st.SUCCESS]
@@ -187,7 +222,12 @@ def response_body(results: list[StoreResult]) -> dict[str, Any]:
 
 
 def http_status(results: list[StoreResult]) -> int:
-    """200 all stored, 202 some failed, 409 none stored, 503 none stored for lack of space."""
+    """The STOW-RS HTTP status for these results.
+
+    Returns:
+        200 all stored, 202 some failed, 409 none stored, 503 none stored for lack of space (every
+        refusal 0xA700: retrying later may succeed, hence the caller's Retry-After).
+    """
     failed = [r for r in results if r.status != st.SUCCESS]
     if not failed:
         return 200
