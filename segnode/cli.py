@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segnode import __version__
-from segnode.config import Settings, load_settings
+from segnode.config import ConfigError, Settings, load_settings
 from segnode.errors import SegnodeError
 from segnode.flow import JobState
 from segnode.logs import setup_logging
@@ -41,16 +41,13 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def load(args: argparse.Namespace, **extra: Any) -> Settings:
-    """The settings of this invocation: --config (or SEGNODE_CONFIG), then the flags bound to settings
-    keys, then `extra` (dotted keys with "__" for "." , e.g. log_level="WARNING")."""
+def load(args: argparse.Namespace) -> Settings:
+    """The settings of this invocation: --config (or SEGNODE_CONFIG), then the flags bound to settings keys."""
     overrides: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if dest.startswith(SET) and value is not None:
             for key in dest[len(SET):].split(","):
                 _put(overrides, key, value)
-    for key, value in extra.items():
-        _put(overrides, key.replace("__", "."), value)
     config = getattr(args, "config", None) or os.environ.get("SEGNODE_CONFIG")
     return load_settings(Path(config) if config else None, overrides)
 
@@ -102,6 +99,9 @@ def _database(settings: Settings) -> "Engine":
     """The database only, for commands that read: nothing else is created in the data directory."""
     from segnode.db.session import make_engine, migrate
 
+    if settings.database_url is None and not settings.data.database.is_file():
+        raise ConfigError(f"no segnode database in {settings.data_dir.resolve()}: pass the node's --data-dir "
+                          "or --config")
     engine = make_engine(settings.db_url)
     migrate(engine)
     return engine
@@ -185,15 +185,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def _demo_settings(args: argparse.Namespace, data_dir: Path, pacs: "PACS") -> Settings:
-    """The --config settings (if any) with what the demo needs on top: its own data directory, free
-    ports, its two modalities allowed, a short quiet time, and results to the demo's Orthanc."""
-    return load(args, data_dir=str(data_dir), http__port=0, log_level="WARNING", dimse__port=0,
-                dimse__allowed_peers=[{"ae_title": aet, "hosts": ["127.0.0.1/32"]} for aet in ("DEMO_CT", "DEMO_DX")],
-                routing__stable_seconds=1.0, routing__default_destinations=["orthanc"],
-                destinations={"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
-                                          "port": pacs.dicom_port, "orthanc_url": pacs.url,
-                                          "username": pacs.username, "password": pacs.password}})
+def _demo_settings(data_dir: Path, pacs: "PACS") -> Settings:
+    """The demo's own settings - never the node's configuration (SEGNODE_CONFIG is ignored), so phantoms
+    cannot reach a production database, rules or PACS: its own data directory, free ports, its two
+    modalities allowed, a short quiet time, the built-in rules, and results to the demo's Orthanc."""
+    return load_settings(None, {
+        "data_dir": str(data_dir), "http": {"port": 0}, "log_level": "WARNING",
+        "dimse": {"port": 0, "allowed_peers": [{"ae_title": aet, "hosts": ["127.0.0.1/32"]}
+                                               for aet in ("DEMO_CT", "DEMO_DX")]},
+        "routing": {"stable_seconds": 1.0, "default_destinations": ["orthanc"]},
+        "destinations": {"orthanc": {"kind": "dimse", "ae_title": pacs.aet, "host": pacs.host,
+                                     "port": pacs.dicom_port, "orthanc_url": pacs.url,
+                                     "username": pacs.username, "password": pacs.password}}})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -203,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(data_dir=Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-")),
                           seed=args.seed, slice_spacing=args.slice_spacing, orthanc_url=args.orthanc, keep=args.keep)
-    return run_demo(options, lambda data_dir, pacs: _demo_settings(args, data_dir, pacs))
+    return run_demo(options, _demo_settings)
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -293,16 +296,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules(args: argparse.Namespace) -> "RuleSet":
+def _rules(settings: Settings) -> "RuleSet":
     """The rules `serve` would load with the same settings: checked against the installed models and
     the configured destinations (a RulesError is reported by main())."""
     from segnode import pipeline
 
-    return pipeline.ruleset(load(args))
+    return pipeline.ruleset(settings)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    ruleset = _rules(args)  # a RulesError is reported by main()
+    ruleset = _rules(load(args))  # a RulesError is reported by main()
     print(f"ok: {len(ruleset.rules)} rules, mode {ruleset.mode}, sha256 {ruleset.sha256}")
     return 0
 
@@ -312,12 +315,13 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     from segnode.routing.facts import series_in
     from segnode.routing.rules import decide
 
-    ruleset = _rules(args)  # a RulesError is reported by main()
+    settings = load(args)
+    ruleset = _rules(settings)  # a RulesError is reported by main()
     found = series_in(Path(p) for p in args.paths)
     if not found:
         print("no DICOM series found under " + ", ".join(args.paths), file=sys.stderr)
         return 1
-    print(f"rules: {load(args).routing.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
+    print(f"rules: {settings.routing.rules or 'default'} (mode {ruleset.mode}, sha256 {ruleset.sha256[:16]}...)")
     for uid, (facts, files) in found.items():
         print(f"\nseries {uid}: {facts.instances} instance(s), {facts.dimensions}D, in {files[0].parent}")
         print("  sender: unknown (read from files): sender conditions fail")
@@ -329,8 +333,8 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
 def cmd_rules_replay(args: argparse.Namespace) -> int:
     """The series already received, decided again with a rule file: what would be routed differently."""
     from segnode.routing.router import replay
-    ruleset = _rules(args)  # a RulesError is reported by main()
     settings = load(args)
+    ruleset = _rules(settings)  # a RulesError is reported by main()
     with _database(settings).connect() as conn:
         results = replay(conn, settings.data, ruleset)
     changed = [r for r in results if r.changed]
@@ -376,7 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _settings_flag(sp: argparse.ArgumentParser, flag: str, keys: str, **kwargs: Any) -> None:
     """A flag that overrides settings keys (dotted, comma-separated) on top of --config."""
-    sp.add_argument(flag, dest=SET + keys, **kwargs)
+    sp.add_argument(flag, dest=SET + keys, metavar=kwargs.pop("metavar", flag[2:].upper().replace("-", "_")), **kwargs)
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
@@ -516,7 +520,6 @@ def build_parser() -> argparse.ArgumentParser:
     rexplain.set_defaults(func=cmd_rules_explain)
 
     demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc")
-    demo.add_argument("--config", help="YAML configuration file (or SEGNODE_CONFIG) the demo's settings go on top of")
     demo.add_argument("--data-dir")
     demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
     demo.add_argument("--seed", type=int, default=1)
@@ -530,10 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; segnode's own errors end it with their message and exit status, no traceback."""
-    from segnode.delivery.dimse_client import configure_pynetdicom
-
     args = build_parser().parse_args(argv)
-    configure_pynetdicom()
     try:
         return int(args.func(args))
     except SegnodeError as exc:

@@ -90,7 +90,7 @@ class Completion:
     Args:
         ledger: the database and the audit trail.
         settings: `routing.stable_seconds`, and what routing needs (data directory, models, attempts).
-        rules: returns the rule set to route with (the one `serve` validated at start).
+        rules: returns the rule set to route with (a supervised child loads it when it starts, as `serve` did).
     """
 
     def __init__(self, ledger: Ledger, settings: Settings, rules: Callable[[], RuleSet]) -> None:

@@ -14,8 +14,9 @@ A study travels through these records, each the output of one stage and the inpu
     EncodedResults   outputs (segnode.outputs): DICOM-SEG, TID 1500 SR and contour images written
     DeliveryReceipt  delivery (segnode.delivery): what the destination answered, how arrival was confirmed
 
-Every record is frozen: a stage that needs a changed one makes a new one. Nothing here imports
-another segnode module at run time, so every stage can depend on this one and none on each other's.
+The records are frozen - a stage that needs a changed one makes a new one - except the engine's Timings
+and Segmentation, which it fills in as it goes. Nothing here imports another segnode module at run time,
+so every stage can depend on this one and none on each other's.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from segnode.imaging.volume import Volume
 
 
@@ -64,11 +65,12 @@ class StoreResult:
     sop_instance_uid: str = ""
 
     @classmethod
-    def success(cls, outcome: StoreOutcome, sop_class_uid: str, sop_instance_uid: str) -> "StoreResult":
+    def success(cls, outcome: StoreOutcome, *, sop_class_uid: str, sop_instance_uid: str) -> "StoreResult":
         return cls(0x0000, "", outcome, sop_class_uid, sop_instance_uid)
 
     @classmethod
-    def refused(cls, status: int, comment: str, sop_class_uid: str = "", sop_instance_uid: str = "") -> "StoreResult":
+    def refused(cls, status: int, comment: str, *, sop_class_uid: str = "",
+                sop_instance_uid: str = "") -> "StoreResult":
         """A refusal: `status` is a DIMSE failure status, `comment` says why (it reaches the sender)."""
         return cls(status, comment, StoreOutcome.FAILED, sop_class_uid, sop_instance_uid)
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, or_, select
 
 from segnode.db.models import AUDIT_EVENTS as EVENTS
-from segnode.db.models import DECISIONS, INSTANCES, SERIES, RoutingDecision, SeriesState
+from segnode.db.models import DECISIONS, INSTANCES, SERIES
 from segnode.flow import input_hash
 from segnode.jobs.queue import list_jobs
 from segnode.datadir import LABELS_FILE, RECORD_FILE, DataDir, dicom_names
@@ -56,14 +56,14 @@ def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
     for uid, s in series.items():
         s["senders"] = sorted(s["senders"])
         s["input_sha256"] = input_hash(s.pop("hashes"))  # as the job's input hash
-        state = conn.execute(select(SERIES).where(SeriesState.series_uid == uid)).first()
+        state = conn.execute(select(SERIES).where(SERIES.c.series_uid == uid)).first()
         s["completion"] = None if state is None else {
             "state": state.state, "generation": state.generation, "completed_at": state.completed_at,
             "completed_by": state.completed_by, "instances": state.instances}
         s["routing"] = [{"generation": d.generation, "rules": json.loads(d.rules), "models": json.loads(d.models),
                          "ruleset_sha256": d.ruleset_sha256, "decided_at": d.decided_at}
                         for d in conn.execute(select(DECISIONS)
-                                              .where(RoutingDecision.series_uid == uid).order_by(RoutingDecision.id))]
+                                              .where(DECISIONS.c.series_uid == uid).order_by(DECISIONS.c.id))]
     jobs = [job.as_dict() for job in list_jobs(conn, study_uid=study_uid)]
     for job in jobs:
         job["destinations"] = json.loads(job["destinations"])
@@ -74,7 +74,7 @@ def trace(conn: Connection, data: DataDir, study_uid: str) -> dict[str, Any]:
                              "notes": record.get("notes"), "outputs": record.get("outputs", {}),
                              "files_sha256": {name: _sha256(data.path(job["output"]) / name)
                                               for name in [LABELS_FILE, *dicom_names(record)]}}
-    patterns = [f"%{study_uid}%", *(f"%{uid}%" for uid in series)]
+    patterns = [f'%"{study_uid}"%', *(f'%"{uid}"%' for uid in series)]  # quoted: 1.2.3 must not match 1.2.34
     for job in jobs:
         patterns += [f'%"job_id":{job["id"]},%', f'%"job_id":{job["id"]}}}%']
     events = [{"seq": e.seq, "time": e.time, "event": e.event_name, "outcome": e.outcome, "detail": e.detail}

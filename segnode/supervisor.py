@@ -60,6 +60,7 @@ class Supervisor:
         self.on_exit = on_exit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._timeout = 20.0
         self._payload = settings_payload(settings)
 
     def _spawn(self, child: Child) -> None:
@@ -75,15 +76,15 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def start(self) -> None:
-        """Spawn every child and the watcher thread that restarts them; returns at once."""
-        for child in self.children:
-            self._spawn(child)
+        """Start the children, and the thread that watches and restarts them."""
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
+        # Every child is spawned, restarted and stopped by this one thread: PR_SET_PDEATHSIG fires when
+        # the *thread* that forked a child ends (prctl(2)), so the thread that forks must outlive them.
         due: dict[str, float] = {}
-        while not self._stop.wait(0.5):
+        while not self._stop.is_set():
             for child in self.children:
                 if child.proc is None:
                     if time.monotonic() >= due.get(child.name, 0):
@@ -99,25 +100,34 @@ class Supervisor:
                 log.error("%s (pid %d) exited with status %d after %.0f s; restarting in %.1f s. Its log lines "
                           "above say why; the listener keeps receiving.", child.name, child.proc.pid, code, ran, delay)
                 if self.on_exit is not None:
-                    self.on_exit(child.name, code, delay)
+                    try:
+                        self.on_exit(child.name, code, delay)
+                    except Exception:  # noqa: BLE001 - the watcher must live on: its children die with it
+                        log.exception("could not record the exit of %s", child.name)
                 child.proc = None
                 due[child.name] = time.monotonic() + delay
+            self._stop.wait(0.5)
+        self._terminate_children()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop restarting, SIGTERM the running children and wait up to `timeout` (s) in all for them;
         SIGKILL those still running (a killed worker's job is requeued when its lease expires)."""
+        self._timeout = timeout
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _terminate_children(self) -> None:
         running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
         for proc in running:
             proc.terminate()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self._timeout
         for proc in running:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in %.0f s; killed (its job will be requeued)", proc.pid, timeout)
+                log.warning("pid %d did not stop in %.0f s; killed (its job will be requeued)", proc.pid,
+                            self._timeout)
                 proc.kill()
                 proc.wait()
 

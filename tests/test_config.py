@@ -92,3 +92,15 @@ def test_supervised_components_get_the_whole_configuration_secrets_included(monk
     child = read_settings(io.BytesIO(settings_payload(settings)))
     assert child.destinations["web"].password.get_secret_value() == "s3cret"  # not pydantic's '**********'
     assert child.routing == settings.routing and child.jobs == settings.jobs
+
+
+def test_read_only_commands_refuse_a_data_directory_without_a_database(tmp_path):
+    """A typo in --data-dir must not read as an empty (or intact) node, nor leave a folder behind."""
+    env = {k: v for k, v in os.environ.items() if k != "SEGNODE_CONFIG"}
+    missing = tmp_path / "typo"
+    for command in (["jobs", "list"], ["studies"], ["audit", "verify"], ["audit", "trace", "1.2.3"]):
+        run = subprocess.run([sys.executable, "-m", "segnode", *command, "--data-dir", str(missing)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 2 and f"no segnode database in {missing}" in run.stderr, (command, run.stderr)
+        assert "Traceback" not in run.stderr
+    assert not missing.exists()

@@ -141,3 +141,16 @@ def test_a_wrong_destination_ends_in_the_dead_letter_with_its_reason(node, pacs,
     assert delivery.state == "dead" and delivery.attempts == 2
     assert "NOBODY@127.0.0.1" in delivery.last_error and "did not accept an association" in delivery.last_error
 
+
+
+def test_a_destination_no_longer_configured_is_dead_at_once_with_what_to_do(node, pacs, tmp_path):
+    """Retrying cannot help until the operator configures it again: no attempts burnt on backoff."""
+    led = _configure(node, pacs, "pacs")
+    _, _, worker = _send_and_segment(node, led, tmp_path)
+    node.settings.routing = node.settings.routing.model_copy(update={"default_destinations": []})
+    node.settings.destinations = {}  # removed from the configuration after the job was queued
+    worker = pipeline.worker(node.settings, led)
+    assert worker.run_once()
+    delivery = _jobs(node)[1]
+    assert delivery.state == "dead" and delivery.attempts == 1
+    assert "destination 'pacs' is not configured" in delivery.last_error and "retry the job" in delivery.last_error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from segnode.cli import _demo_settings, build_parser
+from segnode.cli import _demo_settings
 from peers import RunningOrthanc, orthanc
 
 
@@ -30,8 +30,7 @@ def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):
         found = RunningOrthanc.at(pacs.url.replace("http://", "http://demo:secret@"))
         assert (found.url, found.aet, found.dicom_port, found.host) == (pacs.url, "HOSPITALPACS", pacs.dicom_port,
                                                                        "127.0.0.1")
-        args = build_parser().parse_args(["demo"])
-        dest = _demo_settings(args, tmp_path / "demo", found).destinations["orthanc"]
+        dest = _demo_settings(tmp_path / "demo", found).destinations["orthanc"]
         assert (dest.ae_title, dest.port, dest.orthanc_url, dest.username) == ("HOSPITALPACS", pacs.dicom_port,
                                                                                pacs.url, "demo")
         assert dest.password is not None and dest.password.get_secret_value() == "secret"
@@ -41,3 +40,15 @@ def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "segnode", "demo", "--data-dir", str(tmp_path / "again"),
                               "--orthanc", pacs.url], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and f"no Orthanc answers at {pacs.url}" in missing.stderr
+
+
+def test_the_demo_never_uses_the_nodes_configuration(tmp_path, monkeypatch):
+    """SEGNODE_CONFIG on a production host must not route phantoms to its database, rules or PACS."""
+    prod = tmp_path / "prod.yaml"
+    prod.write_text("database_url: postgresql://prod/segnode\nrouting: {rules: /etc/segnode/rules.yaml}\n"
+                    "destinations: {pacs: {kind: dicomweb, url: 'http://pacs.hospital/dicom-web'}}\n")
+    monkeypatch.setenv("SEGNODE_CONFIG", str(prod))
+    pacs = RunningOrthanc("http://127.0.0.1:8042", "ORTHANC", 4242, "127.0.0.1")
+    settings = _demo_settings(tmp_path / "demo", pacs)
+    assert settings.database_url is None and settings.routing.rules is None
+    assert list(settings.destinations) == ["orthanc"] and settings.data_dir == tmp_path / "demo"

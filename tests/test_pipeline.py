@@ -18,7 +18,7 @@ from segnode import pipeline
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import verify_connection
 from segnode.completion import request_completion
-from segnode.db.models import RoutingDecision, SeriesState
+from segnode.db.models import RoutingDecisionRow, SeriesState
 from segnode.flow import JobSpec, input_hash
 from segnode.jobs import queue
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
@@ -154,7 +154,7 @@ def test_a_late_instance_reopens_the_series_and_its_new_result_supersedes(node, 
     (reopened,) = _events(node, "SN-REOPEN")
     assert "supersede" in reopened.detail
     with node.engine.connect() as conn:
-        decisions = conn.execute(select(RoutingDecision)).all()
+        decisions = conn.execute(select(RoutingDecisionRow)).all()
     assert [d.generation for d in decisions] == [1, 2]
 
 

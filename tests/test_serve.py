@@ -128,3 +128,27 @@ def test_a_node_killed_mid_job_finishes_the_job_once_after_restart(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "segnode", "audit", "verify", "--data-dir", str(data)],
                             capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_stopping_the_node_lets_restarted_children_finish_instead_of_killing_them(tmp_path):
+    """A child restarted by the supervisor is stopped with SIGTERM like the first ones (it finishes its
+    loop and exits 0), not killed when the supervisor's thread ends."""
+    from segnode.supervisor import Supervisor
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", jobs={"workers": 1, "warm_up": False})
+    exits: list[tuple[str, int]] = []
+    supervisor = Supervisor(settings, on_exit=lambda name, code, delay: exits.append((name, code)))
+    supervisor.start()
+    try:
+        worker = next(c for c in supervisor.children if c.name == "worker-1")
+        first = eventually(lambda: worker.proc, timeout=30)
+        eventually(lambda: "segnode.stage" in " ".join(psutil.Process(first.pid).cmdline()), timeout=30)
+        os.kill(first.pid, signal.SIGKILL)
+        restarted = eventually(lambda: worker.proc if worker.proc not in (None, first) else None, timeout=30)
+        eventually(lambda: psutil.Process(restarted.pid).status() == psutil.STATUS_SLEEPING, timeout=60)
+    finally:
+        supervisor.stop()
+    assert exits == [("worker-1", -signal.SIGKILL)]
+    assert restarted.returncode == 0  # it handled SIGTERM; -9 would mean killed with the supervisor's thread
+    assert all(c.proc is not None and c.proc.returncode == 0 for c in supervisor.children)

@@ -93,7 +93,7 @@ class SeriesState(Base):
     complete_requested: Mapped[int] = mapped_column(Integer, default=0, doc="1: complete at the next poll")
 
 
-class RoutingDecision(Base):
+class RoutingDecisionRow(Base):
     """What the rules decided for one generation of a series, and under which rule set."""
 
     __tablename__ = "routing_decisions"
@@ -107,7 +107,7 @@ class RoutingDecision(Base):
     decided_at: Mapped[str] = mapped_column(String(40))
 
 
-class Job(Base):
+class JobRow(Base):
     """One model run over one version of a series' instances, or the delivery of its results to one
     destination: both share the queue's claiming, leases, retries and dead letters."""
 
@@ -153,5 +153,5 @@ INSTANCES = _table(Instance)
 SUPERSEDED = _table(SupersededInstance)
 AUDIT_EVENTS = _table(AuditEvent)
 SERIES = _table(SeriesState)
-DECISIONS = _table(RoutingDecision)
-JOBS = _table(Job)
+DECISIONS = _table(RoutingDecisionRow)
+JOBS = _table(JobRow)

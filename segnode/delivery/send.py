@@ -22,7 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryError(TransientError, RuntimeError):
-    """The destination refused or could not be reached; the message says which and what it answered."""
+    """The destination refused or could not be reached; the message says which and what it answered.
+
+    Retryable unless the answer says that sending the same again cannot succeed (a C-STORE failure
+    other than out of resources, an HTTP 4xx other than 408/429): `retryable=False` then."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _http_retryable(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
 
 
 def _tls_context(dest: Destination) -> ssl.SSLContext:
@@ -54,7 +65,8 @@ def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dic
     ae = AE(ae_title=calling_ae)
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assert dest.host and dest.port and dest.ae_title  # Destination validates a dimse destination's address
+    if not (dest.host and dest.port and dest.ae_title):  # Destination validates this; a guard for callers
+        raise DeliveryError("a dimse destination needs ae_title, host and port", retryable=False)
     tls = (_tls_context(dest), dest.host) if dest.tls.enabled else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
@@ -70,7 +82,8 @@ def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dic
                 raise DeliveryError(f"{dest.ae_title} did not answer the C-STORE of {ds.SOPInstanceUID} "
                                     f"(association lost)")
             if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
-                raise DeliveryError(f"{dest.ae_title} refused {ds.SOPInstanceUID}: status 0x{code:04X}")
+                raise DeliveryError(f"{dest.ae_title} refused {ds.SOPInstanceUID}: status 0x{code:04X}",
+                                    retryable=code & 0xFF00 == 0xA700)  # out of resources may pass later
             answers[ds.SOPInstanceUID] = f"C-STORE status 0x{code:04X}"
     finally:
         assoc.release()
@@ -112,7 +125,8 @@ def send_stow(dest: Destination, files: Sequence[Path]) -> dict[str, str]:
     except httpx.HTTPError as exc:
         raise DeliveryError(f"STOW-RS to {url} failed: {type(exc).__name__}: {exc}") from exc
     if rsp.status_code not in (200, 202):
-        raise DeliveryError(f"STOW-RS to {url} answered HTTP {rsp.status_code}: {rsp.text[:300]}")
+        raise DeliveryError(f"STOW-RS to {url} answered HTTP {rsp.status_code}: {rsp.text[:300]}",
+                            retryable=_http_retryable(rsp.status_code))
     failed = _stow_failures(rsp)
     if failed:
         raise DeliveryError(f"STOW-RS to {url}: the server refused {', '.join(failed)}")

@@ -144,21 +144,21 @@ class StoreService:
         error = _walk_file(rec)
         if error is not None:
             return StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}",
-                          expected_class, expected_instance)
+                          sop_class_uid=expected_class, sop_instance_uid=expected_instance)
         ids = rec.ids
         for name in ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid"):
             value = getattr(ids, name)
             if not value:
-                return StoreResult.refused(st.MISSING_IDENTIFIER, f"{name} is missing", ids.sop_class_uid, expected_instance)
+                return StoreResult.refused(st.MISSING_IDENTIFIER, f"{name} is missing", sop_class_uid=ids.sop_class_uid, sop_instance_uid=expected_instance)
             if not is_valid_uid(value):
-                return StoreResult.refused(st.INVALID_UID, f"{name} is not a valid UID", ids.sop_class_uid,
-                              expected_instance if is_valid_uid(expected_instance) else "")
+                return StoreResult.refused(st.INVALID_UID, f"{name} is not a valid UID", sop_class_uid=ids.sop_class_uid,
+                              sop_instance_uid=expected_instance if is_valid_uid(expected_instance) else "")
         if expected_instance and ids.sop_instance_uid != expected_instance:
             return StoreResult.refused(st.DATASET_MISMATCH, "SOP Instance UID differs from the command's",
-                          ids.sop_class_uid, expected_instance)
+                          sop_class_uid=ids.sop_class_uid, sop_instance_uid=expected_instance)
         if expected_class and ids.sop_class_uid != expected_class:
             return StoreResult.refused(st.DATASET_MISMATCH, "SOP Class UID differs from the command's",
-                          ids.sop_class_uid, expected_instance)
+                          sop_class_uid=ids.sop_class_uid, sop_instance_uid=expected_instance)
         return None
 
     # -- outcomes -------------------------------------------------------------------------------
@@ -286,12 +286,12 @@ class StoreService:
                 rec.tmp_path.unlink(missing_ok=True)
                 log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
                 return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}",
-                                                ids.sop_class_uid, ids.sop_instance_uid))
+                                                sop_class_uid=ids.sop_class_uid, sop_instance_uid=ids.sop_instance_uid))
             self.trail.committed()
         if outcome == StoreOutcome.OVERWRITTEN:
             log.warning("instance %s replaced by different bytes from %s; old version kept aside",
                         ids.sop_instance_uid, peer.label())
-        return StoreResult.success(outcome, ids.sop_class_uid, ids.sop_instance_uid)
+        return StoreResult.success(outcome, sop_class_uid=ids.sop_class_uid, sop_instance_uid=ids.sop_instance_uid)
 
     # -- recovery -------------------------------------------------------------------------------
     def reconcile(self) -> int:

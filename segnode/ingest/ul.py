@@ -323,9 +323,9 @@ class Association:
         if sop_class != context.abstract_syntax:
             self.refusal = StoreResult.refused(st.SOP_CLASS_NOT_SUPPORTED,
                                   "SOP class differs from the presentation context's abstract syntax",
-                                  sop_class, sop_instance)
+                                  sop_class_uid=sop_class, sop_instance_uid=sop_instance)
         elif self.store.below_floor():
-            self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "disk below the free-space floor", sop_class, sop_instance)
+            self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "disk below the free-space floor", sop_class_uid=sop_class, sop_instance_uid=sop_instance)
         else:
             meta = file_meta(sop_class, sop_instance, context.transfer_syntax)
             self.writer = self.store.spool.writer()
@@ -343,7 +343,7 @@ class Association:
                 self.writer = None
                 cmd = self.command
                 self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}",
-                                      str(cmd.get(dimse.AFFECTED_SOP_CLASS, "")), str(cmd.get(dimse.AFFECTED_SOP_INSTANCE, "")))
+                                      sop_class_uid=str(cmd.get(dimse.AFFECTED_SOP_CLASS, "")), sop_instance_uid=str(cmd.get(dimse.AFFECTED_SOP_INSTANCE, "")))
         if last:
             self._finish_store()
 
@@ -365,7 +365,7 @@ class Association:
             except OSError as exc:
                 writer.abort()
                 refusal: StoreResult | None = StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                sop_class, sop_instance)
+                                                sop_class_uid=sop_class, sop_instance_uid=sop_instance)
             else:
                 refusal = self.store.identify(rec, sop_class, sop_instance)
             result = self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)

@@ -85,14 +85,15 @@ class Worker:
         dest = destinations.get(name)
         if dest is None:
             raise DeliveryError(f"destination {name!r} is not configured (any more); configured: "
-                                f"{', '.join(destinations) or 'none'}")
+                                f"{', '.join(destinations) or 'none'}; add it and retry the job", retryable=False)
         with self.ledger.engine.connect() as conn:
             parent = queue.job_output(conn, job.parent_job) if job.parent_job is not None else ""
         if not parent:
-            raise DeliveryError(f"job {job.parent_job} has no results to deliver")
+            raise DeliveryError(f"job {job.parent_job} has no results to deliver", retryable=False)
         files, missing = result_files(self.data.path(parent))
         if missing:
-            raise DeliveryError(f"job {job.parent_job}'s results are missing: {', '.join(missing)}")
+            raise DeliveryError(f"job {job.parent_job}'s results are missing: {', '.join(missing)}; send the "
+                                f"series again to have it segmented again", retryable=False)
         actor = {"component": "worker", "worker": self.owner, "destination": name}
         objects = {"job_id": job.id, "study_uid": job.study_uid, "series_uid": job.series_uid,
                    "destination": name, "files": [f.name for f in files]}
@@ -171,7 +172,7 @@ class Worker:
                 log.warning("job %d finished after its lease was lost; another worker owns it now", job.id)
         except SegnodeError as exc:
             if exc.retryable:
-                log.warning("job %d failed (%s); it will be retried", job.id, exc)
+                log.warning("job %d failed (%s); retryable", job.id, exc)
                 state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs.backoff_seconds)
             else:  # the input or the installation must change first: retrying would fail the same way
                 log.warning("job %d cannot succeed as it is: %s", job.id, exc)

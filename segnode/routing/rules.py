@@ -249,7 +249,8 @@ def parse_rules(text: str, source: str = "<rules>", models: Iterable[str] | None
             for dest in rule.action.destinations:
                 if known_dest is not None and dest not in known_dest:
                     raise RulesError(f"{source}: rule {rule.name!r}, field action.destinations: unknown destination "
-                                     f"{dest!r} (configured: {', '.join(sorted(known_dest)) or 'none'})")
+                                     f"{dest!r} (configured: {', '.join(sorted(known_dest)) or 'none'}; destinations "
+                                     f"come from the node's configuration: pass its --config)")
     return ruleset.model_copy(update={"sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 

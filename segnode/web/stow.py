@@ -139,7 +139,7 @@ class StowSession:
                 part.failure = StoreResult.refused(st.CANNOT_UNDERSTAND, "not a DICOM PS3.10 file")
             return
         if not (meta.sop_class_uid and meta.sop_instance_uid):
-            part.failure = StoreResult.refused(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID", meta.sop_class_uid, meta.sop_instance_uid)
+            part.failure = StoreResult.refused(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID", sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid)
             return
         part.meta = meta
         ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
@@ -186,12 +186,12 @@ class StowSession:
         except OSError as exc:
             part.writer.abort()
             return self.store.refuse(self.peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                       meta.sop_class_uid, meta.sop_instance_uid))
+                                                       sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid))
         rec = Received(tmp_path=part.writer.path, sha256=sha, size=part.writer.size,
                        transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=part.dataset_offset)
         refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
         if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
-            refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", rec.ids.sop_class_uid, rec.ids.sop_instance_uid)
+            refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", sop_class_uid=rec.ids.sop_class_uid, sop_instance_uid=rec.ids.sop_instance_uid)
         return self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
 
 
