@@ -24,6 +24,7 @@ from segnode.audit.ledger import Append, Ledger
 from segnode.config import Settings
 from segnode.db.models import INSTANCES, SERIES
 from segnode.db.queries import completed_series
+from segnode.errors import InputError
 from segnode.flow import utc_iso, utc_now
 from segnode.routing.router import facts, route
 from segnode.routing.rules import Action, RuleSet, decide
@@ -71,7 +72,7 @@ def _touch(conn: Connection, append: Append, series_uids: Iterable[str]) -> None
             conn.execute(SERIES.insert().values(series_uid=uid, study_uid=study, state="open", generation=1,
                                                 instances=0, last_received_at="", completed_at=None,
                                                 completed_by="", complete_requested=0))
-        elif row["state"] == "complete" and newest > row["last_received_at"]:
+        elif row["state"] in ("complete", "refused") and newest > row["last_received_at"]:
             conn.execute(update(SERIES).where(SERIES.c.series_uid == uid).values(
                 state="open", generation=row["generation"] + 1, complete_requested=0))
             objects = {"series_uid": uid, "study_uid": study, "generation": row["generation"] + 1, "instances": count,
@@ -126,10 +127,34 @@ class Completion:
         with self.ledger.engine.connect() as conn:
             open_series = conn.execute(select(SERIES).where(SERIES.c.state == "open")).mappings().all()
         for row in open_series:
-            reason = self._due(row, now, ruleset)
-            if reason and self._complete(row, reason, ruleset):
-                done.append(row["series_uid"])
+            try:
+                reason = self._due(row, now, ruleset)
+                if reason and self._complete(row, reason, ruleset):
+                    done.append(row["series_uid"])
+            except InputError as exc:  # this series' own content: it must not hold up the others
+                self._set_aside(row, exc)
         return done
+
+    def _set_aside(self, row: Any, exc: InputError) -> None:
+        """Mark a series that cannot be routed as refused, with an audit event; instances that arrive for it
+        later reopen it (a corrected resend is routed as usual)."""
+        uid = row["series_uid"]
+        with self.ledger.transaction() as (conn, append):
+            newest = conn.execute(select(func.max(INSTANCES.c.received_at))
+                                  .where(INSTANCES.c.series_uid == uid)).scalar() or ""
+            result = conn.execute(update(SERIES).where(SERIES.c.series_uid == uid, SERIES.c.state == "open",
+                                                       SERIES.c.generation == row["generation"])
+                                  .values(state="refused", last_received_at=newest, completed_at=utc_now(),
+                                          completed_by="refused", complete_requested=0))
+            if result.rowcount != 1:
+                return
+            append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.EXECUTE,
+                               outcome=audit.Outcome.SERIOUS_FAILURE, actor={"component": "completion"},
+                               objects={"series_uid": uid, "study_uid": row["study_uid"],
+                                        "generation": row["generation"]},
+                               detail=f"set aside, not routed: {exc}; other series proceed; send the series again "
+                                      f"(corrected) to have it routed"))
+        log.warning("series set aside, not routed: %s. Other series proceed; a corrected resend reopens it.", exc)
 
     def _due(self, row: Any, now: datetime, ruleset: RuleSet) -> str | None:
         if row["complete_requested"]:

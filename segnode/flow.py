@@ -275,7 +275,8 @@ class EncodedResults:
     sr: Path
     seg_uid: str
     sr_uid: str
-    volumes_ml: Mapping[str, float]  # per label name
+    volumes_ml: Mapping[str, float]  # per label name; empty for a projection image
+    areas_cm2: Mapping[str, float] = field(default_factory=dict)  # per label name, projection images only
     overlays: tuple[Path, ...] = ()  # secondary-capture contour images, when configured
 
 

@@ -112,6 +112,8 @@ def render(story: dict[str, Any]) -> list[str]:
                                f"{(result['files_sha256'].get(info['file']) or '?')[:16]}...")
             if result["outputs"].get("secondary_capture"):
                 out.append(f"    contour images (secondary capture): {len(result['outputs']['secondary_capture'])}")
+            if "areas_cm2" in result["outputs"]:
+                out.append("    areas: " + ", ".join(f"{k} {v:.1f} cm²" for k, v in result["outputs"]["areas_cm2"].items()))
             if "volumes_ml" in result["outputs"]:
                 out.append("    volumes: " + ", ".join(f"{k} {v:.1f} mL"
                                                         for k, v in result["outputs"]["volumes_ml"].items()))

@@ -22,7 +22,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
 from segnode.dicom import status as st
-from testdata import ct_series
+from testdata import ct_series, poison_bytes
 from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, instances, storescu
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
@@ -233,3 +233,13 @@ def test_low_disk(start_node, ct_files, floor, watermark, expect):
         assert "Received Store Response (Refused: OutOfResources)" in output, output
     assert instances(node) == []
     assert list((node.settings.data_dir / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind, syntax", [("short-us", ExplicitVRLittleEndian), ("short-us", ImplicitVRLittleEndian),
+                                          ("unknown-vr", ExplicitVRLittleEndian)])
+def test_an_instance_pydicom_cannot_decode_is_refused_at_ingest(node, kind, syntax):
+    """Well-formed headers but a value no reader can decode: refused with 0xC210, never acknowledged."""
+    ds = _one_ct()
+    raw = poison_bytes(ds, kind, implicit=syntax == ImplicitVRLittleEndian)
+    assert _refused(node, raw, sop_instance=ds.SOPInstanceUID, syntax=syntax) == st.CANNOT_UNDERSTAND
+    assert instances(node) == [] and _audited(node, st.CANNOT_UNDERSTAND)

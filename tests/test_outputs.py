@@ -175,3 +175,44 @@ def test_contour_image_of_a_radiograph(radiograph, tmp_path):
     for label in prov.manifest.labels:
         if (dx.labels == label.value).any():
             assert _colored(sc.pixel_array, label.color).any(), label.name
+
+
+def test_sr_of_a_radiograph_reports_areas_on_its_plane_never_volumes(radiograph, tmp_path):
+    dx, vol, source, prov = radiograph
+    assert vol.projection
+    labels = dx.labels[None]
+    seg = build_seg(labels, vol.order, [source], prov)
+    names = [label.name for label in prov.manifest.labels]
+    values = [label.value for label in prov.manifest.labels]
+    stats = segment_stats(labels, vol.array, vol.affine, values, names, hounsfield=False, planar=True)
+    assert all(s.volume_ml is None and s.mean is None for s in stats)
+    sr = build_sr(seg, [source], stats, prov)
+    assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
+    parsed = hd.sr.srread(tmp_path / "sr.dcm")
+    assert parsed.content.get_volumetric_roi_measurement_groups() == []
+    groups = parsed.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(stats) == len(names)
+    pixel_cm2 = float(dx.dataset.PixelSpacing[0]) * float(dx.dataset.PixelSpacing[1]) / 100
+    for value, name in zip(values, names):
+        group = next(g for g in groups if g.tracking_identifier == name)
+        (area,) = group.get_measurements()
+        assert area.name.meaning == "Area" and area.unit.value == "cm2"
+        assert area.value == pytest.approx((dx.labels == value).sum() * pixel_cm2, rel=1e-3)
+        frame = group.referenced_segmentation_frame  # the SEG's own frame of this segment (BINARY)
+        assert frame is not None and frame.referenced_sop_instance_uid == seg.SOPInstanceUID
+        (item,) = seg.PerFrameFunctionalGroupsSequence[frame.referenced_frame_numbers[0] - 1].SegmentIdentificationSequence
+        assert item.ReferencedSegmentNumber == value
+
+
+def test_the_dx_model_measures_areas_within_two_percent_of_the_phantom_truth(radiograph, tmp_path):
+    from segnode.inference.engine import EngineOptions, engine_for
+
+    dx, vol, _, prov = radiograph
+    labels = engine_for(default_models_dir() / "dx-chest-phantom-2d", EngineOptions(device="cpu")).segment(vol).labels
+    values = [label.value for label in prov.manifest.labels]
+    names = [label.name for label in prov.manifest.labels]
+    got = {s.name: s.area_cm2 for s in segment_stats(labels, vol.array, vol.affine, values, names, False, True)}
+    truth = {s.name: s.area_cm2 for s in segment_stats(dx.labels[None], vol.array, vol.affine, values, names, False,
+                                                       True)}
+    for name in names:
+        assert got[name] == pytest.approx(truth[name], rel=0.02), name

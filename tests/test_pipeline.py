@@ -18,11 +18,11 @@ from segnode import pipeline
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import verify_connection
 from segnode.completion import request_completion
-from segnode.db.models import RoutingDecisionRow, SeriesState
+from segnode.db.models import Instance, RoutingDecisionRow, SeriesState
 from segnode.flow import JobSpec, input_hash
 from segnode.jobs import queue
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
-from tests.conftest import audit_events, storescu
+from tests.conftest import audit_events, dataset_bytes, storescu
 
 
 @pytest.fixture
@@ -305,3 +305,54 @@ def test_a_job_for_a_model_version_no_longer_installed_is_dead_at_once_with_what
     assert "ModelVersionMismatch" in job.last_error and "queued for 0.9.0" in job.last_error
     assert "retrying cannot help" in job.last_error and "send the series again" in job.last_error
     assert not worker.run_once()
+
+
+def test_a_series_found_unreadable_later_is_set_aside_and_the_others_are_routed(node, series):
+    """An instance pydicom cannot decode (its file damaged after it was stored) stops its own series only."""
+    from pydicom import dcmread as read
+    from testdata import poison_bytes
+
+    led, completion = _stage(node, stable_seconds=0.3)
+    first, second = series(seed=1, name="a"), series(seed=2, name="b")
+    assert storescu(node.dimse.port, first).returncode == 0
+    with node.engine.connect() as conn:
+        stored = conn.execute(select(Instance.path).order_by(Instance.id)).scalars().first()
+    path = node.settings.data_dir / stored
+    meta_end = len(path.read_bytes()) - len(dataset_bytes(path))
+    path.write_bytes(path.read_bytes()[:meta_end] + poison_bytes(read(path), "short-us"))
+    assert storescu(node.dimse.port, second).returncode == 0
+    time.sleep(0.4)
+    done = completion.poll()
+    second_uid = str(dcmread(second[0]).SeriesInstanceUID)
+    assert done == [second_uid]  # routed although the other series fails
+    rows = _series_rows(node)
+    bad = next(uid for uid in rows if uid != second_uid)
+    assert rows[bad].state == "refused" and rows[second_uid].state == "complete"
+    (event,) = [e for e in _events(node, "SN-COMPLETE") if e.outcome == 8]
+    assert bad in event.objects and "set aside, not routed" in event.detail and "cannot be read" in event.detail
+    assert completion.poll() == [] and [j.series_uid for j in _jobs(node)] == [second_uid]
+
+
+def test_an_encoding_failure_ends_the_job_after_one_inference(node, series, monkeypatch):
+    from segnode.jobs import worker as worker_module
+    from segnode.outputs import results
+
+    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0, "max_attempts": 3})
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    inferred = []
+    real_infer = worker_module.infer_series
+    monkeypatch.setattr(worker_module, "infer_series", lambda *a, **k: inferred.append(1) or real_infer(*a, **k))
+
+    def broken(*args, **kwargs):
+        raise ValueError("Specific Character Set cannot be encoded")
+
+    monkeypatch.setattr(results, "_encode", broken)
+    worker = pipeline.worker(node.settings, led)
+    while worker.run_once():
+        pass
+    (job,) = _jobs(node)
+    assert job.state == "dead" and job.attempts == 1 and len(inferred) == 1
+    assert "EncodingError" in job.last_error and "Specific Character Set" in job.last_error

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from segnode.dicom import status as st
 from segnode.dicom.part10 import parse_meta
-from testdata import ct_series
+from testdata import ct_series, poison_bytes
 from tests.conftest import audit_events, dataset_bytes, instances
 
 
@@ -157,3 +157,31 @@ def test_disk_below_floor_answers_503(node):
     rsp = stow(node, [("application/dicom", part10(_series(1)[0]))])
     assert rsp.status_code == 503 and rsp.headers["retry-after"]
     assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [st.OUT_OF_RESOURCES]
+
+
+@pytest.mark.parametrize("syntax", ["1.2.3.4.5", "../../x", ""])
+def test_a_part_in_a_transfer_syntax_dimse_would_not_accept_is_refused(node, syntax):
+    """Its pixels could never be read: refused with 0xC122, as DIMSE refuses it at negotiation."""
+    ds = _series(1)[0]
+    raw = part10(ds)
+    named = b"1.2.840.10008.1.2.1\x00"  # Explicit VR Little Endian, padded to even length
+    assert named in raw[:400]
+    raw = raw.replace(named, syntax.encode().ljust(len(named), b"\x00"), 1)
+    rsp = stow(node, [("application/dicom", raw)])
+    assert rsp.status_code == 409
+    failed = rsp.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [st.TRANSFER_SYNTAX_NOT_SUPPORTED]
+    assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]  # the sender can tell which part it was
+    assert instances(node) == [] and list((node.settings.data_dir / "tmp").iterdir()) == []
+    assert any(e.status == st.TRANSFER_SYNTAX_NOT_SUPPORTED for e in audit_events(node))
+
+
+def test_a_part_pydicom_cannot_decode_is_refused(node):
+    ds = _series(1)[0]
+    meta = parse_meta(part10(ds))
+    assert meta is not None
+    raw = part10(ds)[:meta.dataset_offset] + poison_bytes(ds, "short-us")
+    rsp = stow(node, [("application/dicom", raw)])
+    assert rsp.status_code == 409
+    assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [st.CANNOT_UNDERSTAND]
+    assert instances(node) == []

@@ -61,3 +61,24 @@ def write_ct_series(directory: Path, **kwargs: object) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def poison_bytes(ds: Dataset, kind: str, implicit: bool = False) -> bytes:
+    """The encoded dataset (no file meta) of `ds` without pixels, plus one element pydicom cannot decode
+    though every header is well formed: "short-us" (a US value of one byte) or "unknown-vr" (VR 'ZZ',
+    explicit VR only). The tag, (0052,0012), sorts after every other element of a generated CT."""
+    import struct
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = ds.copy()
+    del ds.PixelData
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    tag = struct.pack("<HH", 0x0052, 0x0012)
+    if kind == "short-us":
+        return fp.getvalue() + tag + (struct.pack("<I", 1) if implicit else b"US" + struct.pack("<H", 1)) + b"\x01"
+    assert kind == "unknown-vr" and not implicit
+    return fp.getvalue() + tag + b"ZZ" + struct.pack("<H", 2) + b"ab"

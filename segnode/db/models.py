@@ -84,7 +84,7 @@ class SeriesState(Base):
 
     series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), doc="open | complete")
+    state: Mapped[str] = mapped_column(String(16), doc="open | complete | refused (set aside: cannot be routed)")
     generation: Mapped[int] = mapped_column(Integer, default=1)
     instances: Mapped[int] = mapped_column(Integer, default=0, doc="instance count when last completed")
     last_received_at: Mapped[str] = mapped_column(String(40), default="", doc="newest arrival accounted for")

@@ -94,12 +94,15 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
                 record = json.loads((out / RECORD_FILE).read_text())
                 labels, _ = read_labels(out / LABELS_FILE)
                 metrics = label_metrics(labels, labels_truth, list(names), vol.spacing)
-                voxel_ml = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000
+                # a radiograph is measured in cm² on its plane; a volume in mL
+                unit, key = ("cm²", "areas_cm2") if vol.projection else ("mL", "volumes_ml")
+                voxel = (vol.spacing[1] * vol.spacing[2] / 100 if vol.projection
+                         else abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000)
                 print(f"\n{job.model} {job.model_version} (rule {job.rule}): {job.state}")
                 for value, name in names.items():
-                    truth_ml = float((labels_truth == value).sum()) * voxel_ml
-                    got = record.get("outputs", {}).get("volumes_ml", {}).get(name, 0.0)
-                    print(f"  {name:14s} {got:9.1f} mL (truth {truth_ml:9.1f} mL)  Dice {metrics[value]['dice']:.3f}")
+                    truth = float((labels_truth == value).sum()) * voxel
+                    got = record.get("outputs", {}).get(key, {}).get(name, 0.0)
+                    print(f"  {name:14s} {got:9.1f} {unit} (truth {truth:9.1f} {unit})  Dice {metrics[value]['dice']:.3f}")
                 ok &= job.state == JobState.SUCCEEDED
             for job in (j for j in jobs if j.kind == JobKind.DELIVER):
                 print(f"delivery job {job.id} to {job.destination}: {job.state}"

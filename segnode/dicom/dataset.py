@@ -12,6 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from pydicom.datadict import DicomDictionary
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -20,7 +21,22 @@ from pydicom.uid import (
 
 from segnode.errors import InputError
 
+
+def _implicit_size(tag: int) -> int:
+    """The value size an implicit-VR element must be a multiple of, from the data dictionary (1: any)."""
+    entry = DicomDictionary.get(tag)
+    if entry is None:  # private, repeating-group or unknown: a reader takes it as bytes
+        return 1
+    sizes = {_VALUE_SIZE.get(vr.strip(), 1) for vr in entry[0].split(" or ")}
+    return sizes.pop() if len(sizes) == 1 else 1
+
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# PS3.5 6.2: every VR there is; an explicit VR outside it cannot be decoded by any reader
+_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+# binary VRs: their value is a whole number of values of this many bytes
+_VALUE_SIZE = {"AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4, "SS": 2, "SV": 8,
+               "UL": 4, "US": 2, "UV": 8}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 32
@@ -83,12 +99,17 @@ class _Walker:
                     if pos + 12 > end:
                         raise MalformedDataset(f"truncated element header at byte {pos}")
                     length, pos = self.u32.unpack_from(buf, pos + 8)[0], pos + 12
-                elif vr.isalpha() and vr.isupper():
+                elif vr in _VRS:
                     length, pos = self.u16.unpack_from(buf, pos + 6)[0], pos + 8
                 else:
-                    raise MalformedDataset(f"invalid VR at byte {pos + 4} for ({group:04X},{elem:04X})")
+                    raise MalformedDataset(f"invalid VR {_shown(vr)} at byte {pos + 4} for ({group:04X},{elem:04X})")
+                size = _VALUE_SIZE.get(vr.decode(), 1)
             else:
                 length, pos = self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+                size = _implicit_size(tag)
+            if length != _UNDEFINED and length % size:
+                raise MalformedDataset(f"element ({group:04X},{elem:04X}) has {length} bytes, not a whole number of "
+                                       f"{size}-byte values")
             if length == _UNDEFINED:
                 if vr == b"UN":  # PS3.5 6.2.2: an undefined-length UN is an implicit VR LE sequence
                     pos = self.sequence(pos, end, depth, explicit=False)
@@ -138,6 +159,10 @@ class _Walker:
             if tag != _ITEM or length == _UNDEFINED or pos + length > end:
                 raise MalformedDataset(f"broken pixel data fragment at byte {pos - 8}")
             pos += length
+
+
+def _shown(vr: bytes) -> str:
+    return repr(vr.decode()) if vr.isalpha() else f"0x{vr.hex()}"
 
 
 def _text(raw: bytes) -> str:

@@ -8,6 +8,7 @@ DATASET_MISMATCH = 0xA900  # dataset's SOP class/instance differ from the comman
 CANNOT_UNDERSTAND = 0xC210  # bytes are not a complete DICOM dataset
 MISSING_IDENTIFIER = 0xC211  # SOP Instance, Study or Series UID absent
 INVALID_UID = 0xC212  # a UID that is not a valid UID (e.g. path characters)
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # STOW-RS: a part's file meta names a transfer syntax DIMSE would not accept
 
 # What the operator or the sender should do about each refusal (goes into the log line).
 HINTS = {
@@ -17,4 +18,6 @@ HINTS = {
     CANNOT_UNDERSTAND: "the sender must resend a complete DICOM dataset",
     MISSING_IDENTIFIER: "the instance lacks a required UID; fix it at the source",
     INVALID_UID: "the instance carries a malformed UID; fix it at the source",
+    TRANSFER_SYNTAX_NOT_SUPPORTED: "the part is encoded in a transfer syntax the node cannot read; send it uncompressed "
+                                   "(1.2.840.10008.1.2.1) or in a standard compressed syntax",
 }

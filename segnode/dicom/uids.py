@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import re
 
+from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+
+# JPIP transfer syntaxes reference pixel data held elsewhere: nothing to segment.
+JPIP = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.204",
+                  "1.2.840.10008.1.2.4.205"})
+# What the node accepts, over DIMSE (negotiated) and STOW-RS (named in each part's file meta) alike:
+# the transfer syntaxes pydicom and pynetdicom know, JPIP excepted.
+TRANSFER_SYNTAXES: tuple[str, ...] = tuple(ts for ts in ALL_TRANSFER_SYNTAXES if ts not in JPIP)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from segnode.dicom.reader import UnreadableInstance, read_dataset
 from segnode.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Volume:
     order: list[tuple[int, int]]
     series_uid: str = ""
     notes: list[str] = field(default_factory=list)
+    projection: bool = False  # a radiograph: a plane (areas, cm²), not a volume; spacing[0] is no depth
 
     @property
     def sheared(self) -> bool:
@@ -77,7 +78,8 @@ class _Frame:
     cols: int
     position: np.ndarray | None  # Image Position (Patient)
     orientation: np.ndarray | None  # Image Orientation (Patient), 6 cosines
-    spacing: tuple[float, float]  # (between rows, between columns)
+    spacing: tuple[float, float] | None  # (between rows, between columns) in mm; None: not stated
+    spacing_source: str  # the attribute it came from, for the record
     thickness: float | None
     slope: float
     intercept: float
@@ -108,6 +110,35 @@ def _group(ds: Dataset, frame: int, sequence: str, attribute: str) -> Any:
     return _first(shared[0], sequence, attribute) if shared else None
 
 
+def _pair(value: Any) -> tuple[float, float] | None:
+    try:
+        pair = (float(value[0]), float(value[1]))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return pair if all(np.isfinite(pair)) and min(pair) > 0 else None
+
+
+def pixel_spacing(ds: Dataset, measured: Any = None) -> tuple[tuple[float, float] | None, str]:
+    """The spacing (rows, columns) in mm in the patient plane and where it came from: Pixel Spacing
+    (`measured`, e.g. from an enhanced image's Pixel Measures, else the attribute), else Imager Pixel
+    Spacing divided by the Estimated Radiographic Magnification Factor, else Nominal Scanned Pixel
+    Spacing; (None, "") when none is given. Never assumed."""
+    spacing = _pair(measured) or _pair(ds.get("PixelSpacing"))
+    if spacing:
+        return spacing, "Pixel Spacing"
+    imager = _pair(ds.get("ImagerPixelSpacing"))
+    if imager:
+        factor = ds.get("EstimatedRadiographicMagnificationFactor")
+        if factor is not None and float(factor) > 0:
+            return ((imager[0] / float(factor), imager[1] / float(factor)),
+                    f"Imager Pixel Spacing / Estimated Radiographic Magnification Factor {float(factor):g}")
+        return imager, "Imager Pixel Spacing (at the detector: no magnification factor given)"
+    nominal = _pair(ds.get("NominalScannedPixelSpacing"))
+    if nominal:
+        return nominal, "Nominal Scanned Pixel Spacing"
+    return None, ""
+
+
 def _frames(datasets: list[Dataset]) -> list[_Frame]:
     frames = []
     for f, ds in enumerate(datasets):
@@ -123,13 +154,14 @@ def _frames(datasets: list[Dataset]) -> list[_Frame]:
                 intercept = _group(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
             else:
                 ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-                spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+                spacing = None
                 thickness, slope, intercept = ds.get("SliceThickness"), ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+            measured, source = pixel_spacing(ds, spacing)
             frames.append(_Frame(
                 f, k, int(ds.Rows), int(ds.Columns),
                 None if ipp is None else np.array(ipp, dtype=float),
                 None if iop is None else np.array(iop, dtype=float),
-                tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),  # type: ignore[arg-type]
+                measured, source,
                 None if thickness is None else float(thickness),
                 1.0 if slope is None else float(slope), 0.0 if intercept is None else float(intercept)))
     return frames
@@ -157,24 +189,69 @@ def _check_uniform(series: str, frames: list[_Frame]) -> None:
         raise _refuse(series, "mixed orientations: " + _describe(Counter(
             {(",".join(f"{v:.3f}" for v in ref.orientation) if k == "same" else k): n  # type: ignore[union-attr]
              for k, n in orientations.items()})) + "; send each orientation as its own series")
-    spacings = Counter(f"{f.spacing[0]:.4f}x{f.spacing[1]:.4f} mm" for f in frames)
+    spacings = Counter(f"{f.spacing[0]:.4f}x{f.spacing[1]:.4f} mm" for f in frames if f.spacing is not None)
     if len(spacings) > 1:
         raise _refuse(series, f"mixed pixel spacings {_describe(spacings)}")
 
 
+def _inverted(ds: Dataset) -> bool:
+    """Whether the image is shown with its lowest values white (MONOCHROME1, or a Presentation LUT Shape
+    of INVERSE), so that the model, which sees MONOCHROME2 values, must see it inverted. CT values are
+    Hounsfield units whatever their display: never inverted."""
+    if str(ds.get("Modality", "")) == "CT":
+        return False
+    return (str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+            or str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE")
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _padding(ds: Dataset, raw: np.ndarray) -> np.ndarray | None:
+    """Pixels marked as padding (Pixel Padding Value, up to Pixel Padding Range Limit): not anatomy."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    lo, hi = sorted((int(value), int(limit)))
+    mask = (raw >= lo) & (raw <= hi)
+    return mask if mask.any() else None
+
+
 def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
+    """float32 (frames, rows, cols) in the meaning the models were trained on: the Modality LUT or rescale
+    applied, MONOCHROME1 turned into MONOCHROME2, padding set to the lowest real value of its frame."""
+    from pydicom.pixels import apply_modality_lut
+
     cache: dict[int, np.ndarray] = {}
     out = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
     for i, f in enumerate(frames):
+        ds = datasets[f.file]
         if f.file not in cache:
             try:
-                cache = {f.file: datasets[f.file].pixel_array}  # one file's pixels at a time
+                cache = {f.file: ds.pixel_array}  # one file's pixels at a time
             except Exception as exc:  # missing decoder, truncated or absent pixel data
-                raise _refuse(str(datasets[f.file].get("SeriesInstanceUID", "")),
+                raise _refuse(str(ds.get("SeriesInstanceUID", "")),
                               f"cannot decode the pixels of instance {f.file + 1}: {exc}") from exc
         px = cache[f.file]
-        out[i] = (px[f.frame] if px.ndim == 3 and int(getattr(datasets[f.file], "NumberOfFrames", 1) or 1) > 1
-                  else px) * np.float32(f.slope) + np.float32(f.intercept)
+        raw = px[f.frame] if px.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else px
+        pad = _padding(ds, raw)
+        if "ModalityLUTSequence" in ds:  # a table from stored values to output values
+            values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+            table = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float32)
+            low, high = float(table.min()), float(table.max())
+        else:
+            values = raw.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+            low, high = (v * f.slope + f.intercept for v in _stored_range(ds))
+        if _inverted(ds):  # mirror within the range the values can take: MONOCHROME1 -> MONOCHROME2
+            values = np.float32(low + high) - values
+        if pad is not None:
+            values[pad] = values[~pad].min() if (~pad).any() else 0.0
+        out[i] = values
     return out
 
 
@@ -200,7 +277,10 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     """
     if not paths:
         raise SeriesError("no instances given")
-    datasets: list[Dataset] = [dcmread(p) for p in paths]
+    try:
+        datasets: list[Dataset] = [read_dataset(p) for p in paths]
+    except UnreadableInstance as exc:
+        raise SeriesError(f"an instance of the series cannot be read ({exc}); it must be sent again, intact") from exc
     uids = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     series = uids.most_common(1)[0][0]
     if len(uids) > 1:
@@ -209,9 +289,18 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
         raise _refuse(series, "an instance has no pixel data (not an image)")
     if any(int(ds.get("SamplesPerPixel", 1)) != 1 for ds in datasets):
         raise _refuse(series, "color images (SamplesPerPixel > 1) cannot be segmented; send grayscale")
+    kinds = Counter(str(ds.get("PhotometricInterpretation", "")).strip() for ds in datasets)
+    if set(kinds) - {"MONOCHROME1", "MONOCHROME2"}:
+        raise _refuse(series, f"Photometric Interpretation {_describe(kinds)}: only grayscale (MONOCHROME1/2) images "
+                              "can be segmented")
     frames = _frames(datasets)
+    if any(f.spacing is None for f in frames):
+        raise _refuse(series, "no pixel spacing (Pixel Spacing, Imager Pixel Spacing or Nominal Scanned Pixel "
+                              "Spacing): sizes cannot be measured, and a model sees the wrong scale; the modality "
+                              "must send one")
+    meaning = _meaning_notes(datasets, frames)
     if len(frames) == 1 and (frames[0].position is None or frames[0].orientation is None):
-        return _projection(datasets[0], frames, series)  # a radiograph: no position in patient space
+        return _projection(datasets[0], frames, series, meaning)  # a radiograph: no position in patient space
     _check_uniform(series, frames)
     iop = frames[0].orientation
     assert iop is not None
@@ -221,8 +310,9 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
     order = np.argsort(along, kind="stable")
     frames, along = [frames[i] for i in order], along[order]
+    assert frames[0].spacing is not None  # refused above when absent
     dr, dc = frames[0].spacing
-    notes: list[str] = []
+    notes: list[str] = list(meaning)
     if len(frames) == 1:
         thickness = frames[0].thickness or 1.0
         step = normal * thickness
@@ -262,12 +352,25 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     return Volume(_pixels(datasets, frames), (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, notes)
 
 
-def _projection(ds: Dataset, frames: list[_Frame], series: str) -> Volume:
+def _meaning_notes(datasets: list[Dataset], frames: list[_Frame]) -> list[str]:
+    """What was done to the stored values and where the spacing came from, for the result's record."""
+    notes = []
+    if frames[0].spacing_source != "Pixel Spacing":
+        notes.append(f"pixel spacing from {frames[0].spacing_source}")
+    if any(_inverted(ds) for ds in datasets):
+        notes.append("MONOCHROME1 (or inverse presentation): values inverted to MONOCHROME2 for the model")
+    if any(ds.get("PixelPaddingValue") is not None for ds in datasets):
+        notes.append("pixel padding set to the lowest value of its image")
+    return notes
+
+
+def _projection(ds: Dataset, frames: list[_Frame], series: str, notes: list[str]) -> Volume:
     """A projection image (DX, CR): its plane is the detector; depth 1 mm by convention."""
+    assert frames[0].spacing is not None  # refused above when absent
     dr, dc = frames[0].spacing
     affine = np.diag([1.0, dr, dc, 1.0])
     return Volume(_pixels([ds], frames), (1.0, dr, dc), affine, [(0, 0)], series,
-                  ["projection image: pixel spacing only, no patient coordinates"])
+                  ["projection image: pixel spacing only, no patient coordinates", *notes], projection=True)
 
 
 def dicom_files(folder: Path) -> list[Path]:

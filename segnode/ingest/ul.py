@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from pynetdicom import build_context
-from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -31,6 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # g
 
 from segnode.audit import events as audit
 from segnode.errors import SegnodeError
+from segnode.dicom.uids import TRANSFER_SYNTAXES
 from segnode.dicom import dimse
 from segnode.dicom import status as st
 from segnode.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
@@ -44,10 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # JPIP transfer syntaxes reference pixel data held elsewhere: nothing to segment.
-_JPIP = {"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205"}
-TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _JPIP]
 SUPPORTED_CONTEXTS = [build_context(Verification)] + [
-    build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+    build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts
     if cx.abstract_syntax is not None
 ]
 MAX_ASSOCIATE_RQ = 1024 * 1024  # bytes; read before the peer is identified, so capped apart from max_pdu

@@ -12,6 +12,7 @@ from typing import Sequence
 from pydicom import dcmread
 
 from segnode.config import OutputsConfig
+from segnode.errors import SegnodeError
 from segnode.flow import EncodedResults, SegmentedSeries
 from segnode.models.manifest import Manifest
 from segnode.datadir import SEG_FILE, SR_FILE
@@ -20,6 +21,11 @@ from segnode.outputs.seg import Provenance, build_seg
 from segnode.outputs.sr import build_sr, segment_stats
 
 log = logging.getLogger(__name__)
+
+
+class EncodingError(SegnodeError):
+    """The segmentation could not be encoded as DICOM for this series: the same input fails the same way,
+    so the job ends at once (inference is not run again)."""
 
 
 def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
@@ -35,8 +41,21 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
         outputs: SEG encoding (`seg_type`) and whether to write contour images (`secondary_capture`).
     Returns:
         The files written and their SOP Instance UIDs, with each label's volume in mL.
+    Raises:
+        EncodingError: highdicom or pydicom refused to build or write an object for this series.
+        OSError, MemoryError: the disk or memory ran out (may pass on a later try).
     """
-    outputs = outputs or OutputsConfig()
+    try:
+        return _encode(result, files, manifest, job_key, out, outputs or OutputsConfig())
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - highdicom/pydicom raise many types; all are this input's
+        log.exception("encoding the results failed")
+        raise EncodingError(f"the results could not be encoded as DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def _encode(result: SegmentedSeries, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
+            outputs: OutputsConfig) -> EncodedResults:
     seg_type, secondary_capture = outputs.seg_type, outputs.secondary_capture
     start = time.perf_counter()
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
@@ -44,7 +63,8 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
     labels = result.segmentation.labels
     seg = build_seg(labels, result.volume.order, sources, prov, seg_type)
     stats = segment_stats(labels, result.volume.array, result.volume.affine, [lb.value for lb in manifest.labels],
-                          [lb.name for lb in manifest.labels], hounsfield=str(sources[0].get("Modality")) == "CT")
+                          [lb.name for lb in manifest.labels], hounsfield=str(sources[0].get("Modality")) == "CT",
+                          planar=result.volume.projection)
     sr = build_sr(seg, sources, stats, prov)
     seg.save_as(out / SEG_FILE, enforce_file_format=True)
     sr.save_as(out / SR_FILE, enforce_file_format=True)
@@ -55,14 +75,16 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
                                                    modality), start=1):
             overlays.append(out / f"sc-{number:04d}.dcm")
             sc.save_as(overlays[-1], enforce_file_format=True)
-    volumes = {s.name: round(s.volume_ml, 2) for s in stats}
+    volumes = {s.name: round(s.volume_ml, 2) for s in stats if s.volume_ml is not None}
+    areas = {s.name: round(s.area_cm2, 2) for s in stats if s.area_cm2 is not None}
     record_path = result.record_path
     record = json.loads(record_path.read_text())
     record["timings_s"]["encode"] = round(time.perf_counter() - start, 4)
     record["outputs"] = {"seg": {"file": SEG_FILE, "sop_instance_uid": seg.SOPInstanceUID, "type": seg_type},
-                         "sr": {"file": SR_FILE, "sop_instance_uid": sr.SOPInstanceUID}, "volumes_ml": volumes,
+                         "sr": {"file": SR_FILE, "sop_instance_uid": sr.SOPInstanceUID},
+                         **({"areas_cm2": areas} if result.volume.projection else {"volumes_ml": volumes}),
                          "secondary_capture": [f.name for f in overlays]}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return EncodedResults(seg=out / SEG_FILE, sr=out / SR_FILE, seg_uid=seg.SOPInstanceUID, sr_uid=sr.SOPInstanceUID,
-                          volumes_ml=volumes, overlays=tuple(overlays))
+                          volumes_ml=volumes, areas_cm2=areas, overlays=tuple(overlays))
 

@@ -17,6 +17,7 @@ from segnode.dicom.uids import derived_uid
 from segnode.outputs.seg import MANUFACTURER, SERIES_NUMBER_SR, Provenance, _coded
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
+SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")
 HOUNSFIELD = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 
@@ -27,8 +28,9 @@ class SegmentStats:
     Attributes:
         value: Label value (the SEG's segment number).
         name: The label's name.
-        voxels: Voxel count.
-        volume_ml: Volume in mL.
+        voxels: Voxel (pixel) count.
+        volume_ml: Volume in mL; None for a projection image (it has no depth).
+        area_cm2: Area in cm² on the image plane of a projection image; None for a volume.
         mean: Mean HU inside the segment; CT only, else None.
         std: Population standard deviation of HU inside the segment; CT only, else None.
     """
@@ -36,15 +38,17 @@ class SegmentStats:
     value: int
     name: str
     voxels: int
-    volume_ml: float
+    volume_ml: float | None = None
+    area_cm2: float | None = None
     mean: float | None = None
     std: float | None = None
 
 
 def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, values: Sequence[int],
-                  names: Sequence[str], hounsfield: bool) -> list[SegmentStats]:
-    """Per-label volume and, for CT, HU statistics. The volume is the voxel count times the affine's
-    voxel volume |det|, which stays exact for sheared (gantry-tilted) stacks too.
+                  names: Sequence[str], hounsfield: bool, planar: bool = False) -> list[SegmentStats]:
+    """Per-label volume (or, on a projection image, area) and, for CT, HU statistics. The volume is the
+    voxel count times the affine's voxel volume |det|, which stays exact for sheared (gantry-tilted)
+    stacks too; an area is the pixel count times the pixel's area (row by column spacing).
 
     Args:
         labels: (slices, rows, cols) integer label map.
@@ -53,18 +57,21 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
         values: Label values to measure.
         names: Their names, in the same order.
         hounsfield: Also give mean and std of `image` inside each label (CT).
+        planar: A projection image: areas in cm², no volume (its depth is a convention, not a measure).
 
     Returns:
         One SegmentStats per label present, in `values` order; absent labels are left out.
     """
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    pixel_cm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2])) / 100.0
     out = []
     for value, name in zip(values, names):
         mask = labels == value
         n = int(mask.sum())
         if n == 0:
             continue
-        stats = SegmentStats(value, name, n, n * voxel_ml)
+        stats = (SegmentStats(value, name, n, area_cm2=n * pixel_cm2) if planar
+                 else SegmentStats(value, name, n, volume_ml=n * voxel_ml))
         if hounsfield:
             inside = image[mask]
             stats.mean, stats.std = float(inside.mean()), float(inside.std())
@@ -72,9 +79,21 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
     return out
 
 
+def _frame_of(seg: Dataset, segment: int) -> int:
+    """The SEG frame holding `segment` on a single image: its own frame (BINARY), else the one frame
+    every segment shares (LABELMAP)."""
+    for number, item in enumerate(seg.get("PerFrameFunctionalGroupsSequence", []), start=1):
+        identification = item.get("SegmentIdentificationSequence")
+        if identification and int(identification[0].ReferencedSegmentNumber) == segment:
+            return number
+    return 1
+
+
 def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentStats], prov: Provenance) -> Dataset:
-    """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3
-    decimals) and, where measured, HU mean and std (2 decimals), observed by the model as a device.
+    """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3 decimals;
+    a volumetric ROI group) or, on a projection image, its area (cm², 3 decimals; a planar ROI group
+    referencing the SEG frame) and, where measured, HU mean and std (2 decimals), observed by the model
+    as a device.
 
     Args:
         seg: The SEG the groups reference (its SOP Instance UID and segment numbers).
@@ -96,20 +115,33 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
     algorithm = hd.sr.AlgorithmIdentification(name=prov.manifest.name, version=prov.manifest.version,
                                               family=codes.cid7162.ArtificialIntelligence, manufacturer=MANUFACTURER)
     labels = {label.value: label for label in prov.manifest.labels}
-    groups = []
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for s in stats:
         label = labels[s.value]
-        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=round(s.volume_ml, 3), unit=MILLILITER,
-                                          algorithm_id=algorithm)]
+        measurements = ([hd.sr.Measurement(name=codes.SCT.Area, value=round(s.area_cm2, 3), unit=SQUARE_CENTIMETER,
+                                           algorithm_id=algorithm)] if s.area_cm2 is not None else
+                        [hd.sr.Measurement(name=codes.SCT.Volume, value=round(s.volume_ml or 0.0, 3), unit=MILLILITER,
+                                           algorithm_id=algorithm)])
         if s.mean is not None and s.std is not None:
             measurements += [
                 hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=round(s.mean, 2), unit=HOUNSFIELD,
                                   derivation=codes.SCT.Mean, algorithm_id=algorithm),
                 hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=round(s.std, 2), unit=HOUNSFIELD,
                                   derivation=codes.SCT.StandardDeviation, algorithm_id=algorithm)]
+        tracking = hd.sr.TrackingIdentifier(uid=derived_uid(prov.job_key, "roi", str(s.value)), identifier=s.name)
+        if s.area_cm2 is not None:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                    sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                    frame_number=_frame_of(seg, s.value), segment_number=s.value,
+                    source_image=hd.sr.SourceImageForSegmentation(sources[0].SOPClassUID, sources[0].SOPInstanceUID)),
+                finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
+                measurements=measurements))
+            continue
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(prov.job_key, "roi", str(s.value)),
-                                                         identifier=s.name),
+            tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=s.value,
                 source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
@@ -125,4 +157,18 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
         series_number=SERIES_NUMBER_SR, sop_instance_uid=derived_uid(prov.job_key, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, contributing_equipment=[prov.equipment()])
     sr.SeriesDescription = f"Measurements {prov.model_label}"[:64]
+    _one_segment_reference(sr, seg)
     return sr
+
+
+def _one_segment_reference(sr: Dataset, seg: Dataset) -> None:
+    """highdicom references a segmentation frame by frame and segment number; PS3.3 C.18.4 allows one
+    of the two. A BINARY SEG's frame is its segment's own, so the frame stays; a LABELMAP frame holds
+    every segment, so the segment number stays."""
+    binary = str(seg.get("SegmentationType", "")) == "BINARY"
+    for item in sr.iterall():
+        if item.keyword != "ReferencedSOPSequence":
+            continue
+        for reference in item.value:
+            if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+                del reference[("ReferencedSegmentNumber" if binary else "ReferencedFrameNumber")]

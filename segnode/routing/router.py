@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import dcmread
 from sqlalchemy import Connection, select
 
 from segnode.audit import events as audit
@@ -17,6 +16,7 @@ from segnode.config import Settings
 from segnode.datadir import DataDir
 from segnode.db.models import DECISIONS
 from segnode.db.queries import completed_series
+from segnode.dicom.reader import read_dataset
 from segnode.flow import CompletedSeries, JobSpec, RoutingDecision, utc_now
 from segnode.jobs.queue import enqueue, supersede_stale
 from segnode.models.registry import ModelError, read_manifest
@@ -37,7 +37,7 @@ def sender(source: str) -> tuple[str | None, str | None]:
 
 def facts(data: DataDir, series: CompletedSeries) -> Facts:
     """The rules' view of a series: the first instance's header, the count, 2D/3D, the sender."""
-    first = dcmread(data.path(series.instances[0].path), stop_before_pixels=True)
+    first = read_dataset(data.path(series.instances[0].path), pixels=False)
     return facts_for(first, len(series.instances), *sender(series.source))
 
 

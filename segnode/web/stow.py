@@ -15,7 +15,7 @@ from python_multipart.multipart import MultipartParser
 from segnode.errors import InputError
 from segnode.dicom import status as st
 from segnode.dicom.part10 import MAX_META, Meta, NotPart10, file_meta, parse_meta
-from segnode.dicom.uids import is_valid_uid
+from segnode.dicom.uids import TRANSFER_SYNTAXES, is_valid_uid
 from segnode.ingest.spool import SpoolWriter
 from segnode.flow import StoreResult
 from segnode.ingest.store import Peer, Received, StoreService
@@ -140,6 +140,12 @@ class StowSession:
             return
         if not (meta.sop_class_uid and meta.sop_instance_uid):
             part.failure = StoreResult.refused(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID", sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid)
+            return
+        if meta.transfer_syntax_uid not in TRANSFER_SYNTAXES:  # the pixels could never be read
+            shown = meta.transfer_syntax_uid[:64] if is_valid_uid(meta.transfer_syntax_uid) else "(not a valid UID)"
+            part.failure = StoreResult.refused(st.TRANSFER_SYNTAX_NOT_SUPPORTED,
+                                               f"transfer syntax {shown or '(none)'} is not supported",
+                                               sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid)
             return
         part.meta = meta
         ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)

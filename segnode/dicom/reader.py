@@ -1,0 +1,41 @@
+"""Reading a stored instance with pydicom, every value decoded at once.
+
+pydicom decodes element values lazily, on first access: an instance our walker accepted (it checks
+element headers, not values) can still fail deep inside whatever code first touches a bad value. Here
+every value is decoded on read, so such an instance fails in one place, with one error that names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from segnode.errors import InputError
+
+
+class UnreadableInstance(InputError):
+    """pydicom cannot decode a stored instance; the message names the file and what failed."""
+
+
+def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
+    """The instance at `path`, every element value decoded (the pixel data stays encoded bytes).
+
+    Args:
+        pixels: False stops before the pixel data (headers only, for routing).
+    Raises:
+        UnreadableInstance: a value pydicom cannot decode (wrong length for its VR, unknown VR, ...), or a
+            file that is not DICOM.
+        OSError, MemoryError: the file cannot be read now (may pass later; not the instance's fault).
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=not pixels)
+        for _ in ds.iterall():  # decodes each value, nested ones included
+            pass
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable values
+        raise UnreadableInstance(f"{path.name} cannot be read: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+            from exc
+    return ds
