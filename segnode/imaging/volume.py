@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -59,6 +59,7 @@ class Volume:
     order: list[tuple[int, int]]
     series_uid: str = ""
     notes: list[str] = field(default_factory=list)
+    _: KW_ONLY
     projection: bool = False  # a radiograph: a plane (areas, cm²), not a volume; spacing[0] is no depth
 
     @property
@@ -194,6 +195,12 @@ def _check_uniform(series: str, frames: list[_Frame]) -> None:
         raise _refuse(series, f"mixed pixel spacings {_describe(spacings)}")
 
 
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _inverted(ds: Dataset) -> bool:
     """Whether the image is shown with its lowest values white (MONOCHROME1, or a Presentation LUT Shape
     of INVERSE), so that the model, which sees MONOCHROME2 values, must see it inverted. CT values are
@@ -289,6 +296,11 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
         raise _refuse(series, "an instance has no pixel data (not an image)")
     if any(int(ds.get("SamplesPerPixel", 1)) != 1 for ds in datasets):
         raise _refuse(series, "color images (SamplesPerPixel > 1) cannot be segmented; send grayscale")
+    charsets = {str(v).strip() for ds in datasets for v in _values(ds.get("SpecificCharacterSet"))}
+    if "ISO 2022 IR 58" in charsets:
+        raise _refuse(series, "Specific Character Set ISO 2022 IR 58 (GB2312 with code extensions) cannot be "
+                              "decoded with certainty by the DICOM library (pydicom 3 misreads its escape "
+                              "sequence): names would come out wrong in the results; send GB18030 or ISO_IR 192")
     kinds = Counter(str(ds.get("PhotometricInterpretation", "")).strip() for ds in datasets)
     if set(kinds) - {"MONOCHROME1", "MONOCHROME2"}:
         raise _refuse(series, f"Photometric Interpretation {_describe(kinds)}: only grayscale (MONOCHROME1/2) images "

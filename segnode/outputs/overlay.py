@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from segnode.dicom.uids import derived_uid
-from segnode.outputs.seg import MANUFACTURER, Provenance
+from segnode.outputs.seg import MANUFACTURER, Provenance, charset_safe, restore_charset
 
 SERIES_NUMBER_SC = 9903
 CT_WINDOW = (-160.0, 240.0)  # level 40, width 400 HU
@@ -106,6 +106,7 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         RGB SC instances (8 bit, explicit VR little endian), numbered from 1, each referencing its
         source image (and frame); none for a label map that is all background.
     """
+    sources, charset = charset_safe(sources)
     colors: dict[int, Sequence[int]] = {label.value: label.color for label in prov.manifest.labels}
     legend = ", ".join(f"{label.name} rgb({','.join(str(c) for c in label.color)})" for label in prov.manifest.labels)
     grey = grey_range(volume, modality)
@@ -134,5 +135,6 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         if int(source.get("NumberOfFrames", 1) or 1) > 1:
             reference.ReferencedFrameNumber = frame + 1
         sc.SourceImageSequence = [reference]
+        restore_charset(sc, charset)
         out.append(sc)
     return out

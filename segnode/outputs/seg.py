@@ -9,6 +9,7 @@ instance and a re-push creates no duplicate in the PACS.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -20,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from segnode import __version__
 from segnode.dicom.uids import derived_uid
+from segnode.imaging.volume import pixel_spacing
 from segnode.models.manifest import Manifest
 
 SegType = Literal["BINARY", "LABELMAP"]
@@ -97,6 +99,37 @@ def frames_for_sources(labels: np.ndarray, order: Sequence[tuple[int, int]], sou
     return [sources[file] for file, _ in order], labels
 
 
+def charset_safe(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str] | None]:
+    """Sources highdicom accepts, and the Specific Character Set to put back on what it builds.
+
+    highdicom 0.28 knows the single-valued defined terms only: it refuses a multi-valued Specific
+    Character Set (ISO 2022 code extensions, PS3.5 Annex H: Japanese, Korean, Chinese), and an empty
+    value 1 (PS3.3 C.12.1.1.2: ISO 2022 IR 6). pydicom has decoded every text into Unicode already, so
+    the copies say UTF-8 (ISO_IR 192); the output then carries the source's own value again, and pydicom
+    encodes the texts in it when writing - they all came from the source, so they all fit.
+
+    Returns:
+        (sources, None) when nothing needs changing; else (header copies, the value for the results).
+    """
+    value = sources[0].get("SpecificCharacterSet") if sources else None
+    if value is None or isinstance(value, str) or len(value) < 2:
+        return list(sources), None
+    copies = []
+    for source in sources:
+        for _ in source.iterall():  # decode every text with the source's own character set first
+            pass
+        copy = deepcopy(source)
+        copy.SpecificCharacterSet = "ISO_IR 192"
+        copies.append(copy)
+    return copies, [str(v) for v in value]
+
+
+def restore_charset(built: Dataset, original: list[str] | None) -> None:
+    """Give `built` the source's Specific Character Set again (see `charset_safe`)."""
+    if original is not None:
+        built.SpecificCharacterSet = original
+
+
 def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset], prov: Provenance,
               kind: SegType = "BINARY", compression: Literal["jpegls", "rle"] = "jpegls") -> Dataset:
     """The SEG instance for a label map in the volume order `order` of `sources`.
@@ -115,12 +148,15 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
     Raises:
         ValueError: highdicom refuses the label map against the sources (e.g. rows and columns differ).
     """
-    images, frames = frames_for_sources(np.asarray(labels, dtype=np.uint8), order, sources)
+    safe, charset = charset_safe(sources)
+    images, frames = frames_for_sources(np.asarray(labels, dtype=np.uint8), order, safe)
     measures = None
-    if "FrameOfReferenceUID" not in images[0]:  # a projection image: spacing at the detector
-        spacing = images[0].get("PixelSpacing") or images[0].get("ImagerPixelSpacing") or [1.0, 1.0]
+    if "FrameOfReferenceUID" not in images[0]:  # a projection image: the spacing the reader measured with
+        spacing, _ = pixel_spacing(images[0])
+        if spacing is None:  # never written as if it had been measured
+            raise ValueError("the source image states no pixel spacing; a SEG cannot give it one")
         # a nominal 1 mm depth, as the volume reader uses: highdicom reads no SEG back without one
-        measures = hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in spacing], slice_thickness=1.0)
+        measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing), slice_thickness=1.0)
     syntax = ExplicitVRLittleEndian if kind == "BINARY" else (JPEGLSLossless if compression == "jpegls" else RLELossless)
     seg = hd.seg.Segmentation(
         source_images=images, pixel_array=frames, segmentation_type=kind,
@@ -137,6 +173,7 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
     if "FrameOfReferenceUID" not in images[0]:  # a projection image: orientation by patient directions
         seg.PatientOrientation = images[0].get("PatientOrientation", ["", ""])
     seg.SeriesDescription = f"SEG {prov.model_label}"[:64]
+    restore_charset(seg, charset)
     return seg
 
 

@@ -4,7 +4,7 @@ algorithm identification IHE AI Results expects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Sequence
 
 import highdicom as hd
@@ -14,7 +14,7 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from segnode.dicom.uids import derived_uid
-from segnode.outputs.seg import MANUFACTURER, SERIES_NUMBER_SR, Provenance, _coded
+from segnode.outputs.seg import MANUFACTURER, SERIES_NUMBER_SR, Provenance, _coded, charset_safe, restore_charset
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
 SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")
@@ -38,6 +38,7 @@ class SegmentStats:
     value: int
     name: str
     voxels: int
+    _: KW_ONLY
     volume_ml: float | None = None
     area_cm2: float | None = None
     mean: float | None = None
@@ -107,6 +108,9 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
     Raises:
         KeyError: a stats value is not one of the manifest's labels.
     """
+    sources, charset = charset_safe(sources)
+    if charset is not None:
+        seg = charset_safe([seg])[0][0]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -158,6 +162,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
         manufacturer=MANUFACTURER, is_complete=True, contributing_equipment=[prov.equipment()])
     sr.SeriesDescription = f"Measurements {prov.model_label}"[:64]
     _one_segment_reference(sr, seg)
+    restore_charset(sr, charset)
     return sr
 
 
