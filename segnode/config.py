@@ -159,9 +159,15 @@ class RoutingConfig(_Model):
 
 
 class JobsConfig(_Model):
+    """Workers, and how jobs are retried: a failure that may pass later waits backoff_seconds * 2**(n-1)
+    after try n, at most backoff_max_seconds; one that cannot (segnode.errors) ends the job at once."""
+
     workers: int = Field(1, ge=0, le=64, description="worker processes (0: receive and route only)")
-    max_attempts: int = Field(3, ge=1, description="tries before a job is dead")
+    max_attempts: int = Field(3, ge=1, description="tries before a segmentation job is dead")
+    delivery_attempts: int = Field(16, ge=1, description="tries before a delivery is dead; with the default backoff "
+                                                         "they span 5 h: a PACS outage of 4 h loses nothing")
     backoff_seconds: float = Field(30.0, ge=0, description="first retry delay; doubles with each try")
+    backoff_max_seconds: float = Field(1800.0, gt=0, description="the longest delay between two tries")
     lease_seconds: float = Field(120.0, gt=0, description="a running job not renewed for this long is requeued")
     device: str = Field("auto", description="inference device: auto (CUDA when present), cpu, cuda, cuda:N")
     models_dir: Path | None = Field(None, description="model folders; default SEGNODE_MODELS or the shipped ones")

@@ -104,3 +104,16 @@ def test_read_only_commands_refuse_a_data_directory_without_a_database(tmp_path)
         assert run.returncode == 2 and f"no segnode database in {missing}" in run.stderr, (command, run.stderr)
         assert "Traceback" not in run.stderr
     assert not missing.exists()
+
+
+def test_deliveries_ride_out_a_four_hour_pacs_outage_by_default():
+    """Capped exponential backoff: the waits between a delivery's tries add up to more than 4 h, none longer
+    than the cap (so the PACS is tried again within 30 min of coming back)."""
+    from segnode.config import JobsConfig
+    from segnode.jobs.queue import retry_delay
+
+    policy = JobsConfig()
+    waits = [retry_delay(attempt, policy) for attempt in range(1, policy.delivery_attempts)]
+    assert sum(waits) >= 4 * 3600 and max(waits) == policy.backoff_max_seconds == 1800
+    assert waits[:3] == [30, 60, 120]
+    assert sum(retry_delay(a, policy) for a in range(1, policy.max_attempts)) == 90  # segmentations: as before

@@ -38,7 +38,8 @@ def _configure(node, pacs, default: str, **extra_destinations) -> Ledger:
         **extra_destinations}
     node.settings.routing = node.settings.routing.model_copy(update={"stable_seconds": 0.3,
                                                                      "default_destinations": [default]})
-    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0.2, "max_attempts": 2})
+    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0.2, "max_attempts": 2,
+                                                               "delivery_attempts": 2})
     return Ledger(node.engine, node.trail)
 
 

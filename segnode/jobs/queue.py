@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from segnode.audit import events as audit
 from segnode.audit.ledger import Append, Ledger
+from segnode.config import JobsConfig
 from segnode.db.models import JOBS
 from segnode.flow import RUNNABLE, Job, JobKind, JobSpec, JobState, utc_now
 
@@ -133,7 +134,7 @@ def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool
 
 
 def finish(ledger: Ledger, job: Job, owner: str, output: str, detail: str,
-           state: JobState = JobState.SUCCEEDED, deliver_to: Sequence[str] = ()) -> bool:
+           state: JobState = JobState.SUCCEEDED, deliver_to: Sequence[str] = (), delivery_attempts: int = 1) -> bool:
     """Record success (or superseded) and queue the deliveries of its results, in one transaction.
 
     Args:
@@ -153,20 +154,25 @@ def finish(ledger: Ledger, job: Job, owner: str, output: str, detail: str,
         append(_event(job.id, f"{state}: {detail}", owner=owner, series_uid=job.series_uid, model=job.model,
                       output=output))
         for destination in deliver_to:
-            enqueue(conn, append, job.delivery(destination), job.max_attempts)
+            enqueue(conn, append, job.delivery(destination), delivery_attempts)
     return True
 
 
-def fail(ledger: Ledger, job: Job, owner: str, error: str, backoff_seconds: float,
+def retry_delay(attempt: int, policy: JobsConfig) -> float:
+    """Seconds to wait after try `attempt` (1-based): `backoff_seconds` doubling with each try, capped."""
+    return min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** (attempt - 1))
+
+
+def fail(ledger: Ledger, job: Job, owner: str, error: str, policy: JobsConfig,
          final: bool = False) -> JobState | None:
-    """Record a failure: FAILED (retried after backoff_seconds * 2**(attempt-1)) or DEAD after the last
-    try, or at once when `final` (retrying cannot help).
+    """Record a failure: FAILED (retried after `retry_delay`) or DEAD after the last try, or at once when
+    `final` (retrying cannot help).
 
     Returns:
         The new state; None when the lease was lost meanwhile (nothing recorded).
     """
     state = JobState.FAILED if job.attempts < job.max_attempts and not final else JobState.DEAD
-    delay = backoff_seconds * 2 ** (job.attempts - 1)
+    delay = retry_delay(job.attempts, policy)
     with ledger.transaction() as (conn, append):
         result = conn.execute(update(JOBS).where(JOBS.c.id == job.id, JOBS.c.state == JobState.RUNNING,
                                                  JOBS.c.lease_owner == owner)

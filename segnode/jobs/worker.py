@@ -168,20 +168,21 @@ class Worker:
             files = [self.data.path(i.path) for i in series.instances]
             detail = self.runner(job, files, out)
             targets = list(job.destinations) or self.settings.routing.default_destinations
-            if not queue.finish(self.ledger, job, self.owner, self.data.relative(out), detail, deliver_to=targets):
+            if not queue.finish(self.ledger, job, self.owner, self.data.relative(out), detail, deliver_to=targets,
+                                delivery_attempts=jobs.delivery_attempts):
                 log.warning("job %d finished after its lease was lost; another worker owns it now", job.id)
         except SegnodeError as exc:
             if exc.retryable:
                 log.warning("job %d failed (%s); retryable", job.id, exc)
-                state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs.backoff_seconds)
+                state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs)
             else:  # the input or the installation must change first: retrying would fail the same way
                 log.warning("job %d cannot succeed as it is: %s", job.id, exc)
                 reason = f"refused: {exc}" if isinstance(exc, SeriesError) else f"{type(exc).__name__}: {exc}"
-                state = queue.fail(self.ledger, job, self.owner, reason, jobs.backoff_seconds, final=True)
+                state = queue.fail(self.ledger, job, self.owner, reason, jobs, final=True)
             log.warning("job %d is now %s", job.id, state)
         except Exception as exc:  # not one of ours: a bug or an environment fault; retried, as it may pass
             log.exception("job %d failed", job.id)
-            state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs.backoff_seconds)
+            state = queue.fail(self.ledger, job, self.owner, f"{type(exc).__name__}: {exc}", jobs)
             log.warning("job %d is now %s", job.id, state)
         finally:
             stop.set()
