@@ -45,7 +45,8 @@ def evaluate(model: str, cases: list[tuple[str, Path]]) -> dict:
     seconds = []
     for what, folder in cases:
         case = load_case(folder)
-        metrics, took = evaluate_case(net, manifest, case.image, case.labels, case.spacing)
+        metrics, took = evaluate_case(net, manifest, case.image, case.labels, case.spacing,
+                                      orientation=case.orientation)
         seconds.append(took)
         for label in manifest.labels:
             per_label[label.name].append(metrics[label.value])

@@ -30,7 +30,7 @@ def test_shipped_model_passes_its_check(name):
 def _dice(name, folder):
     manifest, net = load_model(default_models_dir() / name)
     case = load_case(folder)
-    metrics, _ = evaluate_case(net, manifest, case.image, case.labels, case.spacing)
+    metrics, _ = evaluate_case(net, manifest, case.image, case.labels, case.spacing, orientation=case.orientation)
     return {label.name: metrics[label.value]["dice"] for label in manifest.labels}
 
 

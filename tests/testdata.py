@@ -82,3 +82,58 @@ def poison_bytes(ds: Dataset, kind: str, implicit: bool = False) -> bytes:
         return fp.getvalue() + tag + (struct.pack("<I", 1) if implicit else b"US" + struct.pack("<H", 1)) + b"\x01"
     assert kind == "unknown-vr" and not implicit
     return fp.getvalue() + tag + b"ZZ" + struct.pack("<H", 2) + b"ab"
+
+
+def signed_permutations(dims: int = 3) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
+    """Every axis-aligned orientation of an array: 6 orders x 8 flips (48) in 3D, 2 x 4 (8) in 2D."""
+    import itertools
+
+    return [(perm, flips) for perm in itertools.permutations(range(dims))
+            for flips in itertools.product((False, True), repeat=dims)]
+
+
+def restored_ct(hu: np.ndarray, affine: np.ndarray, perm: tuple[int, ...], flips: tuple[bool, ...],
+                folder: Path, series_uid: str = "") -> list[Path]:
+    """The same CT voxels (identical HU at identical patient positions) stored in another orientation: the
+    array's axes permuted and flipped (`Reorientation`), written as slices along the new first axis with
+    Image Position/Orientation moved to match - an axial series with rows or columns reversed, a coronal or
+    sagittal reformat, ... Returns the files in instance order."""
+    from segnode.imaging.orientation import Reorientation
+
+    turn = Reorientation(perm, flips)
+    array = np.ascontiguousarray(turn.apply(hu))
+    turned = affine @ turn.index_map(array.shape)
+    rng = np.random.default_rng(abs(hash((perm, flips))) % 2**32)
+    study_uid, series_uid = "1.2.826.0.1.3680043.10.1432.77.1", series_uid or deterministic_uid(rng)
+    frame_uid = "1.2.826.0.1.3680043.10.1432.77.2"
+    row_step, col_step = turned[:3, 1], turned[:3, 2]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(array.shape[0]):
+        ds = base_dataset(CTImageStorage, deterministic_uid(rng), "CT", study_uid=study_uid, series_uid=series_uid,
+                          patient_name="Phantom^Orientation", patient_id="PHANTOM-ORIENT", series_number=1,
+                          instance_number=k + 1, series_description="Synthetic abdomen, re-stored")
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
+        ds.BodyPartExamined, ds.PatientPosition, ds.ImageType = "ABDOMEN", "FFS", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in turned[:3, 3] + k * turned[:3, 0]]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in
+                                      [*(col_step / np.linalg.norm(col_step)), *(row_step / np.linalg.norm(row_step))]]
+        ds.PixelSpacing = [round(float(np.linalg.norm(row_step)), 6), round(float(np.linalg.norm(col_step)), 6)]
+        ds.SliceThickness = round(float(np.linalg.norm(turned[:3, 0])), 6)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        set_pixels(ds, np.clip(np.rint(array[k]) + 1024, 0, 4095), bits_stored=12)
+        paths.append(folder / f"ct{k + 1:05d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def canonical_labels(labels: np.ndarray, affine: np.ndarray, canonical_affine: np.ndarray) -> np.ndarray:
+    """A label map of a volume stored in another axis-aligned orientation, put on the canonical volume's
+    voxels (the same patient positions), by the signed permutation between the two affines."""
+    from segnode.imaging.orientation import Reorientation
+
+    m = np.linalg.inv(canonical_affine) @ affine  # index in this volume -> canonical index
+    perm = tuple(int(np.argmax(abs(m[:3, i]))) for i in range(3))
+    flips = tuple(bool(m[perm[i], i] < 0) for i in range(3))
+    assert sorted(perm) == [0, 1, 2] and np.allclose(abs(m[:3, :3]).sum(axis=0), 1, atol=1e-3)
+    return Reorientation(perm, flips).restore(labels)

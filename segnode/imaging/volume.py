@@ -61,6 +61,8 @@ class Volume:
     notes: list[str] = field(default_factory=list)
     _: KW_ONLY
     projection: bool = False  # a radiograph: a plane (areas, cm²), not a volume; spacing[0] is no depth
+    # a projection's Patient Orientation (0020,0020): where increasing column, then row, index points
+    patient_orientation: tuple[str, str] | None = None
 
     @property
     def sheared(self) -> bool:
@@ -381,8 +383,11 @@ def _projection(ds: Dataset, frames: list[_Frame], series: str, notes: list[str]
     assert frames[0].spacing is not None  # refused above when absent
     dr, dc = frames[0].spacing
     affine = np.diag([1.0, dr, dc, 1.0])
+    stated = [str(v) for v in _values(ds.get("PatientOrientation"))]
+    orientation = (stated[0], stated[1]) if len(stated) == 2 and all(stated) else None
     return Volume(_pixels([ds], frames), (1.0, dr, dc), affine, [(0, 0)], series,
-                  ["projection image: pixel spacing only, no patient coordinates", *notes], projection=True)
+                  ["projection image: pixel spacing only, no patient coordinates", *notes], projection=True,
+                  patient_orientation=orientation)
 
 
 def dicom_files(folder: Path) -> list[Path]:

@@ -33,6 +33,7 @@ from torch import nn
 
 from segnode.flow import Segmentation, Timings
 from segnode.imaging.preprocess import normalize, resample, resample_slabs
+from segnode.imaging.orientation import reorient_volume
 from segnode.imaging.volume import Volume
 from segnode.models.manifest import Manifest
 
@@ -213,18 +214,25 @@ class Engine:
         logits back onto the source voxels, argmax.
 
         Args:
-            volume: float32 (slices, rows, cols) with its LPS affine; any orientation or gantry tilt.
+            volume: float32 (slices, rows, cols) with its LPS affine; any orientation or gantry tilt. It
+                is first brought into the orientation the model was trained in (its manifest's
+                `orientation`), by a permutation and flips of its axes, and the labels back the same way.
 
         Returns:
             uint8 labels of the volume's shape, on the CPU, with per-stage timings and notes.
 
         Raises:
+            OrientationError: a radiograph without Patient Orientation, or not in the model's view.
             torch.OutOfMemoryError: on CUDA, the volume on the model grid or a batch of windows does
                 not fit in device memory (accumulators that do not fit move to the host by themselves,
                 see EngineOptions.host_accumulation).
         """
         timings = Timings()
         start = time.perf_counter()
+        source_shape = volume.array.shape
+        turn = None
+        if self.manifest.orientation:
+            volume, turn = reorient_volume(volume, self.manifest.orientation)
         grid = model_grid(volume, self.spacing_for(volume))
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None, None].to(self.device)
@@ -241,6 +249,9 @@ class Engine:
         start = time.perf_counter()
         if self.options.largest_component:
             labels = largest_components(labels)
+        if turn is not None and not turn.identity:
+            labels = turn.restore(labels)
+            assert labels.shape == source_shape
         timings.postprocess = time.perf_counter() - start
         notes = list(volume.notes)
         if self.options.mirror and not self.mirror_dims:

@@ -10,29 +10,46 @@ import torch
 
 from segnode.imaging.volume import Volume
 from segnode.inference.engine import Engine, EngineOptions
-from segnode.models.manifest import Manifest
+from segnode.models.manifest import Manifest, check_codes
 from segnode.training.metrics import label_metrics
 
 
-def array_volume(image: np.ndarray, spacing: tuple[float, ...]) -> Volume:
+def array_volume(image: np.ndarray, spacing: tuple[float, ...], orientation: str | None = None) -> Volume:
     """An axis-aligned volume from a bare array, as if read from DICOM.
 
     Args:
         image: (slices, rows, cols), or (rows, cols) for one image, in rescaled units (HU for CT).
         spacing: mm per array axis, same order and length as image's axes.
+        orientation: the array's axis codes (segnode.imaging.orientation), e.g. a training case's: 3
+            letters for a volume, 2 for a radiograph. None: a volume's axes along L, P, S.
 
     Returns:
-        float32 (slices, rows, cols) volume with a diagonal affine (origin 0, axes along LPS) and
-        a 2D image as one slice 1 mm deep.
+        float32 (slices, rows, cols) volume (origin 0) and a 2D image as one slice 1 mm deep: a
+        projection image with the matching Patient Orientation when `orientation` is given.
     """
     if image.ndim == 2:
         image, spacing = image[None], (1.0, *spacing)
-    return Volume(np.asarray(image, dtype=np.float32), tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-                  np.diag([*map(float, spacing), 1.0]), [(i, 0) for i in range(image.shape[0])])
+    array = np.asarray(image, dtype=np.float32)
+    scale = tuple(float(s) for s in spacing)
+    order = [(i, 0) for i in range(array.shape[0])]
+    if orientation is not None and len(orientation) == 2:  # a radiograph: named by Patient Orientation
+        codes = check_codes(orientation, 2)
+        letter = {"S": "H", "I": "F"}
+        return Volume(array, scale, np.diag([*scale, 1.0]), order, projection=True,  # type: ignore[arg-type]
+                      patient_orientation=(letter.get(codes[1], codes[1]), letter.get(codes[0], codes[0])))
+    affine = np.diag([*scale, 1.0])
+    if orientation is not None:
+        affine = np.eye(4)
+        for axis, code in enumerate(check_codes(orientation, 3)):
+            patient_axis, sign = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1),
+                                  "I": (2, -1)}[code]
+            affine[:3, axis] = 0.0
+            affine[patient_axis, axis] = sign * scale[axis]
+    return Volume(array, scale, affine, order)  # type: ignore[arg-type]
 
 
 def evaluate_case(net: torch.nn.Module, manifest: Manifest, image: np.ndarray, labels: np.ndarray,
-                  spacing: tuple[float, ...], options: EngineOptions | None = None,
+                  spacing: tuple[float, ...], options: EngineOptions | None = None, orientation: str | None = None,
                   ) -> tuple[dict[int, dict[str, float]], float]:
     """Segment `image` through the engine and score it against `labels`.
 
@@ -43,6 +60,7 @@ def evaluate_case(net: torch.nn.Module, manifest: Manifest, image: np.ndarray, l
         labels: Ground truth, integer, image's shape.
         spacing: mm per array axis.
         options: Engine options; defaults to EngineOptions().
+        orientation: the image's axis codes (a training case's `orientation`), see `array_volume`.
 
     Returns:
         ({label value: {"dice", "iou", "hd95" (mm; NaN where the label is absent from either)}},
@@ -50,7 +68,7 @@ def evaluate_case(net: torch.nn.Module, manifest: Manifest, image: np.ndarray, l
     """
     engine = Engine(manifest, net, options or EngineOptions())
     start = time.perf_counter()
-    pred = engine.segment(array_volume(image, spacing)).labels
+    pred = engine.segment(array_volume(image, spacing, orientation)).labels
     seconds = time.perf_counter() - start
     if image.ndim == 2:
         pred = pred[0]

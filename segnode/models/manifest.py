@@ -12,6 +12,23 @@ from segnode.nets import ARCHITECTURES
 ANATOMICAL_STRUCTURE = {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
 
+_PATIENT_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+
+
+def check_codes(codes: str, dims: int) -> str:
+    """Axis codes (segnode.imaging.orientation) normalized: upper case, Patient Orientation's H/F as S/I.
+
+    Raises:
+        ValueError: not `dims` letters of L, R, A, P, S, I, or two of them on the same patient axis.
+    """
+    normal = "".join({"H": "S", "F": "I"}.get(c, c) for c in codes.upper())
+    if len(normal) != dims or any(c not in _PATIENT_AXIS for c in normal):
+        raise ValueError(f"orientation {codes!r}: {dims} letters of L, R, A, P, S (or H), I (or F)")
+    if len({_PATIENT_AXIS[c] for c in normal}) != dims:
+        raise ValueError(f"orientation {codes!r}: each letter must name a different patient axis")
+    return normal
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,6 +143,10 @@ class Manifest(_Strict):
     patch_size: list[int]
     normalization: Normalization
     labels: list[Label]
+    orientation: str | None = Field(None, description="the patient orientation the model was trained in, as axis "
+                                    "codes (segnode.imaging.orientation): 'SPL' for axial CT, 'FL' for a frontal "
+                                    "radiograph (rows toward the feet, columns toward the patient's left); every "
+                                    "input is brought into it first. None: arrays as stored (not recommended)")
     mirror_axes: list[int] = Field(default_factory=list, description="array axes the model may be mirrored along "
                                    "(test-time augmentation); never the left-right axis when labels are lateral")
     weights_sha256: str
@@ -153,6 +174,8 @@ class Manifest(_Strict):
         values = [label.value for label in self.labels]
         if not values or sorted(values) != list(range(1, len(values) + 1)):
             raise ValueError("label values must be 1..K without gaps")
+        if self.orientation is not None:  # 2D models: a radiograph's plane (2 letters) or a volume's (3)
+            check_codes(self.orientation, 3 if self.spatial_dims == 3 or len(self.orientation) == 3 else 2)
         return self
 
     @property

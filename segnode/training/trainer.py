@@ -70,6 +70,13 @@ def _patch(prep: Prepared, plan: Plan, rng: np.random.Generator) -> tuple[np.nda
     return image[sl], labels[sl]
 
 
+def _orientation(cases: list[Case]) -> str | None:
+    """The orientation every case was brought into, which the model then expects; None when the cases
+    do not share one (radiographs without Patient Orientation): the model sees arrays as stored."""
+    found = {case.orientation for case in cases}
+    return found.pop() if len(found) == 1 else None
+
+
 def _augmenter(plan: Plan) -> Any:
     from monai import transforms as T
 
@@ -133,7 +140,8 @@ def train(plan: Plan, cases: list[Case], out: Path, device: str = "auto", comman
                         network=Network(architecture=plan.architecture, args=plan.network_args),
                         target_spacing=plan.target_spacing, patch_size=plan.patch_size,
                         normalization=plan.normalization, labels=coded_labels(plan.labels),
-                        mirror_axes=list(plan.mirror_axes), weights_sha256="0" * 64)
+                        mirror_axes=list(plan.mirror_axes), orientation=_orientation(cases),
+                        weights_sha256="0" * 64)
     net = build(manifest).to(dev)
     loss_fn = make_loss(plan.loss)
     opt = torch.optim.AdamW(net.parameters(), lr=plan.learning_rate, weight_decay=plan.weight_decay)
