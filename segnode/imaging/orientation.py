@@ -23,16 +23,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from segnode.errors import InputError
-from segnode.imaging.volume import Volume
+from segnode.imaging.volume import SeriesError, Volume
 from segnode.models.manifest import check_codes
 
 _AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 _LETTER = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
 
 
-class OrientationError(InputError):
-    """The image's orientation cannot be known, or cannot be brought into the model's."""
+class OrientationError(SeriesError):
+    """The image's orientation cannot be known, or cannot be brought into the model's: the series is
+    refused (the message names it and says why)."""
 
 
 def _vector(code: str) -> np.ndarray:
@@ -136,7 +136,10 @@ def reorient_volume(volume: Volume, target: str) -> tuple[Volume, Reorientation]
         OrientationError: a projection image without Patient Orientation, or showing another view.
     """
     if volume.projection:
-        turn = projection_reorientation(volume.patient_orientation, target)
+        try:
+            turn = projection_reorientation(volume.patient_orientation, target)
+        except OrientationError as exc:
+            raise OrientationError(f"series {volume.series_uid or '(no Series Instance UID)'}: {exc}") from exc
     else:
         turn = volume_reorientation(volume.affine, target)
     if turn.identity:
