@@ -124,3 +124,59 @@ def test_colour_images_are_refused(radiograph, tmp_path, kind):
 
     with pytest.raises(SeriesError, match="only grayscale"):
         read_image(_restored(radiograph, tmp_path / "c", colour))
+
+
+def test_a_vendor_private_element_pydicom_cannot_decode_costs_nothing(tmp_path):
+    """Elscint/Philips write a decimal string where pydicom's private dictionary expects FD (8 bytes)."""
+    def private(ds: Dataset) -> None:
+        ds.add_new(0x01F10010, "LO", "ELSCINT1")
+        ds.add_new(0x01F11026, "UN", b"0.5 ")
+
+    plain = read_series(_ct_files(tmp_path / "a"))
+    tagged = read_series(_ct_files(tmp_path / "b", private))
+    np.testing.assert_array_equal(tagged.array, plain.array)
+
+
+def test_a_modality_lut_in_ow_is_applied(radiograph, tmp_path):
+    from pydicom.sequence import Sequence
+
+    def lut(ds: Dataset) -> None:
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.add_new(0x00283006, "OW", (2 * np.arange(4096, dtype=np.uint16)).tobytes())  # LUT Data as OW
+        item.ModalityLUTType = "US"
+        ds.ModalityLUTSequence = Sequence([item])
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if keyword in ds:
+                delattr(ds, keyword)
+
+    original = read_image(radiograph)
+    doubled = read_image(_restored(radiograph, tmp_path / "lut", lut))
+    np.testing.assert_array_equal(doubled.array, 2 * original.array)
+
+
+def test_monochrome1_of_a_quantitative_modality_keeps_its_values(tmp_path):
+    """PET's activity (as CT's HU, MR's signal) means the same whatever its display: never inverted."""
+    def pet(ds: Dataset) -> None:
+        ds.Modality, ds.RescaleIntercept, ds.RescaleSlope = "PT", 0, 0.25
+
+    def pet_monochrome1(ds: Dataset) -> None:
+        pet(ds)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    np.testing.assert_array_equal(read_series(_ct_files(tmp_path / "m1", pet_monochrome1)).array,
+                                  read_series(_ct_files(tmp_path / "m2", pet)).array)
+
+
+def test_padding_written_as_us_on_signed_pixels_is_masked(tmp_path):
+    def signed(ds: Dataset) -> None:
+        px = ds.pixel_array.astype(np.int16) - 1024
+        px[:2, :] = -2000
+        ds.PixelRepresentation, ds.RescaleIntercept = 1, 0
+        ds.PixelData = px.tobytes()
+        ds.add_new(0x00280120, "US", 63536)  # -2000 as the US the attribute was written with
+
+    vol = read_series(_ct_files(tmp_path / "s", signed))
+    assert vol.array.min() > -2000 and any("padding" in note for note in vol.notes)
+    plain = read_series(_ct_files(tmp_path / "p"))
+    assert not any("padding" in note for note in plain.notes)  # said only when pixels were masked

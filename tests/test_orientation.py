@@ -130,3 +130,26 @@ def test_a_radiograph_without_patient_orientation_or_in_another_view_is_refused(
     ds.save_as(tmp_path / "lateral.dcm", enforce_file_format=True)
     with pytest.raises(OrientationError, match="not the model's"):
         engine.segment(read_image(tmp_path / "lateral.dcm"))
+
+
+def test_an_image_of_the_other_kind_is_refused_with_the_series(radiograph, canonical, tmp_path):
+    """A radiograph that carries patient coordinates reads as a one-slice volume; a CT slice without them as
+    a projection: neither fits the model routed to, and each is refused by name."""
+    source, _ = radiograph
+    ds = dcmread(source)
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 0, -1]
+    ds.save_as(tmp_path / "dx-volume.dcm", enforce_file_format=True)
+    dx_model = engine_for(default_models_dir() / "dx-chest-phantom-2d", EngineOptions(device="cpu"))
+    with pytest.raises(OrientationError, match=rf"series {ds.SeriesInstanceUID}: a volume for a model trained on "
+                                               "radiographs"):
+        dx_model.segment(read_image(tmp_path / "dx-volume.dcm"))
+
+
+def test_a_3d_model_refuses_a_series_that_covers_too_little_of_the_body(canonical, tmp_path):
+    from segnode.imaging.volume import SeriesError
+
+    vol, _ = canonical
+    files = restored_ct(vol.array[10:12], vol.affine, (0, 1, 2), (False, False, False), tmp_path)
+    ct_model = engine_for(default_models_dir() / "ct-abdomen-phantom-3d", EngineOptions(device="cpu"))
+    with pytest.raises(SeriesError, match="covers 10 mm along array axis 0; ct-abdomen-phantom-3d looks at 192 mm"):
+        ct_model.segment(read_series(files))

@@ -148,3 +148,12 @@ def test_dicom_files_skips_other_files_and_names_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SeriesError, match="no DICOM files"):
         dicom_files(tmp_path / "empty")
+
+
+def test_an_enhanced_frame_without_its_rescale_is_refused_not_read_raw(tmp_path):
+    files, _ = _series(tmp_path)
+    ds = _enhanced(files)
+    del ds.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence
+    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    with pytest.raises(SeriesError, match="frame 3 of instance 1 has no Pixel Value Transformation"):
+        read_series([tmp_path / "enhanced.dcm"])

@@ -19,20 +19,32 @@ class UnreadableInstance(InputError):
     """pydicom cannot decode a stored instance; the message names the file and what failed."""
 
 
+def _decode(ds: Dataset) -> None:
+    """Decode every standard element, nested ones included. Private elements stay as bytes: nothing in
+    segnode reads them, and vendors write some that disagree with pydicom's private dictionary (a
+    decimal string where it expects FD): they must not cost a series."""
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        element = ds[tag]  # decodes the value
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode(item)
+
+
 def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
     """The instance at `path`, every element value decoded (the pixel data stays encoded bytes).
 
     Args:
         pixels: False stops before the pixel data (headers only, for routing).
     Raises:
-        UnreadableInstance: a value pydicom cannot decode (wrong length for its VR, unknown VR, ...), or a
-            file that is not DICOM.
+        UnreadableInstance: a standard element's value pydicom cannot decode (wrong length for its VR,
+            unknown VR, ...), or a file that is not DICOM.
         OSError, MemoryError: the file cannot be read now (may pass later; not the instance's fault).
     """
     try:
         ds = dcmread(path, stop_before_pixels=not pixels)
-        for _ in ds.iterall():  # decodes each value, nested ones included
-            pass
+        _decode(ds)
     except (OSError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable values

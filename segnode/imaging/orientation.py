@@ -135,11 +135,16 @@ def reorient_volume(volume: Volume, target: str) -> tuple[Volume, Reorientation]
     Raises:
         OrientationError: a projection image without Patient Orientation, or showing another view.
     """
+    series = f"series {volume.series_uid or '(no Series Instance UID)'}"
+    if volume.projection != (len(target) == 2):
+        raise OrientationError(f"{series}: a {'radiograph (no patient coordinates)' if volume.projection else 'volume'}"
+                               f" for a model trained on {'volumes' if len(target) == 3 else 'radiographs'} "
+                               f"(orientation {target}): route it to a model for its kind of image")
     if volume.projection:
         try:
             turn = projection_reorientation(volume.patient_orientation, target)
         except OrientationError as exc:
-            raise OrientationError(f"series {volume.series_uid or '(no Series Instance UID)'}: {exc}") from exc
+            raise OrientationError(f"{series}: {exc}") from exc
     else:
         turn = volume_reorientation(volume.affine, target)
     if turn.identity:

@@ -142,6 +142,12 @@ def pixel_spacing(ds: Dataset, measured: Any = None) -> tuple[tuple[float, float
     return None, ""
 
 
+def _rescaled_somewhere(ds: Dataset) -> bool:
+    return any(_first(item, "PixelValueTransformationSequence", "RescaleSlope") is not None
+               for item in [*ds.get("PerFrameFunctionalGroupsSequence", []),
+                            *ds.get("SharedFunctionalGroupsSequence", [])])
+
+
 def _frames(datasets: list[Dataset]) -> list[_Frame]:
     frames = []
     for f, ds in enumerate(datasets):
@@ -159,6 +165,9 @@ def _frames(datasets: list[Dataset]) -> list[_Frame]:
                 ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
                 spacing = None
                 thickness, slope, intercept = ds.get("SliceThickness"), ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+            if enhanced and (slope is None or intercept is None) and _rescaled_somewhere(ds):
+                raise _refuse(str(ds.get("SeriesInstanceUID", "")), f"frame {k + 1} of instance {f + 1} has no "
+                              "Pixel Value Transformation while other frames have one: its values cannot be read")
             measured, source = pixel_spacing(ds, spacing)
             frames.append(_Frame(
                 f, k, int(ds.Rows), int(ds.Columns),
@@ -203,11 +212,16 @@ def _values(value: Any) -> list[Any]:
     return [value] if isinstance(value, str) else list(value)
 
 
+# projection radiography: the stored value is a display brightness, whose sense MONOCHROME1 reverses.
+# Elsewhere (CT's HU, PET's activity, MR's signal) values keep their meaning whatever their display.
+_DISPLAY_VALUED = {"CR", "DX", "MG", "RF", "XA", "IO", "PX", "DF", "RG", "OT"}
+
+
 def _inverted(ds: Dataset) -> bool:
     """Whether the image is shown with its lowest values white (MONOCHROME1, or a Presentation LUT Shape
-    of INVERSE), so that the model, which sees MONOCHROME2 values, must see it inverted. CT values are
-    Hounsfield units whatever their display: never inverted."""
-    if str(ds.get("Modality", "")) == "CT":
+    of INVERSE) and its values are display brightness (projection radiography), so that the model, which
+    sees MONOCHROME2 values, must see it inverted. Quantitative modalities (CT, PT, NM, MR, ...) never."""
+    if str(ds.get("Modality", "")).strip() not in _DISPLAY_VALUED:
         return False
     return (str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
             or str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE")
@@ -220,24 +234,36 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _as_stored(ds: Dataset, value: Any) -> int:
+    """A US/SS pixel value as the pixels hold it: signed when Pixel Representation is 1, whatever VR the
+    element was written with (US 63536 on signed pixels is -2000)."""
+    number = int(value)
+    bits = int(ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and number >= 2 ** (bits - 1):
+        number -= 2**bits
+    return number
+
+
 def _padding(ds: Dataset, raw: np.ndarray) -> np.ndarray | None:
     """Pixels marked as padding (Pixel Padding Value, up to Pixel Padding Range Limit): not anatomy."""
     value = ds.get("PixelPaddingValue")
     if value is None:
         return None
     limit = ds.get("PixelPaddingRangeLimit", value)
-    lo, hi = sorted((int(value), int(limit)))
+    lo, hi = sorted((_as_stored(ds, value), _as_stored(ds, limit)))
     mask = (raw >= lo) & (raw <= hi)
     return mask if mask.any() else None
 
 
-def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
+def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.ndarray, list[str]]:
     """float32 (frames, rows, cols) in the meaning the models were trained on: the Modality LUT or rescale
-    applied, MONOCHROME1 turned into MONOCHROME2, padding set to the lowest real value of its frame."""
+    applied, MONOCHROME1 turned into MONOCHROME2, padding set to the lowest real value of its frame; and
+    the note to record when padding was found."""
     from pydicom.pixels import apply_modality_lut
 
     cache: dict[int, np.ndarray] = {}
     out = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
+    padded: set[int] = set()
     for i, f in enumerate(frames):
         ds = datasets[f.file]
         if f.file not in cache:
@@ -249,10 +275,11 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
         px = cache[f.file]
         raw = px[f.frame] if px.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else px
         pad = _padding(ds, raw)
-        if "ModalityLUTSequence" in ds:  # a table from stored values to output values
+        if "ModalityLUTSequence" in ds:  # a table from stored values to output values (LUT Data US or OW)
             values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-            table = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float32)
-            low, high = float(table.min()), float(table.max())
+            lo, hi = _stored_range(ds)
+            every = np.asarray(apply_modality_lut(np.arange(lo, hi + 1).astype(raw.dtype), ds), dtype=np.float32)
+            low, high = float(every.min()), float(every.max())
         else:
             values = raw.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
             low, high = (v * f.slope + f.intercept for v in _stored_range(ds))
@@ -260,8 +287,9 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> np.ndarray:
             values = np.float32(low + high) - values
         if pad is not None:
             values[pad] = values[~pad].min() if (~pad).any() else 0.0
+            padded.add(f.file)
         out[i] = values
-    return out
+    return out, (["pixel padding set to the lowest value of its image"] if padded else [])
 
 
 def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
@@ -363,7 +391,8 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col_dir * dr, row_dir * dc, frames[0].position
     dz = abs(float(np.dot(step, normal)))
-    return Volume(_pixels(datasets, frames), (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, notes)
+    array, padding = _pixels(datasets, frames)
+    return Volume(array, (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, [*notes, *padding])
 
 
 def _meaning_notes(datasets: list[Dataset], frames: list[_Frame]) -> list[str]:
@@ -373,8 +402,6 @@ def _meaning_notes(datasets: list[Dataset], frames: list[_Frame]) -> list[str]:
         notes.append(f"pixel spacing from {frames[0].spacing_source}")
     if any(_inverted(ds) for ds in datasets):
         notes.append("MONOCHROME1 (or inverse presentation): values inverted to MONOCHROME2 for the model")
-    if any(ds.get("PixelPaddingValue") is not None for ds in datasets):
-        notes.append("pixel padding set to the lowest value of its image")
     return notes
 
 
@@ -385,8 +412,9 @@ def _projection(ds: Dataset, frames: list[_Frame], series: str, notes: list[str]
     affine = np.diag([1.0, dr, dc, 1.0])
     stated = [str(v) for v in _values(ds.get("PatientOrientation"))]
     orientation = (stated[0], stated[1]) if len(stated) == 2 and all(stated) else None
-    return Volume(_pixels([ds], frames), (1.0, dr, dc), affine, [(0, 0)], series,
-                  ["projection image: pixel spacing only, no patient coordinates", *notes], projection=True,
+    array, padding = _pixels([ds], frames)
+    return Volume(array, (1.0, dr, dc), affine, [(0, 0)], series,
+                  ["projection image: pixel spacing only, no patient coordinates", *notes, *padding], projection=True,
                   patient_orientation=orientation)
 
 

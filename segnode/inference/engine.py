@@ -34,7 +34,7 @@ from torch import nn
 from segnode.flow import Segmentation, Timings
 from segnode.imaging.preprocess import normalize, resample, resample_slabs
 from segnode.imaging.orientation import reorient_volume
-from segnode.imaging.volume import Volume
+from segnode.imaging.volume import SeriesError, Volume
 from segnode.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ class Engine:
         turn = None
         if self.manifest.orientation:
             volume, turn = reorient_volume(volume, self.manifest.orientation)
+        self._check_coverage(volume)
         grid = model_grid(volume, self.spacing_for(volume))
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None, None].to(self.device)
@@ -257,6 +258,22 @@ class Engine:
         if self.options.mirror and not self.mirror_dims:
             notes.append(f"mirroring requested, but {self.manifest.name} allows no mirror axis: not mirrored")
         return Segmentation(labels, timings, notes)
+
+    def _check_coverage(self, volume: Volume) -> None:
+        """A 3D model sees a patch of the body at once and was trained on whole regions: on a series that
+        covers less than a quarter of its patch along an axis (a slice or two of a CT) it finds organs it
+        cannot see whole - refused rather than delivered."""
+        if self.manifest.spatial_dims != 3 or volume.projection:
+            return
+        extent = [n * s for n, s in zip(volume.array.shape, volume.spacing)]
+        patch = [p * t for p, t in zip(self.manifest.patch_size, self.manifest.target_spacing)]
+        short = [i for i in range(3) if extent[i] < patch[i] / 4]
+        if short:
+            axis = short[0]
+            raise SeriesError(f"series {volume.series_uid or '(no Series Instance UID)'}: covers "
+                              f"{extent[axis]:.0f} mm along array axis {axis}; {self.manifest.name} looks at "
+                              f"{patch[axis]:.0f} mm at once and needs at least a quarter of it "
+                              f"({patch[axis] / 4:.0f} mm) to see what it segments")
 
     def labels_in_source(self, logits: torch.Tensor, grid: Grid, shape: Sequence[int]) -> np.ndarray:
         """Logits on the model grid -> uint8 labels on the source grid: resampled and reduced to
