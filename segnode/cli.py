@@ -281,7 +281,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             precision=args.precision, mirror=args.mirror, compile=args.compile,
                             largest_component=args.largest_component)
     try:
-        result = infer_series(folder, dicom_files(Path(args.series)), Path(args.out), options, tilt=args.tilt)
+        result = infer_series(folder, dicom_files(Path(args.series)), Path(args.out), options, tilt=args.tilt,
+                              assumed_spacing=args.assume_pixel_spacing)
     except SeriesError as exc:
         print(f"segnode infer: refused: {exc}", file=sys.stderr)
         return 2
@@ -485,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--largest-component", action="store_true", help="keep the largest component per label")
     inf.add_argument("--tilt", default="resample", choices=["resample", "refuse"],
                      help="gantry-tilted series: segment on an orthogonal grid, or refuse")
+    inf.add_argument("--assume-pixel-spacing", type=float, metavar="MM",
+                     help="segment images that state no pixel spacing as if it were MM (recorded as an assumption; "
+                          "as a rule's assume_pixel_spacing_mm); without it they are refused")
     inf.set_defaults(func=cmd_infer)
 
     complete = sub.add_parser("complete", help="complete (and route) a study's open series now")

@@ -168,14 +168,17 @@ class JobSpec:
     destination: str = ""  # deliver: where to
     parent_job: int | None = None  # deliver: the segment job whose results go there
     parent_key: str = ""  # deliver: that job's idempotency key
+    assumed_spacing_mm: float | None = None  # the rule lets images without a pixel spacing be read at this one
 
     def key(self) -> str:
-        """The idempotency key: same series, same model version and weights, same instances: the same
-        job (and for a delivery: the same results to the same destination)."""
+        """The idempotency key: same series, same model version and weights, same instances (and the same
+        assumed spacing, if any): the same job; for a delivery: the same results to the same destination."""
         if self.kind == JobKind.DELIVER:
             key = "\n".join(["deliver", self.parent_key, self.destination])
         else:
             key = "\n".join([self.series_uid, self.model, self.model_version, self.weights_sha256, self.input_sha256])
+            if self.assumed_spacing_mm is not None:
+                key += f"\nassumed spacing {self.assumed_spacing_mm:g}"
         return hashlib.sha256(key.encode()).hexdigest()
 
 

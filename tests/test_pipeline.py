@@ -356,3 +356,43 @@ def test_an_encoding_failure_ends_the_job_after_one_inference(node, series, monk
     (job,) = _jobs(node)
     assert job.state == "dead" and job.attempts == 1 and len(inferred) == 1
     assert "EncodingError" in job.last_error and "Specific Character Set" in job.last_error
+
+
+@pytest.mark.parametrize("assume", [None, 0.5], ids=["refused", "assumed-by-rule"])
+def test_a_radiograph_without_pixel_spacing_is_refused_unless_its_rule_assumes_one(node, tmp_path, assume):
+    """The assumption is the rule's, explicit, and it is said everywhere: segmentation.json, the audit
+    trail, the SR's method; the SEG states no spacing, as the image stated none."""
+    import highdicom as hd
+
+    from segnode.phantom.dx import DXOptions, generate_dx, write_dx
+
+    rules = tmp_path / "rules.yaml"
+    option = f", assume_pixel_spacing_mm: {assume}" if assume else ""
+    rules.write_text("mode: first\nrules:\n  - name: chest\n    match: {attribute: Modality, equals: DX}\n"
+                     f"    action: {{models: [dx-chest-phantom-2d]{option}}}\n")
+    node.settings.routing = node.settings.routing.model_copy(update={"rules": rules, "stable_seconds": 0.3})
+    led = Ledger(node.engine, node.trail)
+    path = write_dx(generate_dx(6, DXOptions(matrix=128)), tmp_path / "dx")
+    ds = dcmread(path)
+    del ds.PixelSpacing, ds.ImagerPixelSpacing
+    ds.save_as(path, enforce_file_format=True)
+    assert storescu(node.dimse.port, [path]).returncode == 0
+    time.sleep(0.4)
+    assert pipeline.completion(node.settings, led).poll()
+    worker = pipeline.worker(node.settings, led)
+    while worker.run_once():
+        pass
+    (job,) = _jobs(node)
+    if assume is None:
+        assert job.state == "dead" and job.attempts == 1 and "refused" in job.last_error
+        assert "no pixel spacing" in job.last_error and str(ds.SeriesInstanceUID) in job.last_error
+        return
+    assert job.state == "succeeded", job.last_error
+    out = node.settings.data_dir / job.output
+    record = json.loads((out / "segmentation.json").read_text())
+    assert record["assumed_pixel_spacing_mm"] == 0.5 and any("ASSUMED 0.5 mm" in n for n in record["notes"])
+    assert any("ASSUMED 0.5 mm" in e.detail for e in _events(node, "SN-JOB"))
+    seg = dcmread(out / "seg.dcm")
+    assert "PixelSpacing" not in seg and "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    groups = hd.sr.srread(out / "sr.dcm").content.get_planar_roi_measurement_groups()
+    assert groups and all(m.method.value == "ASSUMED-SPACING" for g in groups for m in g.get_measurements())

@@ -140,6 +140,8 @@ class JobRow(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     output: Mapped[str] = mapped_column(String(512), default="", doc="result folder, relative to the data dir")
     supersedes: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the job whose result this replaces")
+    assumed_spacing_mm: Mapped[float | None] = mapped_column(Float, nullable=True,
+                                                             doc="pixel spacing its rule lets it assume (mm)")
     created_at: Mapped[str] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))
 

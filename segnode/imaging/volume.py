@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -63,6 +63,7 @@ class Volume:
     projection: bool = False  # a radiograph: a plane (areas, cm²), not a volume; spacing[0] is no depth
     # a projection's Patient Orientation (0020,0020): where increasing column, then row, index points
     patient_orientation: tuple[str, str] | None = None
+    assumed_spacing: bool = False  # the pixel spacing is an assumption a routing rule allowed, not a measure
 
     @property
     def sheared(self) -> bool:
@@ -292,7 +293,7 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.ndarray, 
     return out, (["pixel padding set to the lowest value of its image"] if padded else [])
 
 
-def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
+def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample", assumed_spacing: float | None = None) -> Volume:
     """One volume from a series: single-frame slices, enhanced multi-frame, or one 2D image.
 
     Args:
@@ -300,6 +301,9 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
         tilt: "resample": a gantry-tilted stack keeps its exact sheared affine and the engine
             resamples it to an orthogonal grid (and back); "refuse" raises instead. Either way the
             choice is in the volume's `notes`.
+        assumed_spacing: mm to read images that state no pixel spacing at (a routing rule's explicit
+            `assume_pixel_spacing_mm`), instead of refusing them; the volume is marked `assumed_spacing`
+            and its notes say so, and no SEG states it as measured.
 
     Returns:
         The volume: float32 (slices, rows, cols) rescaled values, spacing in mm, LPS affine.
@@ -336,13 +340,20 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
         raise _refuse(series, f"Photometric Interpretation {_describe(kinds)}: only grayscale (MONOCHROME1/2) images "
                               "can be segmented")
     frames = _frames(datasets)
+    assumed = assumed_spacing is not None and all(f.spacing is None for f in frames)
+    if assumed_spacing is not None and assumed:
+        for f in frames:
+            f.spacing = (float(assumed_spacing), float(assumed_spacing))
+            f.spacing_source = (f"an ASSUMED {float(assumed_spacing):g} mm (the routing rule's "
+                                "assume_pixel_spacing_mm): not measured, sizes are estimates")
     if any(f.spacing is None for f in frames):
         raise _refuse(series, "no pixel spacing (Pixel Spacing, Imager Pixel Spacing or Nominal Scanned Pixel "
                               "Spacing): sizes cannot be measured, and a model sees the wrong scale; the modality "
                               "must send one")
     meaning = _meaning_notes(datasets, frames)
     if len(frames) == 1 and (frames[0].position is None or frames[0].orientation is None):
-        return _projection(datasets[0], frames, series, meaning)  # a radiograph: no position in patient space
+        projection = _projection(datasets[0], frames, series, meaning)  # a radiograph: no position in space
+        return replace(projection, assumed_spacing=assumed)
     _check_uniform(series, frames)
     iop = frames[0].orientation
     assert iop is not None
@@ -392,7 +403,8 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample") -> Volume:
     affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col_dir * dr, row_dir * dc, frames[0].position
     dz = abs(float(np.dot(step, normal)))
     array, padding = _pixels(datasets, frames)
-    return Volume(array, (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, [*notes, *padding])
+    return Volume(array, (dz, dr, dc), affine, [(f.file, f.frame) for f in frames], series, [*notes, *padding],
+                  assumed_spacing=assumed)
 
 
 def _meaning_notes(datasets: list[Dataset], frames: list[_Frame]) -> list[str]:

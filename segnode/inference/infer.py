@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: EngineOptions | None = None,
-                 tilt: TiltPolicy = "resample") -> SegmentedSeries:
+                 tilt: TiltPolicy = "resample", assumed_spacing: float | None = None) -> SegmentedSeries:
     """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
 
     Args:
@@ -30,6 +30,8 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         out: Output folder, created if needed.
         options: Engine options; defaults to EngineOptions().
         tilt: What to do with a gantry-tilted stack ("resample" or "refuse").
+        assumed_spacing: mm for images that state no pixel spacing (a rule's explicit assumption);
+            recorded in segmentation.json as `assumed_pixel_spacing_mm`. None: such images are refused.
 
     Returns:
         The volume, the segmentation (uint8 (slices, rows, cols) in the volume's geometry) and the
@@ -41,7 +43,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         ModelError: the model folder cannot be used.
     """
     start = time.perf_counter()
-    volume = read_series(files, tilt=tilt)
+    volume = read_series(files, tilt=tilt, assumed_spacing=assumed_spacing)
     read = time.perf_counter() - start
     engine = engine_for(model_folder, options)
     seg = engine.segment(volume)
@@ -61,6 +63,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         "labels": {str(label.value): label.name for label in m.labels},
         "voxels": {label.name: int(counts[label.value]) for label in m.labels},
         "notes": seg.notes,
+        "assumed_pixel_spacing_mm": assumed_spacing if volume.assumed_spacing else None,
         "timings_s": seg.timings.as_dict(),
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")

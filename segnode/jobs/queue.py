@@ -50,16 +50,22 @@ def enqueue(conn: Connection, append: Append, spec: JobSpec, max_attempts: int) 
         input_sha256=spec.input_sha256, instances=spec.instances, rule=spec.rule, ruleset_sha256=spec.ruleset_sha256,
         destinations=json.dumps(list(spec.destinations)), priority=spec.priority, state=JobState.QUEUED.value, attempts=0,
         max_attempts=max_attempts, next_run_at=0.0, lease_owner="", lease_expires_at=0.0, last_error="", output="",
-        supersedes=previous, created_at=stamp, updated_at=stamp))
+        supersedes=previous, assumed_spacing_mm=spec.assumed_spacing_mm, created_at=stamp, updated_at=stamp))
     assert inserted.inserted_primary_key is not None
     job_id = inserted.inserted_primary_key[0]
     detail = (f"queued: deliver job {spec.parent_job}'s results to {spec.destination}" if spec.kind == JobKind.DELIVER else
               f"queued: {spec.model} {spec.model_version} on {spec.instances} instance(s) (rule {spec.rule})")
     if previous is not None:
         detail += f"; its result will supersede job {previous}'s"
-    append(_event(int(job_id), detail, series_uid=spec.series_uid, study_uid=spec.study_uid, model=spec.model,
-                  model_version=spec.model_version, weights_sha256=spec.weights_sha256, input_sha256=spec.input_sha256,
-                  ruleset_sha256=spec.ruleset_sha256, supersedes=previous))
+    if spec.assumed_spacing_mm is not None:
+        detail += (f"; images without a pixel spacing will be read at an ASSUMED {spec.assumed_spacing_mm:g} mm "
+                   f"(rule {spec.rule})")
+    objects: dict[str, Any] = dict(series_uid=spec.series_uid, study_uid=spec.study_uid, model=spec.model,
+                                   model_version=spec.model_version, weights_sha256=spec.weights_sha256,
+                                   input_sha256=spec.input_sha256, ruleset_sha256=spec.ruleset_sha256, supersedes=previous)
+    if spec.assumed_spacing_mm is not None:
+        objects["assumed_spacing_mm"] = spec.assumed_spacing_mm
+    append(_event(int(job_id), detail, **objects))
     return int(job_id), True
 
 

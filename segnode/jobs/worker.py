@@ -123,9 +123,12 @@ class Worker:
                 f"model {job.model} is now {manifest.version} (weights {manifest.weights_sha256[:12]}), the job was "
                 f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
                 f"version again and retry the job, or send the series again to have it routed to the installed one")
-        result = infer_series(folder, files, out, self.options)
+        result = infer_series(folder, files, out, self.options, assumed_spacing=job.assumed_spacing_mm)
         encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs)
         overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
+        if result.volume.assumed_spacing:
+            overlays += (f"; pixel spacing ASSUMED {job.assumed_spacing_mm:g} mm (rule {job.rule}), not measured: "
+                         "sizes are estimates")
         return (f"{job.model} {job.model_version} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
                 f"({result.segmentation.timings})")
 

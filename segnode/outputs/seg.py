@@ -153,10 +153,9 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
     measures = None
     if "FrameOfReferenceUID" not in images[0]:  # a projection image: the spacing the reader measured with
         spacing, _ = pixel_spacing(images[0])
-        if spacing is None:  # never written as if it had been measured
-            raise ValueError("the source image states no pixel spacing; a SEG cannot give it one")
-        # a nominal 1 mm depth, as the volume reader uses: highdicom reads no SEG back without one
-        measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing), slice_thickness=1.0)
+        if spacing is not None:  # else (a rule's assumed spacing) none: never written as if it had been measured
+            # a nominal 1 mm depth, as the volume reader uses
+            measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing), slice_thickness=1.0)
     syntax = ExplicitVRLittleEndian if kind == "BINARY" else (JPEGLSLossless if compression == "jpegls" else RLELossless)
     seg = hd.seg.Segmentation(
         source_images=images, pixel_array=frames, segmentation_type=kind,

@@ -18,6 +18,9 @@ from segnode.outputs.seg import MANUFACTURER, SERIES_NUMBER_SR, Provenance, _cod
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
 SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")
+# segnode's own code (a private coding scheme, PS3.16 8.2: "99" prefix): the measurement method when the
+# pixel spacing was assumed by a routing rule, not stated by the image
+ASSUMED_SPACING = Code("ASSUMED-SPACING", "99SEGNODE", "Measured at an assumed pixel spacing, not a stated one")
 HOUNSFIELD = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 
@@ -90,7 +93,8 @@ def _frame_of(seg: Dataset, segment: int) -> int:
     return 1
 
 
-def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentStats], prov: Provenance) -> Dataset:
+def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentStats], prov: Provenance,
+             assumed_spacing: bool = False) -> Dataset:
     """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3 decimals;
     a volumetric ROI group) or, on a projection image, its area (cm², 3 decimals; a planar ROI group
     referencing the SEG frame) and, where measured, HU mean and std (2 decimals), observed by the model
@@ -101,6 +105,8 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
         sources: The source datasets (evidence; the first gives series UID and modality).
         stats: From segment_stats; values must be the manifest's label values.
         prov: The job and model; UIDs derive from the job key.
+        assumed_spacing: the sizes rest on a pixel spacing a routing rule assumed: every measurement says
+            so as its method (ASSUMED_SPACING).
 
     Returns:
         The hd.sr.Comprehensive3DSR, not yet written.
@@ -123,10 +129,11 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
                  | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for s in stats:
         label = labels[s.value]
+        method = ASSUMED_SPACING if assumed_spacing else None
         measurements = ([hd.sr.Measurement(name=codes.SCT.Area, value=round(s.area_cm2, 3), unit=SQUARE_CENTIMETER,
-                                           algorithm_id=algorithm)] if s.area_cm2 is not None else
+                                           algorithm_id=algorithm, method=method)] if s.area_cm2 is not None else
                         [hd.sr.Measurement(name=codes.SCT.Volume, value=round(s.volume_ml or 0.0, 3), unit=MILLILITER,
-                                           algorithm_id=algorithm)])
+                                           algorithm_id=algorithm, method=method)])
         if s.mean is not None and s.std is not None:
             measurements += [
                 hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=round(s.mean, 2), unit=HOUNSFIELD,

@@ -84,7 +84,7 @@ def route(conn: Connection, append: Append, series: CompletedSeries, ruleset: Ru
                            model=model, model_version=version, weights_sha256=weights,
                            input_sha256=series.input_sha256, instances=len(series.instances), rule=rule.name,
                            ruleset_sha256=ruleset.sha256, destinations=tuple(rule.action.destinations),
-                           priority=rule.action.priority)
+                           priority=rule.action.priority, assumed_spacing_mm=rule.action.assume_pixel_spacing_mm)
             enqueue(conn, append, spec, settings.jobs.max_attempts)
     return recorded
 

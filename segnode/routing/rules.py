@@ -169,6 +169,10 @@ class Action(_Strict):
     destinations: list[str] = Field(default_factory=list)
     priority: int = 0
     expected_instances: int | None = Field(None, ge=1, description="complete the series as soon as it has this many")
+    assume_pixel_spacing_mm: float | None = Field(
+        None, gt=0, le=10, description="for images that state no pixel spacing: segment them as if it were this, "
+        "instead of refusing them; recorded in segmentation.json, the audit trail and the SR, never written into "
+        "the SEG as measured geometry")
 
 
 class Rule(_Strict):
