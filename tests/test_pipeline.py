@@ -40,6 +40,17 @@ def _stage(node, **routing):
     return led, pipeline.completion(node.settings, led)
 
 
+def _routed(node, series, **jobs):
+    """A series stored, its study quiet, completed and routed: (ledger, completion), its job queued."""
+    if jobs:
+        node.settings.jobs = node.settings.jobs.model_copy(update=jobs)
+    led, completion = _stage(node, stable_seconds=0.3)
+    assert storescu(node.dimse.port, series()).returncode == 0
+    time.sleep(0.4)
+    completion.poll()
+    return led, completion
+
+
 def _jobs(node, **filters):
     with node.engine.connect() as conn:
         return queue.list_jobs(conn, **filters)
@@ -159,10 +170,7 @@ def test_a_late_instance_reopens_the_series_and_its_new_result_supersedes(node, 
 
 
 def test_the_same_input_is_never_queued_twice(node, series):
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series)
     (job,) = _jobs(node)
     spec = JobSpec(series_uid=job.series_uid, study_uid=job.study_uid, generation=1, model=job.model,
                          model_version=job.model_version, weights_sha256=job.weights_sha256,
@@ -214,11 +222,7 @@ def test_two_workers_never_run_the_same_job(node):
 
 
 def test_a_failing_job_retries_with_backoff_then_dies_and_can_be_retried(node, series):
-    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0.2, "max_attempts": 3})
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series, backoff_seconds=0.2, max_attempts=3)
 
     def broken(job, files, out):
         raise RuntimeError("GPU fell off the bus")
@@ -242,11 +246,7 @@ def test_a_failing_job_retries_with_backoff_then_dies_and_can_be_retried(node, s
 
 
 def test_a_job_whose_worker_died_is_queued_again(node, series):
-    node.settings.jobs = node.settings.jobs.model_copy(update={"lease_seconds": 0.3})
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series, lease_seconds=0.3)
     ghost = queue.claim(node.engine, "ghost", lease_seconds=0.2)  # a worker that then vanishes
     assert ghost is not None and _jobs(node)[0].state == "running"
     time.sleep(0.3)
@@ -268,10 +268,7 @@ def test_completion_survives_a_restart_without_losing_or_repeating(node, series)
 
 
 def test_rules_replay_shows_what_a_new_rule_file_would_route_differently(node, series, tmp_path):
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series)
     strict = tmp_path / "strict.yaml"
     strict.write_text("""mode: first
 rules:
@@ -291,11 +288,7 @@ rules:
 
 
 def test_a_job_for_a_model_version_no_longer_installed_is_dead_at_once_with_what_to_do(node, series):
-    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0, "max_attempts": 3})
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series, backoff_seconds=0, max_attempts=3)
     with led.transaction() as (conn, _):  # the model was replaced after routing
         conn.execute(queue.JOBS.update().values(model_version="0.9.0"))
     worker = pipeline.worker(node.settings, led)  # the real runner: it checks the installed version first
@@ -337,11 +330,7 @@ def test_an_encoding_failure_ends_the_job_after_one_inference(node, series, monk
     from segnode.jobs import worker as worker_module
     from segnode.outputs import results
 
-    node.settings.jobs = node.settings.jobs.model_copy(update={"backoff_seconds": 0, "max_attempts": 3})
-    led, completion = _stage(node, stable_seconds=0.3)
-    assert storescu(node.dimse.port, series()).returncode == 0
-    time.sleep(0.4)
-    completion.poll()
+    led, completion = _routed(node, series, backoff_seconds=0, max_attempts=3)
     inferred = []
     real_infer = worker_module.infer_series
     monkeypatch.setattr(worker_module, "infer_series", lambda *a, **k: inferred.append(1) or real_infer(*a, **k))

@@ -71,6 +71,12 @@ def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
         assert sr.SOPInstanceUID == record["outputs"]["sr"]["sop_instance_uid"] and sr.Modality == "SR"
         assert seg.StudyInstanceUID == sr.StudyInstanceUID == dcmread(files[0]).StudyInstanceUID
         assert record["outputs"]["volumes_ml"]["liver"] > 100
+        cli = subprocess.run([sys.executable, "-m", "segnode", "infer", "--model", "ct-abdomen-phantom-3d",
+                              str(files[0].parent), "--out", str(tmp_path / "cli"), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+        by_hand, _ = read_labels(tmp_path / "cli" / "labels.nii.gz")
+        np.testing.assert_array_equal(by_hand, labels)  # `segnode infer` and the served node answer the same
         study = dcmread(files[0]).StudyInstanceUID
         again = httpx.post(f"{node.url}/api/studies/{study}/complete", timeout=10)
         assert again.status_code == 404  # completed already: nothing open
