@@ -385,3 +385,19 @@ def test_a_radiograph_without_pixel_spacing_is_refused_unless_its_rule_assumes_o
     assert "PixelSpacing" not in seg and "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
     groups = hd.sr.srread(out / "sr.dcm").content.get_planar_roi_measurement_groups()
     assert groups and all(m.method.value == "ASSUMED-SPACING" for g in groups for m in g.get_measurements())
+
+
+def test_a_queued_job_whose_series_changed_is_superseded_with_its_audit_event(node, series):
+    led, completion = _routed(node, series)
+    files = series()
+    (first,) = _jobs(node)
+    assert first.state == "queued"
+    late = series(seed=1, name="late", slices_mm=70.0)[-1:]  # one more slice of the same study and series
+    assert storescu(node.dimse.port, late).returncode == 0
+    time.sleep(0.4)
+    assert completion.poll()
+    old, new = _jobs(node)
+    assert old.id == first.id and old.state == "superseded" and new.state == "queued" and new.generation == 2
+    assert len(files) + 1 == new.instances
+    (event,) = [e for e in _events(node, "SN-JOB") if e.detail.startswith("superseded")]
+    assert f'"job_id":{old.id}' in event.objects and "covers it" in event.detail

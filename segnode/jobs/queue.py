@@ -248,23 +248,28 @@ def job_output(conn: Connection, job_id: int) -> str:
     return str(conn.execute(select(JOBS.c.output).where(JOBS.c.id == job_id)).scalar() or "")
 
 
-def supersede_stale(conn: Connection, series_uid: str, keep_generation: int) -> int:
+def supersede_stale(conn: Connection, append: Append, series_uid: str, keep_generation: int) -> int:
     """Queued or failed jobs of older generations of a series: their input is gone, a newer job covers it.
 
-    Marks them SUPERSEDED in the caller's transaction, deliveries of older results included. RUNNING
-    jobs are not touched: a segment job checks its input hash only before it runs, so one already
-    running finishes on the input it read. No audit event is written here.
+    Marks them SUPERSEDED in the caller's transaction, deliveries of older results included, each with its
+    audit event (a job's story must not stop at "queued"). RUNNING jobs are not touched: a segment job
+    checks its input hash only before it runs, so one already running finishes on the input it read.
 
     Args:
-        conn: the routing transaction's connection.
+        conn: the routing transaction's connection; append: its audit appender.
         series_uid: Series Instance UID.
         keep_generation: the new generation; jobs of lower ones are superseded.
 
     Returns:
         How many jobs were superseded.
     """
-    result = conn.execute(update(JOBS).where(JOBS.c.series_uid == series_uid, JOBS.c.generation < keep_generation,
-                                             JOBS.c.state.in_([s.value for s in RUNNABLE]))
-                          .values(state=JobState.SUPERSEDED.value, last_error="the series changed before this job ran",
-                                  updated_at=utc_now()))
-    return int(result.rowcount or 0)
+    stale = and_(JOBS.c.series_uid == series_uid, JOBS.c.generation < keep_generation,
+                 JOBS.c.state.in_([s.value for s in RUNNABLE]))
+    ids = conn.execute(select(JOBS.c.id).where(stale)).scalars().all()
+    reason = "the series changed before this job ran"
+    for job_id in ids:
+        conn.execute(update(JOBS).where(JOBS.c.id == job_id, stale)
+                     .values(state=JobState.SUPERSEDED.value, last_error=reason, updated_at=utc_now()))
+        append(_event(job_id, f"superseded: {reason}; the job for its new version covers it",
+                      series_uid=series_uid, generation=keep_generation))
+    return len(ids)

@@ -66,7 +66,7 @@ def route(conn: Connection, append: Append, series: CompletedSeries, ruleset: Ru
     what = "ignored" if recorded.ignored else "routed to " + ", ".join(decision.models)
     append(audit.Event(type=audit.ROUTING_DECISION, action=audit.Action.EXECUTE, actor={"component": "router"},
                        objects=objects, detail=f"{what} by rule(s) {', '.join(applied) or '(none matched)'}"))
-    stale = supersede_stale(conn, series.series_uid, series.generation)
+    stale = supersede_stale(conn, append, series.series_uid, series.generation)
     if stale:
         log.info("series generation %d: %d older queued job(s) superseded", series.generation, stale)
     for rule in decision.applied:
