@@ -537,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; segnode's own errors end it with their message and exit status, no traceback."""
+    from segnode.dicom.charsets import configure_pydicom
+
     args = build_parser().parse_args(argv)
+    configure_pydicom()  # ISO 2022 IR 58 with its escape sequence; pynetdicom is set up where it is used
     try:
         return int(args.func(args))
     except SegnodeError as exc:

@@ -21,6 +21,7 @@ from segnode import pipeline
 from segnode.config import Settings
 from segnode.logs import setup_logging
 from segnode.delivery.dimse_client import configure_pynetdicom
+from segnode.dicom.charsets import configure_pydicom
 
 log = logging.getLogger("segnode.stage")
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = read_settings(sys.stdin.buffer)
     setup_logging(settings.log_level)
     configure_pynetdicom()
+    configure_pydicom()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

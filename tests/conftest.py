@@ -20,12 +20,14 @@ from sqlalchemy import select
 from segnode.config import Settings, load_settings
 from segnode.db.models import AuditEvent, Instance
 from segnode.delivery.dimse_client import configure_pynetdicom
+from segnode.dicom.charsets import configure_pydicom
 from segnode.service import Node
 from testdata import ct_series
 from segnode.tools import dcmtk
 
 os.environ.setdefault("TCP_NODELAY", "1")
 configure_pynetdicom()  # the tests' pynetdicom peers: no identifiers in logs, TCP_NODELAY
+configure_pydicom()  # as every entry point: ISO 2022 IR 58 with its escape sequence
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:

@@ -30,6 +30,8 @@ CASES = [
     (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
     (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
     (["ISO 2022 IR 6", "ISO 2022 IR 100"], LATIN),
+    (["", "ISO 2022 IR 58"], "Zhang^XiaoDong=张^小东"),  # pydicom alone garbles it: segnode.dicom.charsets
+    (["ISO 2022 IR 6", "ISO 2022 IR 58"], "王^小东"),
     (["", "ISO 2022 IR 87", "ISO 2022 IR 159"], "Yamada^Tarou=山田^太郎"),
 ]
 
@@ -67,16 +69,18 @@ def test_the_character_set_and_the_names_pass_into_seg_and_sr(series, tmp_path, 
         assert str(back.PatientName) == name
 
 
-def test_a_character_set_the_library_cannot_decode_with_certainty_is_refused(series, tmp_path):
-    """pydicom 3 misreads ISO 2022 IR 58's escape sequence: a name would come out wrong, so the series is
-    refused with the reason instead of segmented."""
-    from segnode.imaging.volume import SeriesError
 
-    files = []
-    for path in series:
-        ds = dcmread(path)
-        ds.SpecificCharacterSet = ["", "ISO 2022 IR 58"]
-        files.append(tmp_path / path.name)
-        ds.save_as(files[-1], enforce_file_format=True)
-    with pytest.raises(SeriesError, match=r"series [0-9.]+: Specific Character Set ISO 2022 IR 58 .* GB18030"):
-        read_series(files)
+def test_gb2312_names_as_a_modality_writes_them_are_read_right():
+    """ESC $ ) A before each run of Chinese (PS3.5 Annex K): pydicom alone leaves '$)A' in the name."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 58"]
+    ds.PatientName = b"Zhang^XiaoDong=\x1b$)A\xd5\xc5^\x1b$)A\xd0\xa1\xb6\xab"  # as sent, not as pydicom writes
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert str(dcmread(io.BytesIO(buffer.getvalue())).PatientName) == "Zhang^XiaoDong=张^小东"

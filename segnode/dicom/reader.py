@@ -12,6 +12,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from segnode.dicom.charsets import configure_pydicom
 from segnode.errors import InputError
 
 
@@ -42,6 +43,7 @@ def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
             unknown VR, ...), or a file that is not DICOM.
         OSError, MemoryError: the file cannot be read now (may pass later; not the instance's fault).
     """
+    configure_pydicom()  # ISO 2022 IR 58 read with its escape sequence (idempotent)
     try:
         ds = dcmread(path, stop_before_pixels=not pixels)
         _decode(ds)

@@ -330,11 +330,6 @@ def read_series(paths: Sequence[Path], tilt: TiltPolicy = "resample", assumed_sp
         raise _refuse(series, "an instance has no pixel data (not an image)")
     if any(int(ds.get("SamplesPerPixel", 1)) != 1 for ds in datasets):
         raise _refuse(series, "color images (SamplesPerPixel > 1) cannot be segmented; send grayscale")
-    charsets = {str(v).strip() for ds in datasets for v in _values(ds.get("SpecificCharacterSet"))}
-    if "ISO 2022 IR 58" in charsets:
-        raise _refuse(series, "Specific Character Set ISO 2022 IR 58 (GB2312 with code extensions) cannot be "
-                              "decoded with certainty by the DICOM library (pydicom 3 misreads its escape "
-                              "sequence): names would come out wrong in the results; send GB18030 or ISO_IR 192")
     kinds = Counter(str(ds.get("PhotometricInterpretation", "")).strip() for ds in datasets)
     if set(kinds) - {"MONOCHROME1", "MONOCHROME2"}:
         raise _refuse(series, f"Photometric Interpretation {_describe(kinds)}: only grayscale (MONOCHROME1/2) images "
