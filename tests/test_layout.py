@@ -138,10 +138,12 @@ def test_no_public_constructor_takes_more_than_six_positional_values():
     assert wide == []
 
 
-def test_importing_segnode_leaves_pynetdicom_as_it_is():
+def test_importing_segnode_leaves_pynetdicom_and_pydicom_as_they_are():
     code = ("import pynetdicom._config as c, pynetdicom.transport as t; before = t.AssociationSocket._create_socket\n"
-            "import segnode.cli, segnode.dicom, segnode.delivery.send, segnode.ingest.ul, segnode.service\n"
+            "import pydicom.charset as cs; codec = cs.python_encoding['ISO 2022 IR 58']\n"
+            "import segnode.cli, segnode.dicom.reader, segnode.delivery.send, segnode.ingest.ul, segnode.service\n"
             "assert c.LOG_REQUEST_IDENTIFIERS and t.AssociationSocket._create_socket is before\n"
+            "assert cs.python_encoding['ISO 2022 IR 58'] == codec\n"
             "from segnode.delivery.dimse_client import configure_pynetdicom; configure_pynetdicom()\n"
             "assert not c.LOG_REQUEST_IDENTIFIERS and t.AssociationSocket._create_socket is not before\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
