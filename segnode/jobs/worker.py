@@ -64,7 +64,7 @@ class Worker:
     def warm(self, models: Sequence[str]) -> None:
         """Load these models and run one batch through each before taking jobs: the first study would
         otherwise wait for it (4 s for the CT model on 2 CPU cores; cuDNN's autotuning on a GPU). A model
-        that fails here is only logged: its job will fail with the reason, retried and audited.
+        that fails here is only logged: its job will fail with the reason, audited.
 
         Args:
             models: model folder names under the models root.
