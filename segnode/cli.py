@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(data_dir=Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-")),
                           seed=args.seed, slice_spacing=args.slice_spacing, orthanc_url=args.orthanc, keep=args.keep)
-    return run_demo(options, _demo_settings)
+    return run_demo(options, _demo_settings, print)
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:

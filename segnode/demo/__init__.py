@@ -43,8 +43,10 @@ class DemoOptions:
     keep: bool = False  # leave both running until Ctrl-C
 
 
-def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings]) -> int:
-    """Run the demo; `settings_for(data_dir, pacs)` gives the node's settings once the PACS is known.
+def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings],
+             say: Callable[[str], None]) -> int:
+    """Run the demo; `settings_for(data_dir, pacs)` gives the node's settings once the PACS is known, and
+    `say` shows the user each line of the report (the CLI prints them).
 
     Returns:
         0 when every job and delivery succeeded and the audit trail verifies, else 1.
@@ -59,7 +61,7 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
         node = Node(settings)
         node.start()
         try:
-            print(f"Orthanc ({'already running' if options.orthanc_url else 'test PACS'}) at {pacs.url}, DICOM "
+            say(f"Orthanc ({'already running' if options.orthanc_url else 'test PACS'}) at {pacs.url}, DICOM "
                   f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
                   f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
             phantoms = options.data_dir / "phantoms"
@@ -75,7 +77,7 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
                                     *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
                 vol = read_series(files)
                 truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
-                print(f"{what} phantom (seed {options.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
+                say(f"{what} phantom (seed {options.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
             completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
@@ -98,24 +100,24 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
                 unit, key = ("cm²", "areas_cm2") if vol.projection else ("mL", "volumes_ml")
                 voxel = (vol.spacing[1] * vol.spacing[2] / 100 if vol.projection
                          else abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000)
-                print(f"\n{job.model} {job.model_version} (rule {job.rule}): {job.state}")
+                say(f"\n{job.model} {job.model_version} (rule {job.rule}): {job.state}")
                 for value, name in names.items():
                     truth = float((labels_truth == value).sum()) * voxel
                     got = record.get("outputs", {}).get(key, {}).get(name, 0.0)
-                    print(f"  {name:14s} {got:9.1f} {unit} (truth {truth:9.1f} {unit})  Dice {metrics[value]['dice']:.3f}")
+                    say(f"  {name:14s} {got:9.1f} {unit} (truth {truth:9.1f} {unit})  Dice {metrics[value]['dice']:.3f}")
                 ok &= job.state == JobState.SUCCEEDED
             for job in (j for j in jobs if j.kind == JobKind.DELIVER):
-                print(f"delivery job {job.id} to {job.destination}: {job.state}"
+                say(f"delivery job {job.id} to {job.destination}: {job.state}"
                       + (f" ({job.last_error})" if job.last_error else ""))
                 ok &= job.state == JobState.SUCCEEDED
             study = _study_of(cases[0][2][0])
-            print(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
+            say(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
             with node.engine.connect() as conn:
-                print("\n".join(render(trace(conn, data, study))))
+                say("\n".join(render(trace(conn, data, study))))
                 verified = verify_connection(conn, data.audit_head)
-            print(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {options.data_dir}")
+            say(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {options.data_dir}")
             if options.keep:
-                print("running until Ctrl-C (--keep)")
+                say("running until Ctrl-C (--keep)")
                 stop = threading.Event()
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
                 stop.wait()
