@@ -61,6 +61,12 @@ def request_completion(ledger: Ledger, study_uid: str, who: str) -> int:
     return count
 
 
+def _newest(conn: Connection, series_uid: str) -> str:
+    """When the series' newest instance was received ("" when it has none)."""
+    return conn.execute(select(func.max(INSTANCES.c.received_at))
+                        .where(INSTANCES.c.series_uid == series_uid)).scalar() or ""
+
+
 def _touch(conn: Connection, append: Append, series_uids: Iterable[str]) -> None:
     """Open series seen for the first time; reopen completed ones that received instances since."""
     for uid in series_uids:
@@ -140,8 +146,7 @@ class Completion:
         later reopen it (a corrected resend is routed as usual)."""
         uid = row["series_uid"]
         with self.ledger.transaction() as (conn, append):
-            newest = conn.execute(select(func.max(INSTANCES.c.received_at))
-                                  .where(INSTANCES.c.series_uid == uid)).scalar() or ""
+            newest = _newest(conn, uid)
             result = conn.execute(update(SERIES).where(SERIES.c.series_uid == uid, SERIES.c.state == "open",
                                                        SERIES.c.generation == row["generation"])
                                   .values(state="refused", last_received_at=newest, completed_at=utc_now(),
@@ -177,8 +182,7 @@ class Completion:
         uid = row["series_uid"]
         with self.ledger.transaction() as (conn, append):
             series = completed_series(conn, uid, row["generation"])
-            newest = conn.execute(select(func.max(INSTANCES.c.received_at))
-                                  .where(INSTANCES.c.series_uid == uid)).scalar() or ""
+            newest = _newest(conn, uid)
             result = conn.execute(update(SERIES).where(SERIES.c.series_uid == uid, SERIES.c.state == "open",
                                                        SERIES.c.generation == row["generation"])
                                   .values(state="complete", instances=len(series.instances), last_received_at=newest,

@@ -24,10 +24,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from segnode.imaging.volume import SeriesError, Volume
-from segnode.models.manifest import check_codes
+from segnode.models.manifest import PATIENT_DIRECTIONS, check_codes
 
-_AXIS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
-_LETTER = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
+_LETTER = {direction: code for code, direction in PATIENT_DIRECTIONS.items()}
 
 
 class OrientationError(SeriesError):
@@ -35,8 +34,9 @@ class OrientationError(SeriesError):
     refused (the message names it and says why)."""
 
 
-def _vector(code: str) -> np.ndarray:
-    axis, sign = _AXIS[code]
+def direction(code: str) -> np.ndarray:
+    """The unit vector (LPS) an axis code points along."""
+    axis, sign = PATIENT_DIRECTIONS[code]
     v = np.zeros(3)
     v[axis] = sign
     return v
@@ -95,7 +95,7 @@ def _best(source: list[np.ndarray], target: list[np.ndarray]) -> Reorientation:
 def volume_reorientation(affine: np.ndarray, target: str) -> Reorientation:
     """For a 3D volume (LPS affine, columns = array axes): the turn into `target` codes (3 letters)."""
     directions = [affine[:3, j] / np.linalg.norm(affine[:3, j]) for j in range(3)]
-    return _best(directions, [_vector(c) for c in check_codes(target, 3)])
+    return _best(directions, [direction(c) for c in check_codes(target, 3)])
 
 
 def projection_reorientation(patient_orientation: tuple[str, str] | None, target: str) -> Reorientation:
@@ -114,8 +114,8 @@ def projection_reorientation(patient_orientation: tuple[str, str] | None, target
         have = check_codes(along_column + along_row, 2)  # (rows, columns), as the target
     except ValueError as exc:
         raise OrientationError(f"Patient Orientation {list(patient_orientation)} cannot be read: {exc}") from exc
-    source = [_vector(c) for c in have]
-    wanted = [_vector(c) for c in want]
+    source = [direction(c) for c in have]
+    wanted = [direction(c) for c in want]
     turn = _best(source, wanted)
     if any(abs(float(np.dot(t, source[p]))) < 0.5 for t, p in zip(wanted, turn.perm)):
         raise OrientationError(f"the image plane (rows toward {have[0]}, columns toward {have[1]}) is not the model's "
@@ -156,7 +156,7 @@ def reorient_volume(volume: Volume, target: str) -> tuple[Volume, Reorientation]
     orientation: tuple[str, str] | None
     if volume.projection:
         before, after = _plane_codes(volume.patient_orientation), check_codes(target, 2)
-        orientation = _patient_orientation(after)
+        orientation = patient_orientation_of(after)
     else:
         before, after = axis_codes(volume.affine[:3, :3]), axis_codes(affine[:3, :3])
         orientation = volume.patient_orientation
@@ -169,7 +169,8 @@ def _plane_codes(patient_orientation: tuple[str, str] | None) -> str:
     return check_codes(patient_orientation[1][:1] + patient_orientation[0][:1], 2)
 
 
-def _patient_orientation(codes: str) -> tuple[str, str]:
-    """Patient Orientation values (row direction, column direction) for (rows, columns) codes."""
+def patient_orientation_of(codes: str) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) values - (row direction, column direction), H/F for head and feet -
+    for a radiograph's (rows, columns) axis codes."""
     letter = {"S": "H", "I": "F"}
     return letter.get(codes[1], codes[1]), letter.get(codes[0], codes[0])

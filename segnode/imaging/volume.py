@@ -263,6 +263,7 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.ndarray, 
     from pydicom.pixels import apply_modality_lut
 
     cache: dict[int, np.ndarray] = {}
+    table_range: tuple[float, float] = (0.0, 0.0)  # a Modality LUT's output range, for the file in the cache
     out = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
     padded: set[int] = set()
     for i, f in enumerate(frames):
@@ -273,14 +274,16 @@ def _pixels(datasets: list[Dataset], frames: list[_Frame]) -> tuple[np.ndarray, 
             except Exception as exc:  # missing decoder, truncated or absent pixel data
                 raise _refuse(str(ds.get("SeriesInstanceUID", "")),
                               f"cannot decode the pixels of instance {f.file + 1}: {exc}") from exc
+            if "ModalityLUTSequence" in ds:
+                lo, hi = _stored_range(ds)
+                every = apply_modality_lut(np.arange(lo, hi + 1).astype(cache[f.file].dtype), ds)
+                table_range = (float(np.min(every)), float(np.max(every)))
         px = cache[f.file]
         raw = px[f.frame] if px.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else px
         pad = _padding(ds, raw)
         if "ModalityLUTSequence" in ds:  # a table from stored values to output values (LUT Data US or OW)
             values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-            lo, hi = _stored_range(ds)
-            every = np.asarray(apply_modality_lut(np.arange(lo, hi + 1).astype(raw.dtype), ds), dtype=np.float32)
-            low, high = float(every.min()), float(every.max())
+            low, high = table_range
         else:
             values = raw.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
             low, high = (v * f.slope + f.intercept for v in _stored_range(ds))

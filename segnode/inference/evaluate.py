@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from segnode.imaging.orientation import direction, patient_orientation_of
 from segnode.imaging.volume import Volume
 from segnode.inference.engine import Engine, EngineOptions
 from segnode.models.manifest import Manifest, check_codes
@@ -33,18 +34,12 @@ def array_volume(image: np.ndarray, spacing: tuple[float, ...], orientation: str
     scale = tuple(float(s) for s in spacing)
     order = [(i, 0) for i in range(array.shape[0])]
     if orientation is not None and len(orientation) == 2:  # a radiograph: named by Patient Orientation
-        codes = check_codes(orientation, 2)
-        letter = {"S": "H", "I": "F"}
         return Volume(array, scale, np.diag([*scale, 1.0]), order, projection=True,  # type: ignore[arg-type]
-                      patient_orientation=(letter.get(codes[1], codes[1]), letter.get(codes[0], codes[0])))
+                      patient_orientation=patient_orientation_of(check_codes(orientation, 2)))
     affine = np.diag([*scale, 1.0])
     if orientation is not None:
-        affine = np.eye(4)
         for axis, code in enumerate(check_codes(orientation, 3)):
-            patient_axis, sign = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1),
-                                  "I": (2, -1)}[code]
-            affine[:3, axis] = 0.0
-            affine[patient_axis, axis] = sign * scale[axis]
+            affine[:3, axis] = direction(code) * scale[axis]
     return Volume(array, scale, affine, order)  # type: ignore[arg-type]
 
 

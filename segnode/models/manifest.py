@@ -12,7 +12,8 @@ from segnode.nets import ARCHITECTURES
 ANATOMICAL_STRUCTURE = {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
 
-_PATIENT_AXIS = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+# axis code -> (LPS patient axis, sign): where increasing index points (segnode.imaging.orientation)
+PATIENT_DIRECTIONS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 
 
 def check_codes(codes: str, dims: int) -> str:
@@ -22,9 +23,9 @@ def check_codes(codes: str, dims: int) -> str:
         ValueError: not `dims` letters of L, R, A, P, S, I, or two of them on the same patient axis.
     """
     normal = "".join({"H": "S", "F": "I"}.get(c, c) for c in codes.upper())
-    if len(normal) != dims or any(c not in _PATIENT_AXIS for c in normal):
+    if len(normal) != dims or any(c not in PATIENT_DIRECTIONS for c in normal):
         raise ValueError(f"orientation {codes!r}: {dims} letters of L, R, A, P, S (or H), I (or F)")
-    if len({_PATIENT_AXIS[c] for c in normal}) != dims:
+    if len({PATIENT_DIRECTIONS[c][0] for c in normal}) != dims:
         raise ValueError(f"orientation {codes!r}: each letter must name a different patient axis")
     return normal
 
