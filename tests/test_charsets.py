@@ -84,3 +84,23 @@ def test_gb2312_names_as_a_modality_writes_them_are_read_right():
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     assert str(dcmread(io.BytesIO(buffer.getvalue())).PatientName) == "Zhang^XiaoDong=张^小东"
+
+
+def test_a_vendor_private_element_does_not_stop_the_results_of_a_multi_valued_character_set(series, tmp_path):
+    """The copies highdicom gets decode standard elements only: an ELSCINT1 element that disagrees with
+    pydicom's private dictionary (as the reader tolerates it) must not make encoding fail."""
+    files = []
+    for path in series:
+        ds = dcmread(path)
+        ds.SpecificCharacterSet, ds.PatientName = ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"
+        ds.add_new(0x01F10010, "LO", "ELSCINT1")
+        ds.add_new(0x01F11026, "UN", b"0.5 ")
+        files.append(tmp_path / path.name)
+        ds.save_as(files[-1], enforce_file_format=True)
+    vol = read_series(files)
+    sources = [dcmread(f, stop_before_pixels=True) for f in files]
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[:, 4:9, 4:9] = 1
+    prov = Provenance("charset-job", read_manifest(default_models_dir() / "ct-abdomen-phantom-3d"))
+    seg = build_seg(labels, vol.order, sources, prov)
+    assert list(seg.SpecificCharacterSet) == ["", "ISO 2022 IR 87"] and str(seg.PatientName) == "Yamada^Tarou=山田^太郎"

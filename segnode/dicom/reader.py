@@ -20,7 +20,7 @@ class UnreadableInstance(InputError):
     """pydicom cannot decode a stored instance; the message names the file and what failed."""
 
 
-def _decode(ds: Dataset) -> None:
+def decode_standard(ds: Dataset) -> None:
     """Decode every standard element, nested ones included. Private elements stay as bytes: nothing in
     segnode reads them, and vendors write some that disagree with pydicom's private dictionary (a
     decimal string where it expects FD): they must not cost a series."""
@@ -30,7 +30,7 @@ def _decode(ds: Dataset) -> None:
         element = ds[tag]  # decodes the value
         if element.VR == "SQ":
             for item in element.value:
-                _decode(item)
+                decode_standard(item)
 
 
 def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
@@ -46,7 +46,7 @@ def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
     configure_pydicom()  # ISO 2022 IR 58 read with its escape sequence (idempotent)
     try:
         ds = dcmread(path, stop_before_pixels=not pixels)
-        _decode(ds)
+        decode_standard(ds)
     except (OSError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable values

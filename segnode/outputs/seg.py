@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from segnode import __version__
+from segnode.dicom.reader import decode_standard
 from segnode.dicom.uids import derived_uid
 from segnode.imaging.volume import pixel_spacing
 from segnode.models.manifest import Manifest
@@ -116,8 +117,7 @@ def charset_safe(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str] |
         return list(sources), None
     copies = []
     for source in sources:
-        for _ in source.iterall():  # decode every text with the source's own character set first
-            pass
+        decode_standard(source)  # every text decoded with the source's own character set first
         copy = deepcopy(source)
         copy.SpecificCharacterSet = "ISO_IR 192"
         copies.append(copy)
