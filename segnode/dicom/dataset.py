@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import (
@@ -22,6 +23,7 @@ from pydicom.uid import (
 from segnode.errors import InputError
 
 
+@lru_cache(maxsize=4096)  # ingest's hot path: once per tag, not per element
 def _implicit_size(tag: int) -> int:
     """The value size an implicit-VR element must be a multiple of, from the data dictionary (1: any)."""
     entry = DicomDictionary.get(tag)
