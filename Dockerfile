@@ -10,7 +10,8 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY segnode ./segnode
-RUN pip install --no-cache-dir .
+# nnU-Net's networks for imported models; --no-deps: its timm dependency is not needed by the U-Nets
+RUN pip install --no-cache-dir --no-deps "dynamic-network-architectures==0.4.4" && pip install --no-cache-dir .
 
 USER segnode
 VOLUME /data

@@ -20,5 +20,8 @@ fi
 PY="${PYTHON:-python3}"
 # torch==2.13.0 is a CPU build on local disk; an unpinned torch would pull a multi-GB CUDA build.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+# nnU-Net's networks (runtime) and nnunetv2 (the test/bench reference) without their declared dependencies:
+# timm -> torchvision would replace the CPU torch with a CUDA build; what they need is in pyproject.toml
+"$PY" -m pip install -q --no-deps "dynamic-network-architectures==0.4.4" "nnunetv2==2.8.1"
 "$PY" -m pip install -q -e ".[test]"
 echo "setup: done"

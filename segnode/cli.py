@@ -265,6 +265,39 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) and len(checks) == 3 else 1
 
 
+def cmd_models_import_nnunet(args: argparse.Namespace) -> int:
+    """An nnU-Net v2 trained-model folder -> a segnode model folder in the models folder."""
+    from segnode.config import default_models_dir
+    from segnode.models.nnunet_import import ImportOptions, NnUNetImportError, import_nnunet
+
+    settings = load(args)
+    root = settings.models_root
+    shipped = Path(str(default_models_dir())).resolve() if not os.environ.get("SEGNODE_MODELS") else None
+    if settings.jobs.models_dir is None and root.resolve() == shipped:
+        print("segnode models import: the shipped models are package data; import into a models folder of your own "
+              "(--models-dir DIR, jobs.models_dir or SEGNODE_MODELS) and point the node at it", file=sys.stderr)
+        return 2
+    folds = None if not args.folds or args.folds == ["all"] else args.folds
+    options = ImportOptions(folder=Path(args.folder), orientation=args.orientation, configuration=args.configuration,
+                            folds=folds, name=args.name, checkpoint=args.checkpoint, modality=args.modality,
+                            version=args.model_version)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        folder, manifest, warnings = import_nnunet(options, root)
+    except NnUNetImportError as exc:
+        print(f"segnode models import: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    nn = manifest.nnunet
+    assert nn is not None
+    print(f"imported {manifest.name} {manifest.version} into {folder}: nnU-Net {nn.configuration}, folds "
+          f"{', '.join(nn.folds)}, {len(manifest.labels)} labels, weights sha256 {manifest.weights_sha256[:16]}...\n"
+          f"check it with `segnode models check {manifest.name}` and route to it with a rule whose model is "
+          f"{manifest.name!r}")
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """A series folder -> label map (NIfTI) + segmentation.json, with the timing breakdown."""
     from segnode.imaging.volume import SeriesError, dicom_files
@@ -448,7 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
     mcheck = models_sub.add_parser("check", help="manifest, weights hash, build, forward pass; exit 1 on a failure")
     mcheck.add_argument("name")
     mcheck.set_defaults(func=cmd_models_check)
-    for sp in (mlist, mcheck):
+    mimport = models_sub.add_parser("import", help="import a model trained elsewhere (nnU-Net v2)")
+    import_sub = mimport.add_subparsers(dest="import_kind", required=True)
+    mnn = import_sub.add_parser("nnunet", help="an nnU-Net v2 trained-model folder (Trainer__Plans__configuration)")
+    mnn.add_argument("folder", help="the trained-model folder, or the dataset folder holding it")
+    mnn.add_argument("--orientation", required=True,
+                     help="axis codes of the arrays the model was trained on, nnU-Net does not reorient: SPL for "
+                          "axial DICOM stacks converted as stored, SAR for RAS-canonical NIfTI read by SimpleITK "
+                          "(TotalSegmentator)")
+    mnn.add_argument("--configuration", help="2d, 3d_fullres, ... when the folder holds several")
+    mnn.add_argument("--folds", nargs="+", help="fold names (0 1 2 ...) or all (default: every fold with a checkpoint)")
+    mnn.add_argument("--name", help="segnode model name (default: from the dataset and configuration)")
+    mnn.add_argument("--checkpoint", default="checkpoint_final.pth", choices=["checkpoint_final.pth",
+                                                                              "checkpoint_best.pth"])
+    mnn.add_argument("--modality", help="DICOM Modality it segments (default: from dataset.json's channel name)")
+    mnn.add_argument("--model-version", default="1.0.0", help="version recorded in the manifest")
+    mnn.set_defaults(func=cmd_models_import_nnunet)
+    for sp in (mlist, mcheck, mnn):
         _common(sp)
         _models_flag(sp)
 

@@ -50,6 +50,8 @@ class Label(_Strict):
         name: Short name (segment label, SR tracking identifier).
         category: Segmented property category (usually Anatomical Structure).
         type: Segmented property type, a SNOMED CT code.
+        modifier: Segmented property type modifier, e.g. laterality (SCT 7771000 Left) where the type
+            code itself has none (TotalSegmentator's codes: Kidney + Left).
         color: Display colour, RGB 0-255 (SEG, contour images).
     """
 
@@ -57,6 +59,7 @@ class Label(_Strict):
     name: str
     category: Code
     type: Code
+    modifier: Code | None = None
     color: tuple[int, int, int] = Field(description="display color, RGB 0-255")
 
     @field_validator("color")
@@ -112,6 +115,95 @@ class Normalization(_Strict):
         return self
 
 
+class NnUNetNormalization(_Strict):
+    """One input channel's normalization as nnU-Net's preprocessor applies it (before resampling).
+
+    Attributes:
+        scheme: The class nnU-Net's plans name (default_normalization_schemes.py).
+        use_mask_for_norm: ZScore statistics over the non-zero region only (then only it is normalized).
+        intensity_properties: CTNormalization's training-set statistics: mean, std, percentile_00_5,
+            percentile_99_5 (the plans' foreground_intensity_properties_per_channel).
+    """
+
+    scheme: Literal["CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization"]
+    use_mask_for_norm: bool = False
+    intensity_properties: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "NnUNetNormalization":
+        missing = {"mean", "std", "percentile_00_5", "percentile_99_5"} - set(self.intensity_properties)
+        if self.scheme == "CTNormalization" and missing:
+            raise ValueError(f"CTNormalization needs intensity_properties {', '.join(sorted(missing))}")
+        return self
+
+
+class NnUNetResampling(_Strict):
+    """nnU-Net's resampling (default_resampling.py): spline `order` in every axis, except that when the
+    spacing is anisotropic (largest / smallest > anisotropy_threshold, one axis alone the coarsest) that axis
+    is resampled separately with `order_z`."""
+
+    order: int = Field(ge=0, le=3)
+    order_z: int = Field(0, ge=0, le=1)
+    force_separate_z: bool | None = None
+
+
+class NnUNet(_Strict):
+    """How nnU-Net v2 feeds and reads an imported model (segnode.inference.nnunet), from its plans,
+    dataset.json and checkpoints. Array axes here are nnU-Net's: the model's orientation, transposed by
+    `transpose_forward`.
+
+    Attributes:
+        source: The results folder it was imported from (Dataset/Trainer__Plans__configuration).
+        configuration: "2d" or "3d_fullres" (or a configuration inheriting from them).
+        folds: The folds whose logits are averaged ("0".."4", "all").
+        checkpoint: The checkpoint file the weights came from.
+        transpose_forward: Axis order applied before the network; transpose_backward undoes it.
+        normalization: One entry per input channel.
+        resampling_data: For the image (order 3 by default).
+        resampling_probabilities: For the logits, back to the cropped input grid (order 1 by default).
+        anisotropy_threshold: nnUNetv2.configuration.ANISO_THRESHOLD.
+        tile_step_size: Window step as a fraction of the patch (nnU-Net's default 0.5).
+        use_mirroring: Average over mirror images along `Manifest.mirror_axes` (nnU-Net's default).
+        regions: Region-based models: the label sets each output channel stands for, in channel order.
+        regions_class_order: The label value painted for each region (sigmoid > 0.5), in this order.
+    """
+
+    source: str
+    configuration: str
+    trainer: str
+    plans_name: str
+    folds: list[str] = Field(min_length=1)
+    checkpoint: str = "checkpoint_final.pth"
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    crop_to_nonzero: bool = True
+    normalization: list[NnUNetNormalization] = Field(min_length=1)
+    resampling_data: NnUNetResampling
+    resampling_probabilities: NnUNetResampling
+    anisotropy_threshold: float = 3.0
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    use_mirroring: bool = True
+    regions: list[list[int]] | None = None
+    regions_class_order: list[int] | None = None
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: list[str]) -> list[str]:
+        if any(not re.fullmatch(r"[0-9]+|all", f) for f in v) or len(set(v)) != len(v):
+            raise ValueError("distinct fold names: digits or 'all'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "NnUNet":
+        if sorted(self.transpose_forward) != list(range(3)) or \
+                [self.transpose_forward.index(i) for i in range(3)] != self.transpose_backward:
+            raise ValueError("transpose_forward must permute (0, 1, 2) and transpose_backward undo it")
+        if (self.regions is None) != (self.regions_class_order is None) or \
+                (self.regions is not None and len(self.regions) != len(self.regions_class_order or [])):
+            raise ValueError("regions and regions_class_order go together, one entry each")
+        return self
+
+
 class Manifest(_Strict):
     """model.json: what the model is, how to build it and how to feed it. Validated on load, so a
     model that would run on the wrong grid or emit the wrong codes is refused before it runs.
@@ -126,6 +218,8 @@ class Manifest(_Strict):
         mirror_axes: Array axes the model may be mirrored along (test-time augmentation).
         weights_sha256: Hash of weights.safetensors, checked before loading.
         training: How it was trained (command, seed, data, validation), free-form.
+        nnunet: Present for an imported nnU-Net model: it is then run as nnU-Net runs it
+            (segnode.inference.nnunet), and `normalization` is not used.
 
     Raises:
         pydantic.ValidationError: on construction or model_validate, for an unknown architecture,
@@ -142,7 +236,7 @@ class Manifest(_Strict):
     network: Network
     target_spacing: list[float] = Field(description="mm, array axis order: (z, y, x) or (row, col)")
     patch_size: list[int]
-    normalization: Normalization
+    normalization: Normalization | None = None
     labels: list[Label]
     orientation: str | None = Field(None, description="the patient orientation the model was trained in, as axis "
                                     "codes (segnode.imaging.orientation): 'SPL' for axial CT, 'FL' for a frontal "
@@ -152,6 +246,7 @@ class Manifest(_Strict):
                                    "(test-time augmentation); never the left-right axis when labels are lateral")
     weights_sha256: str
     training: dict[str, Any] = Field(default_factory=dict, description="how it was trained: command, seed, data")
+    nnunet: NnUNet | None = None
 
     @field_validator("name")
     @classmethod
@@ -172,6 +267,10 @@ class Manifest(_Strict):
         for key in ("target_spacing", "patch_size"):
             if len(getattr(self, key)) != self.spatial_dims:
                 raise ValueError(f"{key} needs {self.spatial_dims} values (spatial_dims)")
+        if self.normalization is None and self.nnunet is None:
+            raise ValueError("normalization is required (only an imported nnU-Net model carries its own)")
+        if self.nnunet is not None and len(self.nnunet.normalization) != self.input_channels:
+            raise ValueError("nnunet.normalization needs one entry per input channel")
         values = [label.value for label in self.labels]
         if not values or sorted(values) != list(range(1, len(values) + 1)):
             raise ValueError("label values must be 1..K without gaps")
@@ -181,5 +280,7 @@ class Manifest(_Strict):
 
     @property
     def out_channels(self) -> int:
-        """Number of logits channels: the labels plus background."""
+        """Number of logits channels: the labels plus background, or a region-based model's regions."""
+        if self.nnunet is not None and self.nnunet.regions is not None:
+            return len(self.nnunet.regions)
         return len(self.labels) + 1  # background is channel 0

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from segnode.errors import ConfigurationError
 from segnode.models.manifest import Manifest
-from segnode.nets import NetworkError, Segmenter, build_network, divisor
+from segnode.nets import NetworkError, build_network, divisor
 
 MANIFEST, WEIGHTS, CARD = "model.json", "weights.safetensors", "MODEL_CARD.md"
 
@@ -60,12 +60,21 @@ def list_models(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
 
 
-def build(manifest: Manifest) -> Segmenter:
-    """The manifest's network with fresh (random) weights.
+def build(manifest: Manifest) -> torch.nn.Module:
+    """The manifest's network with fresh (random) weights: for an imported nnU-Net model one network per
+    fold, averaged (segnode.nets.nnunet.FoldEnsemble).
 
     Raises:
         ModelError: the network description cannot be built (see segnode.nets.build_network).
     """
+    if manifest.nnunet is not None:
+        from segnode.nets.nnunet import FoldEnsemble, NnUNetNetworkError, build_nnunet_network
+
+        try:
+            return FoldEnsemble({fold: build_nnunet_network(manifest.network.args, manifest.input_channels,
+                                                            manifest.out_channels) for fold in manifest.nnunet.folds})
+        except NnUNetNetworkError as exc:
+            raise ModelError(str(exc)) from exc
     try:
         return build_network(manifest.network.architecture, manifest.spatial_dims, manifest.input_channels,
                              manifest.out_channels, manifest.network.args)
@@ -73,7 +82,7 @@ def build(manifest: Manifest) -> Segmenter:
         raise ModelError(str(exc)) from exc
 
 
-def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Manifest, Segmenter]:
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Manifest, torch.nn.Module]:
     """Manifest + network with its weights, after checking the weights' hash. No pickles: weights
     are safetensors, so a model folder cannot run code.
 

@@ -7,6 +7,8 @@
 | unet_plus_plus   | BasicUNetPlusPlus  | Zhou 2018                      |
 | vnet             | VNet               | Milletari 2016                 |
 | dynunet          | DynUNet            | nnU-Net (Isensee 2021)         |
+
+and `dynamic_network_architectures`: nnU-Net's own U-Nets, for imported nnU-Net models (segnode.nets.nnunet).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 
 from segnode.errors import ConfigurationError
 
-ARCHITECTURES = ("unet", "basic_unet", "attention_unet", "unet_plus_plus", "vnet", "dynunet")
+NNUNET_ARCHITECTURE = "dynamic_network_architectures"
+ARCHITECTURES = ("unet", "basic_unet", "attention_unet", "unet_plus_plus", "vnet", "dynunet", NNUNET_ARCHITECTURE)
 
 
 class NetworkError(ConfigurationError, ValueError):
@@ -76,6 +79,13 @@ def build_network(architecture: str, spatial_dims: int, in_channels: int, out_ch
     """
     if spatial_dims not in (2, 3):
         raise NetworkError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
+    if architecture == NNUNET_ARCHITECTURE:
+        from segnode.nets.nnunet import NnUNetNetworkError, build_nnunet_network
+
+        try:
+            return Segmenter(build_nnunet_network(args or {}, in_channels, out_channels))
+        except NnUNetNetworkError as exc:
+            raise NetworkError(str(exc)) from exc
     cls = _monai_class(architecture)
     params = inspect.signature(cls.__init__).parameters
     args = dict(args or {})
@@ -107,6 +117,10 @@ def divisor(architecture: str, args: dict[str, Any] | None) -> int:
         The divisor in voxels.
     """
     args = args or {}
+    if architecture == NNUNET_ARCHITECTURE:
+        from segnode.nets.nnunet import nnunet_divisor
+
+        return nnunet_divisor(args)
     if architecture == "vnet":
         return 16
     if architecture == "dynunet":

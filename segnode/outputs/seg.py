@@ -68,14 +68,19 @@ def _coded(code: Any) -> hd.sr.CodedConcept:
 
 
 def segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
-    """One segment per manifest label, numbered by its label value, with its codes, colour and a
-    tracking UID derived from the job (stable across re-encodings)."""
-    return [hd.seg.SegmentDescription(
+    """One segment per manifest label, numbered by its label value, with its codes (and type modifier, e.g.
+    laterality), colour and a tracking UID derived from the job (stable across re-encodings)."""
+    descriptions = [hd.seg.SegmentDescription(
         segment_number=label.value, segment_label=label.name, segmented_property_category=_coded(label.category),
         segmented_property_type=_coded(label.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=prov.algorithm(),
         tracking_uid=derived_uid(prov.job_key, "segment", str(label.value)), tracking_id=label.name,
         display_color=hd.color.CIELabColor.from_rgb(*label.color)) for label in prov.manifest.labels]
+    for description, label in zip(descriptions, prov.manifest.labels):
+        if label.modifier is not None:  # highdicom takes no modifier; PS3.3 C.8.20.2: inside the type's item
+            item = description.SegmentedPropertyTypeCodeSequence[0]
+            item.SegmentedPropertyTypeModifierCodeSequence = [_coded(label.modifier)]
+    return descriptions
 
 
 def frames_for_sources(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Sequence[Dataset]

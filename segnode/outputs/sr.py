@@ -22,6 +22,7 @@ SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")
 # pixel spacing was assumed by a routing rule, not stated by the image
 ASSUMED_SPACING = Code("ASSUMED-SPACING", "99SEGNODE", "Measured at an assumed pixel spacing, not a stated one")
 HOUNSFIELD = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+LATERALITY = {"7771000", "24028007", "51440002"}  # SCT Left, Right, Right and left (CID 244)
 
 
 @dataclass
@@ -151,13 +152,16 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
                 finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
                 measurements=measurements))
             continue
+        # laterality (TotalSegmentator's Kidney + Left) goes with the finding site; other modifiers live in the SEG
+        sites = ([hd.sr.FindingSite(anatomic_location=_coded(label.type), laterality=_coded(label.modifier))]
+                 if label.modifier is not None and label.modifier.value in LATERALITY else None)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=s.value,
                 source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
             finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
-            measurements=measurements))
+            finding_sites=sites, measurements=measurements))
     modality = str(getattr(sources[0], "Modality", ""))
     procedure = codes.SCT.ComputedTomography if modality == "CT" else codes.SCT.ImagingProcedure
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),

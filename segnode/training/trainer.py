@@ -226,7 +226,7 @@ has not been validated on patient images, and must not be used for diagnosis or 
   integration testing with a PACS; a template for models trained on real data.
 - Modality: {manifest.modality}, {manifest.spatial_dims}D; labels: {labels}.
 - Network: {manifest.network.architecture} ({plan.network_args.get('filters')} filters), patch
-  {manifest.patch_size} at spacing {manifest.target_spacing} mm; normalization {manifest.normalization.method}.
+  {manifest.patch_size} at spacing {manifest.target_spacing} mm; normalization {plan.normalization.method}.
 - Orientation: {manifest.orientation or 'none recorded: arrays as stored'} (every input is turned into it first).
 
 ## Training
