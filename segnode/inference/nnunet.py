@@ -280,7 +280,11 @@ class NnUNetEngine(Engine):
             out = turn.restore(out)
         assert out.shape == source_shape
         timings.postprocess = time.perf_counter() - start
-        return Segmentation(out, timings, list(volume.notes))
+        mirrored = f"mirroring along axes {self.manifest.mirror_axes}" if self._flips() else "no mirroring"
+        notes = [*volume.notes, f"run as nnU-Net runs {self.nn.source}: folds {', '.join(self.nn.folds)}, window step "
+                                f"{self.nn.tile_step_size}, {mirrored} (the model's settings; overlap and mirror "
+                                f"options do not apply)"]
+        return Segmentation(out, timings, notes)
 
     def export(self, logits: torch.Tensor, shape: Sequence[int], current: Sequence[float],
                new: Sequence[float]) -> np.ndarray:
