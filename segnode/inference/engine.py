@@ -40,7 +40,10 @@ from segnode.models.manifest import Manifest
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "bf16", "fp32"]
-_CPU_BATCH = 4  # samples per forward pass on the CPU (Engine._forward)
+# voxels per forward pass on the CPU (Engine._forward), at most 64 samples: measured on nnU-Net networks, a 3D
+# window (32x40x32) alone takes 178 ms, ~108 ms each in twos to sixes, 131 ms in eights (out of cache); a 2D window
+# (40x32) 5.7 ms alone, 3.2 ms in fours, 2.5-2.6 ms in 16s to 128s, 3.6 ms in 256s
+_CPU_BATCH_VOXELS = 1 << 18
 
 
 @dataclass(kw_only=True)
@@ -340,8 +343,11 @@ class Engine:
         for box in boxes:
             weight[box] += gauss_acc
         flips = self._flips()
-        for i in range(0, len(boxes), self.options.batch_size):
-            batch = boxes[i:i + self.options.batch_size]
+        per_batch = self.options.batch_size
+        if not self._cuda:  # enough windows to fill the CPU's best batch with them and their mirror images
+            per_batch = max(per_batch, self._cpu_samples() // (1 + len(flips)))
+        for i in range(0, len(boxes), per_batch):
+            batch = boxes[i:i + per_batch]
             xb = torch.cat([source[(slice(None), slice(None), *b)] for b in batch]).to(self.device, non_blocking=True)
             if flips:
                 xb = torch.cat([xb] + [xb.flip(d) for d in flips])
@@ -360,12 +366,16 @@ class Engine:
             acc = acc[(slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)])]
         return acc  # on the host when it did not fit the device: labels_in_source then works there too
 
+    def _cpu_samples(self) -> int:
+        """Samples per forward pass on the CPU: _CPU_BATCH_VOXELS worth of windows, 1 to 64."""
+        return max(1, min(64, _CPU_BATCH_VOXELS // math.prod(self.window)))
+
     def _forward(self, xb: torch.Tensor) -> torch.Tensor:
-        """The network over a batch; on the CPU in parts of _CPU_BATCH samples (measured on a 3D nnU-Net: 178 ms
-        per window alone, ~108 ms in twos to sixes, 131 ms in eights - larger batches fall out of cache)."""
-        if self._cuda or xb.shape[0] <= _CPU_BATCH:
+        """The network over a batch; on the CPU in parts of `_cpu_samples` (larger batches fall out of cache)."""
+        size = self._cpu_samples()
+        if self._cuda or xb.shape[0] <= size:
             return self.net(xb)  # type: ignore[no-any-return]
-        return torch.cat([self.net(part) for part in xb.split(_CPU_BATCH)])
+        return torch.cat([self.net(part) for part in xb.split(size)])
 
     def _flips(self) -> list[tuple[int, ...]]:
         """The mirror images batched with each window (every combination of the allowed axes)."""
