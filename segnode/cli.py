@@ -246,7 +246,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         try:
             m = read_manifest(folder)
             labels = ", ".join(label.name for label in m.labels)
-            print(f"{m.name:28s} {m.version:8s} {m.modality:3s} {m.spatial_dims}D {m.network.architecture:15s} {labels}")
+            kind = f"nnU-Net {m.nnunet.configuration}" if m.nnunet else m.network.architecture
+            print(f"{m.name:28s} {m.version:8s} {m.modality:3s} {m.spatial_dims}D {kind:18s} {labels}")
         except ModelError as exc:
             print(f"{folder.name:28s} INVALID: {exc}")
     return 0
@@ -277,9 +278,8 @@ def cmd_models_import_nnunet(args: argparse.Namespace) -> int:
         print("segnode models import: the shipped models are package data; import into a models folder of your own "
               "(--models-dir DIR, jobs.models_dir or SEGNODE_MODELS) and point the node at it", file=sys.stderr)
         return 2
-    folds = None if not args.folds or args.folds == ["all"] else args.folds
     options = ImportOptions(folder=Path(args.folder), orientation=args.orientation, configuration=args.configuration,
-                            folds=folds, name=args.name, checkpoint=args.checkpoint, modality=args.modality,
+                            folds=args.folds, name=args.name, checkpoint=args.checkpoint, modality=args.modality,
                             version=args.model_version)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -490,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "axial DICOM stacks converted as stored, SAR for RAS-canonical NIfTI read by SimpleITK "
                           "(TotalSegmentator)")
     mnn.add_argument("--configuration", help="2d, 3d_fullres, ... when the folder holds several")
-    mnn.add_argument("--folds", nargs="+", help="fold names (0 1 2 ...) or all (default: every fold with a checkpoint)")
+    mnn.add_argument("--folds", nargs="+", help="folds to average, as nnU-Net names them: 0 1 2 ..., or all for the "
+                                                "model trained on all cases (default, as nnU-Net: every numbered fold "
+                                                "with a checkpoint)")
     mnn.add_argument("--name", help="segnode model name (default: from the dataset and configuration)")
     mnn.add_argument("--checkpoint", default="checkpoint_final.pth", choices=["checkpoint_final.pth",
                                                                               "checkpoint_best.pth"])

@@ -155,7 +155,9 @@ def test_gpu_half_precision_gives_the_labels_of_fp32_on_the_cpu(precision, tmp_p
     (A random-weight network is no judge here: its class scores tie within fp16's rounding.)"""
     from segnode.inference.engine import engine_for
 
-    folder = Path(__file__).resolve().parents[1] / "models" / "ct-abdomen-phantom-3d"
+    from segnode.config import default_models_dir
+
+    folder = default_models_dir() / "ct-abdomen-phantom-3d"
     phantom = generate_ct(200_003, CTOptions(matrix=96, slice_spacing=3.0, z_extent_mm=180.0))
     vol = read_series(write_phantom(phantom, tmp_path / "ct"))
     cpu = engine_for(folder, EngineOptions(device="cpu")).segment(vol).labels

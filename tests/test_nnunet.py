@@ -104,7 +104,8 @@ def test_a_region_based_model_paints_its_regions_in_order(nnunet_folders, case, 
     model = _import(source, tmp_path, "regions-3d")
     manifest = read_manifest(model)
     assert manifest.nnunet is not None and manifest.nnunet.regions == [[1, 2, 3, 4], [3, 4]]
-    assert [(label.value, label.name) for label in manifest.labels] == [(1, "organs"), (2, "kidneys")]
+    # as nnU-Net exports it: value 1 where "organs" but not "kidneys" (painted after it) - named so, not "organs"
+    assert [(label.value, label.name) for label in manifest.labels] == [(1, "organs excluding kidneys"), (2, "kidneys")]
     assert manifest.out_channels == 2
     _, decided, _ = _compare(model, source, case[1], ["0"])
     assert decided >= 0.999
@@ -175,6 +176,14 @@ def test_a_folder_segnode_cannot_run_is_refused_in_one_line(nnunet_folders, tmp_
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
 
 
+def test_import_needs_a_models_folder_of_its_own(nnunet_folders, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SEGNODE_MODELS"}
+    run = subprocess.run([sys.executable, "-m", "segnode", "models", "import", "nnunet",
+                          str(nnunet_folders["trained_2d"]), "--orientation", "SPL"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "--models-dir" in run.stderr
+
+
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(nnunet_folders, tmp_path):
     _Payload.marker = str(tmp_path / "pwned")
 
@@ -209,6 +218,17 @@ def test_an_imported_model_routes_and_its_seg_and_sr_carry_its_codes(nnunet_fold
     stats = segment_stats(labels, volume.array, volume.affine, [1, 2, 3, 4, 5],
                           [label.name for label in manifest.labels], hounsfield=True)
     assert _dciodvfy_errors(build_sr(seg, sources, stats, prov), tmp_path / "sr.dcm") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_in_fp16_a_trained_model_still_gives_nnuneys_labels(nnunet_folders, case, tmp_path):
+    source = nnunet_folders["trained_3d_fullres"]
+    model = _import(source, tmp_path, "phantom-3d-gpu")
+    ours = engine_for(model, EngineOptions(device="cuda", precision="fp16")).segment(case[1]).labels
+    spl, turn = reorient_volume(case[1], "SPL")
+    ref, _ = folders_tool.reference_labels(folders_tool.reference_predictor(source, ["0"]), spl.array, spl.spacing)
+    assert float(((turn.apply(ours) if not turn.identity else ours) == ref).mean()) >= 0.999
 
 
 # -- the steps, against nnU-Net's own functions -------------------------------------------------------

@@ -375,7 +375,8 @@ class Engine:
         size = self._cpu_samples()
         if self._cuda or xb.shape[0] <= size:
             return self.net(xb)  # type: ignore[no-any-return]
-        return torch.cat([self.net(part) for part in xb.split(size)])
+        parts = math.ceil(xb.shape[0] / size)  # even parts: 8 windows in 4 + 4, not 6 + 2
+        return torch.cat([self.net(part) for part in xb.tensor_split(parts)])
 
     def _flips(self) -> list[tuple[int, ...]]:
         """The mirror images batched with each window (every combination of the allowed axes)."""

@@ -51,7 +51,8 @@ class ImportOptions:
         orientation: Axis codes of the arrays the model was trained on (segnode.imaging.orientation),
             e.g. "SPL" for axial DICOM stacks, "SAR" for RAS-canonical NIfTI read by SimpleITK.
         configuration: Which configuration, when `folder` holds several.
-        folds: Fold names, or None for every fold with a checkpoint (nnU-Net's default).
+        folds: Fold names ("0".."4", "all" for nnU-Net's fold_all), or None for nnU-Net's default: every
+            numbered fold with a checkpoint.
         name: The segnode model name; default from the dataset and configuration.
         checkpoint: "checkpoint_final.pth" (nnU-Net's default) or "checkpoint_best.pth".
         modality: DICOM Modality it segments; default from dataset.json's channel name.
@@ -264,6 +265,12 @@ def labels_from_dataset(dataset: dict[str, Any]) -> tuple[list[Label], list[list
             raise NnUNetImportError(f"dataset.json: {len(regions)} regions but regions_class_order has {len(order)} "
                                     f"entries")
         names = [k for k, v in raw.items() if k != "background" and (v if isinstance(v, list) else [v]) != [0]]
+        # nnU-Net paints region after region: a value holds its region minus the later regions painted inside it
+        # (BraTS: "whole tumor" minus "tumor core" is the edema), and is named so, never as the whole region
+        for i in range(len(names)):
+            inside = [names[j] for j in range(i + 1, len(names)) if set(regions[j]) < set(regions[i])]
+            if inside:
+                names[i] = f"{names[i]} excluding {' and '.join(inside)}"
         named = list(zip(order, names))
     else:
         named = [(int(v), k) for k, v in raw.items() if k != "background"]
@@ -329,17 +336,20 @@ def _modality(dataset: dict[str, Any]) -> str:
 
 
 def _folds(model: Path, options: ImportOptions) -> list[str]:
+    """The folds to average: as asked, else nnU-Net's default (auto_detect_available_folds: every numbered fold
+    with the checkpoint, not fold_all), else fold_all when it is the only one."""
     present = sorted((p.name[len("fold_"):] for p in model.glob("fold_*") if (p / options.checkpoint).exists()),
                      key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
-    if options.folds is None or options.folds == ["all"] and "all" not in present:
-        if not present:
+    if options.folds is None:
+        chosen = [f for f in present if f.isdigit()] or present
+        if not chosen:
             raise NnUNetImportError(f"{model}: no fold_*/{options.checkpoint}")
-        return present
+        return chosen
     missing = [f for f in options.folds if f not in present]
     if missing:
         raise NnUNetImportError(f"{model}: fold {', '.join(missing)} has no {options.checkpoint} "
                                 f"(folds present: {', '.join(present) or 'none'})")
-    return list(options.folds)
+    return list(dict.fromkeys(options.folds))
 
 
 def _default_name(dataset_name: str, configuration: str) -> str:
