@@ -184,16 +184,25 @@ def test_import_needs_a_models_folder_of_its_own(nnunet_folders, tmp_path):
     assert run.returncode == 2 and "--models-dir" in run.stderr
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(nnunet_folders, tmp_path):
+@pytest.mark.parametrize("content", ["code", "truncated", "no plans"])
+def test_a_corrupt_or_hostile_folder_is_refused_and_nothing_runs(nnunet_folders, tmp_path, content):
     _Payload.marker = str(tmp_path / "pwned")
 
-    def poison(folder: Path) -> None:
-        with open(folder / "fold_0" / "checkpoint_final.pth", "wb") as f:
-            pickle.dump({"network_weights": {}, "x": _Payload()}, f)
+    def spoil(folder: Path) -> None:
+        checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+        if content == "code":
+            with open(checkpoint, "wb") as f:
+                pickle.dump({"network_weights": {}, "x": _Payload()}, f)
+        elif content == "truncated":
+            checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+        else:
+            (folder / "plans.json").unlink()
 
-    folder = _broken(nnunet_folders["random_3d_fullres"], tmp_path, poison)
+    folder = _broken(nnunet_folders["random_3d_fullres"], tmp_path, spoil)
     run = _segnode("models", "import", "nnunet", str(folder), "--orientation", "SPL", models=tmp_path / "m")
-    assert run.returncode == 2 and "not a checkpoint segnode can read safely" in run.stderr
+    expected = "holds no nnU-Net trained-model folder" if content == "no plans" else \
+        "not a checkpoint segnode can read safely"
+    assert run.returncode == 2 and expected in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not Path(_Payload.marker).exists()
 
 
