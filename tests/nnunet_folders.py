@@ -71,7 +71,9 @@ def build(out: Path) -> dict[str, str]:
     env = {**os.environ, "nnUNet_raw": str(out / "raw"), "nnUNet_preprocessed": str(out / "preprocessed"),
            "nnUNet_results": str(out / "results")}
     write_raw_dataset(out / "raw", range(6))
-    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1"],
+    beside = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"  # the command of this interpreter's nnunetv2
+    command = str(beside) if beside.exists() else "nnUNetv2_plan_and_preprocess"
+    subprocess.run([command, "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1"],
                    env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
     folders = {}
     for configuration, iterations in TRAINED_ITERATIONS.items():
