@@ -293,8 +293,8 @@ def cmd_models_import_nnunet(args: argparse.Namespace) -> int:
     assert nn is not None
     print(f"imported {manifest.name} {manifest.version} into {folder}: nnU-Net {nn.configuration}, folds "
           f"{', '.join(nn.folds)}, {len(manifest.labels)} labels, weights sha256 {manifest.weights_sha256[:16]}...\n"
-          f"check it with `segnode models check {manifest.name}` and route to it with a rule whose model is "
-          f"{manifest.name!r}")
+          f"check it with `segnode models check {manifest.name} --models-dir {root}`, route to it with a rule whose "
+          f"action is {{models: [{manifest.name}]}}, and run the node with jobs.models_dir: {root}")
     return 0
 
 
@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     mnn.add_argument("--folds", nargs="+", help="folds to average, as nnU-Net names them: 0 1 2 ..., or all for the "
                                                 "model trained on all cases (default, as nnU-Net: every numbered fold "
                                                 "with a checkpoint)")
-    mnn.add_argument("--name", help="segnode model name (default: from the dataset and configuration)")
+    mnn.add_argument("--name", help="segnode model name: lowercase letters, digits and hyphens (default: from the "
+                                    "dataset and configuration)")
     mnn.add_argument("--checkpoint", default="checkpoint_final.pth", choices=["checkpoint_final.pth",
                                                                               "checkpoint_best.pth"])
     mnn.add_argument("--modality", help="DICOM Modality it segments (default: from dataset.json's channel name)")

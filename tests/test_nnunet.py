@@ -129,6 +129,9 @@ def test_plans_written_before_the_architecture_block_build_the_same_network(nnun
     assert read_manifest(old_model).network.args["arch_kwargs"] == read_manifest(new).network.args["arch_kwargs"]
     ours, theirs = load_file(old_model / "weights.safetensors"), load_file(new / "weights.safetensors")
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    # the same tensors give the same file, so the same hash (the job key and the audit trail depend on it)
+    assert read_manifest(old_model).weights_sha256 == read_manifest(new).weights_sha256
+    assert read_manifest(new).weights_sha256 in (new / "MODEL_CARD.md").read_text()
 
 
 def _broken(source: Path, tmp_path: Path, edit) -> Path:
@@ -157,6 +160,7 @@ def _cascade(plans: dict) -> None:
 
 @pytest.mark.parametrize("problem, edit, args, message", [
     ("missing fold", None, ["--folds", "0", "3"], "fold 3 has no checkpoint_final.pth (folds present: 0, 1, 2)"),
+    ("name outside the models folder", None, ["--name", "../escape"], "--name '../escape': lowercase letters"),
     ("unknown network", _edit_plans(lambda p: p["configurations"]["3d_fullres"]["architecture"].update(
         network_class_name="evil.module.Net")), [], "network class 'evil.module.Net' is not one segnode builds"),
     ("layer outside the allow-list", _edit_plans(lambda p: p["configurations"]["3d_fullres"]["architecture"][

@@ -197,6 +197,13 @@ class Engine:
         """Window origins along one axis of `size` voxels (MONAI's layout, EngineOptions.overlap)."""
         return window_starts(size, window, self.options.overlap)
 
+    def recorded_options(self) -> dict[str, object]:
+        """The options as they took effect, for segmentation.json (the CPU computes in fp32 whatever was asked)."""
+        options: dict[str, object] = dict(vars(self.options))
+        if not self._cuda:
+            options["precision"] = "fp32"
+        return options
+
     # -- precision ---------------------------------------------------------------------------------
     @property
     def _cuda(self) -> bool:

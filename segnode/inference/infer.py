@@ -58,7 +58,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         "model": {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256},
         "software": {"name": "segnode", "version": __version__},
         "device": str(engine.device),
-        "options": dict(vars(engine.options)),
+        "options": engine.recorded_options(),
         "shape": list(seg.labels.shape),
         "labels": {str(label.value): label.name for label in m.labels},
         "voxels": {label.name: int(counts[label.value]) for label in m.labels},

@@ -227,6 +227,13 @@ class NnUNetEngine(Engine):
         dims = self.mirror_dims
         return [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
+    def recorded_options(self) -> dict[str, object]:
+        """The model's own window step and mirroring, not the options' overlap and mirror (which do not apply)."""
+        options = super().recorded_options()
+        options.update(overlap=None, tile_step_size=self.nn.tile_step_size, mirror=bool(self._flips()),
+                       mirror_axes=self.manifest.mirror_axes if self._flips() else [], folds=self.nn.folds)
+        return options
+
     def segment(self, volume: Volume) -> Segmentation:
         """Segment a volume as nnU-Net would segment its array in the model's orientation.
 

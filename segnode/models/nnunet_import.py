@@ -373,6 +373,9 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
             network class or layer, unsupported normalization or resampling, several input channels,
             weights that do not fit the plans' network); one line saying which.
     """
+    if options.name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", options.name):
+        raise NnUNetImportError(f"--name {options.name!r}: lowercase letters, digits and hyphens, at most 63, starting "
+                                f"with a letter or digit (it names the model's folder)")
     model = find_model_folder(options.folder, options.configuration)
     trainer, plans_name, configuration_name = model.name.split("__") if model.name.count("__") == 2 else \
         ("unknown", "unknown", options.configuration or "")
@@ -449,12 +452,15 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
         raise NnUNetImportError(f"{folder} exists already: choose another --name or remove it")
     warnings = []
     if uncoded:
-        warnings.append(f"no SNOMED CT code known for {', '.join(uncoded)}: their segments are typed "
-                        f"'Anatomical Structure'; edit the labels in {folder / 'model.json'} to give them one")
+        warnings.append(f"no SNOMED CT code known for label(s) {', '.join(uncoded)}: typed 'Anatomical Structure' in "
+                        f"SEG and SR; give each its code in {folder / 'model.json'} (labels[].type)")
+    if manifest.modality != "CT" and any(n.scheme == "CTNormalization" for n in nnunet.normalization):
+        warnings.append(f"--modality {manifest.modality} for a model normalized as CT (CTNormalization, Hounsfield "
+                        f"statistics): it will misread other images")
     if mirror_axes is None:
         warnings.append("the checkpoint allows no mirroring (inference_allowed_mirroring_axes is None): "
                         "like nnU-Net, segnode will not mirror")
-    manifest = write_model_folder(folder, manifest, FoldEnsemble(nets), model_card(manifest, model, uncoded))
+    manifest = write_model_folder(folder, manifest, FoldEnsemble(nets), lambda m: model_card(m, model, uncoded))
     return folder, manifest, warnings
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,23 +170,39 @@ def check_model(folder: Path) -> list[Check]:
     return checks
 
 
-def write_model_folder(folder: Path, manifest: Manifest, net: torch.nn.Module, card: str) -> Manifest:
+def _unaliased(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once (modules sharing a tensor list it under several names: DynUNet,
+    nnU-Net's networks), under the alphabetically first of its names; safetensors' load_model restores the rest."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    state = net.state_dict()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        groups.setdefault(key, []).append(name)
+    return {min(names): state[min(names)].contiguous() for names in groups.values()}
+
+
+def write_model_folder(folder: Path, manifest: Manifest, net: torch.nn.Module,
+                       card: str | Callable[[Manifest], str]) -> Manifest:
     """Write weights, then the manifest with their hash, then the model card (the folder is created).
+
+    The weights file is the same bytes for the same tensors (no alias map in its metadata: safetensors writes
+    metadata in a different order each time), so re-importing or re-writing a model keeps its hash.
 
     Args:
         folder: Where the model folder goes; existing files are overwritten.
         manifest: The manifest; its weights_sha256 is replaced.
         net: The trained network (its state dict is written as safetensors).
-        card: MODEL_CARD.md text.
+        card: MODEL_CARD.md text, or a function of the manifest as written (with the weights' hash).
 
     Returns:
         The manifest as written, with the weights' hash.
     """
-    from safetensors.torch import save_model  # handles tensors shared between modules (DynUNet)
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(net, str(folder / WEIGHTS))
+    save_file(_unaliased(net), str(folder / WEIGHTS))
     manifest = manifest.model_copy(update={"weights_sha256": sha256_file(folder / WEIGHTS)})
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-    (folder / CARD).write_text(card)
+    shutil.copymode(folder / MANIFEST, folder / WEIGHTS)  # safetensors writes 0600; readable like the rest
+    (folder / CARD).write_text(card(manifest) if callable(card) else card)
     return manifest
