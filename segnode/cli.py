@@ -281,7 +281,11 @@ def cmd_models_import_nnunet(args: argparse.Namespace) -> int:
     options = ImportOptions(folder=Path(args.folder), orientation=args.orientation, configuration=args.configuration,
                             folds=args.folds, name=args.name, checkpoint=args.checkpoint, modality=args.modality,
                             version=args.model_version)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"segnode models import: the models folder {root} cannot be made: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         folder, manifest, warnings = import_nnunet(options, root)
     except NnUNetImportError as exc:

@@ -154,6 +154,22 @@ class _Payload:  # what a hostile checkpoint would carry: code run at unpickling
         return (os.system, (f"touch {_Payload.marker}",))
 
 
+def _edit_checkpoint(change):
+    def edit(folder: Path) -> None:
+        import torch
+
+        for path in folder.glob("fold_*/checkpoint_final.pth"):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own fixture's file
+            change(checkpoint)
+            torch.save(checkpoint, path)
+    return edit
+
+
+def _nan_weights(checkpoint: dict) -> None:
+    name = next(k for k in checkpoint["network_weights"] if k.endswith("seg_layers.2.weight"))
+    checkpoint["network_weights"][name][0] = float("nan")
+
+
 def _cascade(plans: dict) -> None:
     plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
 
@@ -166,6 +182,16 @@ def _cascade(plans: dict) -> None:
     ("layer outside the allow-list", _edit_plans(lambda p: p["configurations"]["3d_fullres"]["architecture"][
         "arch_kwargs"].update(nonlin="os.system")), [], "plans name 'os.system' as a layer"),
     ("cascade", _edit_plans(_cascade), [], "is a cascade stage"),
+    # a negative axis would have mirrored the class channels: silently wrong labels
+    ("mirror axis outside the patch", _edit_checkpoint(lambda c: c.update(inference_allowed_mirroring_axes=(-1,))), [],
+     "inference_allowed_mirroring_axes (-1,) are not distinct axes 0..2"),
+    ("NaN weights", _edit_checkpoint(_nan_weights), [], "holds NaN or infinite values"),
+    ("swapped CT percentiles", _edit_plans(lambda p: p["foreground_intensity_properties_per_channel"]["0"].update(
+        percentile_00_5=900.0, percentile_99_5=20.0)), [], "percentile_00_5 <= percentile_99_5"),
+    ("transpose not a permutation", _edit_plans(lambda p: p.update(transpose_forward=[0, 0, 1])), [],
+     "transpose_forward must permute"),
+    ("a configuration of the wrong kind", _edit_plans(lambda p: p["configurations"].update({"3d_fullres": "x"})), [],
+     "holds something nnU-Net does not write"),
     ("two channels", lambda f: (f / "dataset.json").write_text(json.dumps({**json.loads(
         (f / "dataset.json").read_text()), "channel_names": {"0": "T1", "1": "T2"}})), [], "2 input channels"),
 ])

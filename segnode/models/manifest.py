@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from segnode.nets import ARCHITECTURES
 
+MAX_PATCH_VOXELS = 1 << 26  # far above any published model's (nnU-Net's 3D patches: ~2M voxels)
 ANATOMICAL_STRUCTURE = {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
 
@@ -61,6 +63,13 @@ class Label(_Strict):
     type: Code
     modifier: Code | None = None
     color: tuple[int, int, int] = Field(description="display color, RGB 0-255")
+
+    @field_validator("name")
+    @classmethod
+    def _segment_label(cls, v: str) -> str:
+        if not v or len(v) > 64 or "\\" in v or not v.isprintable():
+            raise ValueError("1-64 printable characters without backslash (it is the SEG's Segment Label, VR LO)")
+        return v
 
     @field_validator("color")
     @classmethod
@@ -131,9 +140,16 @@ class NnUNetNormalization(_Strict):
 
     @model_validator(mode="after")
     def _complete(self) -> "NnUNetNormalization":
-        missing = {"mean", "std", "percentile_00_5", "percentile_99_5"} - set(self.intensity_properties)
-        if self.scheme == "CTNormalization" and missing:
-            raise ValueError(f"CTNormalization needs intensity_properties {', '.join(sorted(missing))}")
+        p = self.intensity_properties
+        if any(not math.isfinite(v) for v in p.values()):
+            raise ValueError("intensity_properties must be finite numbers")
+        if self.scheme == "CTNormalization":
+            missing = {"mean", "std", "percentile_00_5", "percentile_99_5"} - set(p)
+            if missing:
+                raise ValueError(f"CTNormalization needs intensity_properties {', '.join(sorted(missing))}")
+            if p["std"] <= 0 or p["percentile_00_5"] > p["percentile_99_5"]:
+                raise ValueError(f"CTNormalization needs std > 0 and percentile_00_5 <= percentile_99_5 "
+                                 f"(std {p['std']}, {p['percentile_00_5']} .. {p['percentile_99_5']})")
         return self
 
 
@@ -196,6 +212,7 @@ class NnUNet(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "NnUNet":
         if sorted(self.transpose_forward) != list(range(3)) or \
+                sorted(self.transpose_backward) != list(range(3)) or \
                 [self.transpose_forward.index(i) for i in range(3)] != self.transpose_backward:
             raise ValueError("transpose_forward must permute (0, 1, 2) and transpose_backward undo it")
         if (self.regions is None) != (self.regions_class_order is None) or \
@@ -267,6 +284,13 @@ class Manifest(_Strict):
         for key in ("target_spacing", "patch_size"):
             if len(getattr(self, key)) != self.spatial_dims:
                 raise ValueError(f"{key} needs {self.spatial_dims} values (spatial_dims)")
+        if not all(math.isfinite(s) and 0 < s < 1e4 for s in self.target_spacing):
+            raise ValueError("target_spacing: finite millimetres, > 0")
+        if not all(p >= 1 for p in self.patch_size) or math.prod(self.patch_size) > MAX_PATCH_VOXELS:
+            raise ValueError(f"patch_size: at least 1 voxel per axis, at most {MAX_PATCH_VOXELS} voxels in all")
+        if sorted(set(self.mirror_axes)) != sorted(self.mirror_axes) or \
+                any(not 0 <= a < self.spatial_dims for a in self.mirror_axes):
+            raise ValueError(f"mirror_axes: distinct array axes, 0 to {self.spatial_dims - 1}")
         if self.normalization is None and self.nnunet is None:
             raise ValueError("normalization is required (only an imported nnU-Net model carries its own)")
         if self.nnunet is not None and len(self.nnunet.normalization) != self.input_channels:

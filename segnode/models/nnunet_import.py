@@ -9,12 +9,13 @@ safetensors written here. nnunetv2 itself is not needed.
 
 from __future__ import annotations
 
-import csv
 import colorsys
+import csv
 import json
 import logging
-import pickle
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from segnode.errors import ConfigurationError
 from segnode.models.manifest import (ANATOMICAL_STRUCTURE, Code, Label, Manifest, Network, NnUNet,
@@ -74,8 +76,10 @@ def _json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise NnUNetImportError(f"{path.name} is missing in {path.parent}: not an nnU-Net trained-model folder") from exc
-    except json.JSONDecodeError as exc:
-        raise NnUNetImportError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NnUNetImportError(f"{path} is not valid JSON: {_one_line(exc)}") from exc
+    except OSError as exc:
+        raise NnUNetImportError(f"{path} cannot be read: {_one_line(exc)}") from exc
     if not isinstance(data, dict):
         raise NnUNetImportError(f"{path} is not a JSON object")
     return data
@@ -177,6 +181,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         NnUNetImportError: missing, or holding anything else (nothing of it is executed).
     """
+    if path.exists() and not path.is_file():
+        raise NnUNetImportError(f"{path} is not a regular file")
     if not path.exists():
         raise NnUNetImportError(f"{path} is missing: that fold was not trained or not copied "
                                 f"(folds present: {', '.join(sorted(p.name for p in path.parent.parent.glob('fold_*'))) or 'none'})")
@@ -192,11 +198,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(safe), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice to load with weights_only=False is not taken
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NnUNetImportError(f"{path}: not a checkpoint segnode can read safely ({first[:300]})") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the restricted unpickler makes of it, nothing of it ran
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        why = f"it names {blocked.group(1)}, which is not a tensor or number" if blocked else _one_line(exc)
+        raise NnUNetImportError(f"{path}: not a checkpoint segnode can read safely ({why})") from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
         raise NnUNetImportError(f"{path}: no network_weights in it (not an nnU-Net v2 checkpoint)")
     return checkpoint
@@ -206,6 +214,11 @@ def _state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """network_weights without the prefixes torch.compile and DDP add (nnU-Net strips them too)."""
     out = {}
     for key, value in checkpoint["network_weights"].items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise NnUNetImportError(f"network_weights holds {key!r}: {type(value).__name__} "
+                                    f"{getattr(value, 'dtype', '')}, not a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise NnUNetImportError(f"network_weights {key!r} holds NaN or infinite values: the model cannot give labels")
         for prefix in ("_orig_mod.", "module."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
@@ -253,6 +266,13 @@ def labels_from_dataset(dataset: dict[str, Any]) -> tuple[list[Label], list[list
     raw = {k: v for k, v in dict(dataset.get("labels", {})).items() if k != "ignore"}
     if raw.get("background") != 0:
         raise NnUNetImportError("dataset.json: labels must declare background as 0")
+    raw = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in raw.items()}  # [3] is label 3
+    for name, v in raw.items():
+        if not all(type(x) is int for x in (v if isinstance(v, list) else [v])):
+            raise NnUNetImportError(f"dataset.json: label {name!r} is {v!r}; label values are integers")
+        if not name or len(name) > 64 or any(c in name for c in "\\") or not name.isprintable():
+            raise NnUNetImportError(f"dataset.json: label name {name[:80]!r} cannot be a DICOM segment label "
+                                    f"(1-64 printable characters, no backslash)")
     regions_based = any(isinstance(v, list) and len(v) > 1 for v in raw.values())
     named: list[tuple[int, str]] = []
     regions: list[list[int]] | None = None
@@ -290,7 +310,7 @@ def labels_from_dataset(dataset: dict[str, Any]) -> tuple[list[Label], list[list
             category, type_ = Code(**ANATOMICAL_STRUCTURE), Code(**ANATOMICAL_STRUCTURE)
         colour = tuple(int(c) for c in row["DicomRGBColor"].split(",")) if row and row.get("DicomRGBColor") \
             else colours[i]
-        labels.append(Label(value=value, name=name[:64], category=category, type=type_,
+        labels.append(Label(value=value, name=name, category=category, type=type_,
                             modifier=_code(row, "SegmentedPropertyTypeModifierCodeSequence") if row else None,
                             color=colour))  # type: ignore[arg-type]
     return labels, regions, order, uncoded
@@ -308,10 +328,10 @@ def _normalization(configuration: dict[str, Any], plans: dict[str, Any], channel
         try:
             out.append(NnUNetNormalization(scheme=scheme, use_mask_for_norm=bool(masks[c]),
                                            intensity_properties={k: float(v) for k, v in props.get(str(c), {}).items()}))
-        except ValueError as exc:
-            raise NnUNetImportError(f"plans.json: channel {c} normalization {scheme!r} is not one segnode reproduces "
-                                    f"(CTNormalization, ZScoreNormalization, NoNormalization, "
-                                    f"RescaleTo01Normalization): {exc}") from exc
+        except ValidationError as exc:
+            raise NnUNetImportError(f"plans.json: channel {c} normalization {scheme!r} (segnode reproduces "
+                                    f"CTNormalization, ZScoreNormalization, NoNormalization, "
+                                    f"RescaleTo01Normalization): {_one_line(exc)}") from exc
     return out
 
 
@@ -347,14 +367,56 @@ def _folds(model: Path, options: ImportOptions) -> list[str]:
         return chosen
     missing = [f for f in options.folds if f not in present]
     if missing:
-        raise NnUNetImportError(f"{model}: fold {', '.join(missing)} has no {options.checkpoint} "
-                                f"(folds present: {', '.join(present) or 'none'})")
+        raise NnUNetImportError(f"{model}: fold {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} has no "
+                                f"{options.checkpoint} (folds present: {', '.join(present[:10]) or 'none'}"
+                                f"{' ...' if len(present) > 10 else ''})")
     return list(dict.fromkeys(options.folds))
+
+
+def _validated(cls: Any, where: str, **fields: Any) -> Any:
+    """cls(**fields), its validation errors as one NnUNetImportError line naming `where`."""
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        raise NnUNetImportError(f"{where}: {_one_line(exc)}") from exc
+
+
+def _check_patch(configuration: dict[str, Any], arch: dict[str, Any]) -> None:
+    """The patch must pass through the network's poolings: divisible by the strides' product per axis."""
+    patch = [int(p) for p in configuration["patch_size"]]
+    factor = [1] * len(patch)
+    for stride in arch.get("arch_kwargs", {}).get("strides", []):
+        stride = stride if isinstance(stride, (list, tuple)) else [stride] * len(patch)
+        factor = [f * int(s) for f, s in zip(factor, stride)]
+    if any(p < 1 or f < 1 or p % f for p, f in zip(patch, factor)):
+        raise NnUNetImportError(f"plans.json: patch_size {patch} does not pass the network's poolings (multiples of "
+                                f"{factor} per axis)")
+
+
+def _mirror_axes(axes: Any, dims: int, fold: str) -> list[int] | None:
+    """The checkpoint's inference_allowed_mirroring_axes, checked: distinct integer axes of the patch, or None."""
+    if axes is None:
+        return None
+    if not isinstance(axes, (list, tuple)) or any(type(a) is not int or not 0 <= a < dims for a in axes) \
+            or len(set(axes)) != len(axes):
+        raise NnUNetImportError(f"fold {fold}: inference_allowed_mirroring_axes {axes!r} are not distinct axes "
+                                f"0..{dims - 1} of the patch")
+    return list(axes)
 
 
 def _default_name(dataset_name: str, configuration: str) -> str:
     base = re.sub(r"[^a-z0-9]+", "-", f"{dataset_name}-{configuration}".lower()).strip("-")
     return base[:63] or "nnunet-model"
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one readable line: pydantic's first error with its field, others' first line."""
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}{more}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, list[str]]:
@@ -373,6 +435,15 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
             network class or layer, unsupported normalization or resampling, several input channels,
             weights that do not fit the plans' network); one line saying which.
     """
+    try:
+        return _import(options, models_root)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # a value of the wrong kind
+        where = options.folder.name or str(options.folder)
+        raise NnUNetImportError(f"{where}: plans.json, dataset.json or a checkpoint holds something nnU-Net does not "
+                                f"write: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, list[str]]:
     if options.name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", options.name):
         raise NnUNetImportError(f"--name {options.name!r}: lowercase letters, digits and hyphens, at most 63, starting "
                                 f"with a letter or digit (it names the model's folder)")
@@ -383,6 +454,9 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
     if options.configuration and configuration_name and options.configuration != configuration_name:
         raise NnUNetImportError(f"{model.name} is configuration {configuration_name}, not {options.configuration}")
     configuration_name = configuration_name or options.configuration or ""
+    if not configuration_name:
+        raise NnUNetImportError(f"{model.name} is not named Trainer__Plans__configuration as nnU-Net names its results: "
+                                f"pass --configuration")
     configuration = resolve_configuration(plans, configuration_name)
     if configuration.get("preprocessor_name", "DefaultPreprocessor") != "DefaultPreprocessor":
         raise NnUNetImportError(f"plans.json: preprocessor {configuration['preprocessor_name']!r}; segnode reproduces "
@@ -398,6 +472,7 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
     labels, regions, order, uncoded = labels_from_dataset(dataset)
     heads = len(regions) if regions is not None else len(labels) + 1
     arch = architecture_block(configuration)
+    _check_patch(configuration, arch)
     folds = _folds(model, options)
     nets: dict[str, torch.nn.Module] = {}
     mirror_axes: list[int] | None = None
@@ -415,16 +490,17 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
                                     f"describes ({str(exc).splitlines()[0][:200]}); was it trained with a custom "
                                     f"network?") from exc
         nets[fold] = net.eval()
-        axes = checkpoint.get("inference_allowed_mirroring_axes")
-        mirror_axes = [int(a) for a in axes] if axes is not None else None
+        mirror_axes = _mirror_axes(checkpoint.get("inference_allowed_mirroring_axes"), len(configuration["patch_size"]),
+                                   fold)
         checkpoint_trainer = str(checkpoint.get("trainer_name", trainer))
     spatial_dims = len(configuration["patch_size"])
     transpose_forward = [int(i) for i in plans.get("transpose_forward", [0, 1, 2])]
-    nnunet = NnUNet(
+    nnunet = _validated(
+        NnUNet, "plans.json",
         source=f"{model.parent.name}/{model.name}", configuration=configuration_name, trainer=checkpoint_trainer,
         plans_name=str(plans.get("plans_name", plans_name)), folds=folds, checkpoint=options.checkpoint,
-        transpose_forward=transpose_forward, transpose_backward=[int(i) for i in plans.get(
-            "transpose_backward", [transpose_forward.index(i) for i in range(3)])],
+        transpose_forward=transpose_forward, transpose_backward=[int(i) for i in plans["transpose_backward"]]
+        if "transpose_backward" in plans else [int(i) for i in np.argsort(transpose_forward)],
         normalization=_normalization(configuration, plans, channels),
         resampling_data=_resampling(configuration, "data"),
         resampling_probabilities=_resampling(configuration, "probabilities"),
@@ -446,9 +522,9 @@ def import_nnunet(options: ImportOptions, models_root: Path) -> tuple[Path, Mani
                       "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             nnunet=nnunet)
     except ValueError as exc:
-        raise NnUNetImportError(f"cannot describe {model.name} as a segnode model: {exc}") from exc
+        raise NnUNetImportError(f"cannot describe {model.name} as a segnode model: {_one_line(exc)}") from exc
     folder = models_root / name
-    if folder.exists():
+    if os.path.lexists(folder):
         raise NnUNetImportError(f"{folder} exists already: choose another --name or remove it")
     warnings = []
     if uncoded:

@@ -82,15 +82,16 @@ def build_nnunet_network(args: dict[str, Any], input_channels: int, num_heads: i
     try:
         cls = _network_class(str(args["network_class_name"]))
         kwargs = dict(args["arch_kwargs"])
-        for key in args.get("_kw_requires_import", []):
+        for key in args["_kw_requires_import"]:
             if kwargs.get(key) is not None:
                 kwargs[key] = _layer(str(kwargs[key]))
     except KeyError as exc:
         raise NnUNetNetworkError(f"architecture block without {exc}") from exc
     try:
         net = cls(input_channels=input_channels, num_classes=num_heads, deep_supervision=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise NnUNetNetworkError(f"{cls.__name__}: {exc}") from exc
+    except (TypeError, ValueError, AssertionError, RuntimeError, IndexError) as exc:  # RuntimeError: absurd sizes
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise NnUNetNetworkError(f"{cls.__name__}: {first}") from exc
     return net
 
 
