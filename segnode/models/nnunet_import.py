@@ -101,8 +101,11 @@ def find_model_folder(folder: Path, configuration: str | None) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
+        datasets = sorted(p.name for p in folder.glob("Dataset*") if p.is_dir())
+        hint = f"; it holds {', '.join(datasets[:5])}: pass one of those" if datasets else ""
         raise NnUNetImportError(f"{folder} holds no nnU-Net trained-model folder (Trainer__Plans__configuration "
-                                f"with plans.json){f' for configuration {configuration}' if configuration else ''}")
+                                f"with plans.json){f' for configuration {configuration}' if configuration else ''}"
+                                f"{hint}")
     raise NnUNetImportError(f"{folder} holds several models ({', '.join(p.name for p in candidates)}): "
                             f"name one, or pass --configuration")
 
