@@ -192,6 +192,8 @@ def _cascade(plans: dict) -> None:
      "transpose_forward must permute"),
     ("a configuration of the wrong kind", _edit_plans(lambda p: p["configurations"].update({"3d_fullres": "x"})), [],
      "holds something nnU-Net does not write"),
+    ("orientation its reader contradicts", _edit_plans(lambda p: p.update(image_reader_writer="NibabelIOWithReorient")),
+     [], "its arrays are SAR"),
     ("two channels", lambda f: (f / "dataset.json").write_text(json.dumps({**json.loads(
         (f / "dataset.json").read_text()), "channel_names": {"0": "T1", "1": "T2"}})), [], "2 input channels"),
 ])

@@ -472,6 +472,10 @@ def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, 
         orientation = check_codes(options.orientation, 3)
     except ValueError as exc:
         raise NnUNetImportError(f"--orientation: {exc}") from exc
+    if plans.get("image_reader_writer") == "NibabelIOWithReorient" and orientation != "SAR":
+        # nibabel_reader_writer.NibabelIOWithReorient: as_reoriented(io_orientation(affine)), then (k, j, i)
+        raise NnUNetImportError(f"--orientation {orientation}: the model was trained through NibabelIOWithReorient, "
+                                f"which turns every image to RAS and reads it as (k, j, i): its arrays are SAR")
     labels, regions, order, uncoded = labels_from_dataset(dataset)
     heads = len(regions) if regions is not None else len(labels) + 1
     arch = architecture_block(configuration)
