@@ -62,6 +62,14 @@ def test_manifest_errors_name_the_field():
                           "type": ANATOMICAL_STRUCTURE, "color": [1, 2, 3]}])
     with pytest.raises(ValueError, match="method ct needs clip, mean and std"):
         manifest(normalization={"method": "ct"})
+    twins = [{"value": v, "name": n, "category": ANATOMICAL_STRUCTURE, "type": ANATOMICAL_STRUCTURE,
+              "color": [185, 102, 83]} for v, n in ((1, "kidney_right"), (2, "kidney_left"))]
+    with pytest.raises(ValueError, match="labels need distinct colors"):  # a viewer could not tell them apart
+        manifest(labels=twins)
+    with pytest.raises(ValueError, match="mirror_axes: distinct array axes, 0 to 2"):
+        manifest(mirror_axes=[-1])
+    with pytest.raises(ValueError, match="target_spacing: finite millimetres"):
+        manifest(target_spacing=[2.0, 0.0, 2.0])
 
 
 def test_model_folder_round_trip_and_check(tmp_path):

@@ -16,6 +16,7 @@ from pynetdicom import AE
 from segnode.errors import TransientError
 from segnode.config import Destination
 from segnode.delivery.dimse_client import configure_pynetdicom
+from segnode.dicom.uids import uid_name
 from segnode.flow import DeliveryReceipt
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,14 @@ def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dic
     datasets = [dcmread(f) for f in files]
     configure_pynetdicom()  # no identifiers in logs, TCP_NODELAY (idempotent)
     ae = AE(ae_title=calling_ae)
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    # one presentation context per SOP class and transfer syntax, however many files share them (a CT series'
+    # contour images are hundreds of files of one kind; an association allows 128 contexts)
+    pairs = list(dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets))
+    if len(pairs) > 128:
+        raise DeliveryError(f"{len(pairs)} kinds of instance (SOP class and transfer syntax) in one delivery; "
+                            f"an association carries at most 128", retryable=False)
+    for sop_class, syntax in pairs:
+        ae.add_requested_context(sop_class, syntax)
     if not (dest.host and dest.port and dest.ae_title):  # Destination validates this; a guard for callers
         raise DeliveryError("a dimse destination needs ae_title, host and port", retryable=False)
     tls = (_tls_context(dest), dest.host) if dest.tls.enabled else None
@@ -75,6 +82,14 @@ def send_dimse(dest: Destination, files: Sequence[Path], calling_ae: str) -> dic
                             f"as {calling_ae}")
     answers: dict[str, str] = {}
     try:
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        refused = [pair for pair in pairs if pair not in accepted]
+        if refused:  # sending the same again cannot succeed: the PACS does not take these kinds at all
+            kinds = ", ".join(f"{uid_name(sop)} in {uid_name(ts)}" for sop, ts in refused)
+            raise DeliveryError(f"{dest.ae_title} does not accept {kinds} (presentation context rejected); nothing "
+                                f"was sent. Configure the PACS to store it, or have segnode write what it accepts "
+                                f"(outputs.seg_type: BINARY for a PACS without Label Map Segmentation)",
+                                retryable=False)
         for ds in datasets:
             status = assoc.send_c_store(ds)
             code = int(getattr(status, "Status", -1)) if status else -1

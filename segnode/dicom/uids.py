@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from pydicom.uid import UID
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 
 # JPIP transfer syntaxes reference pixel data held elsewhere: nothing to segment.
@@ -13,6 +14,14 @@ JPIP = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.1
 # the transfer syntaxes pydicom and pynetdicom know, JPIP excepted.
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(ts for ts in ALL_TRANSFER_SYNTAXES if ts not in JPIP)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+# names of UIDs newer than pydicom's dictionary
+_NAMES = {"1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage"}
+
+
+def uid_name(uid: str) -> str:
+    """A UID's name (pydicom's dictionary, then the newer ones above), else the UID itself."""
+    name = _NAMES.get(uid) or UID(uid).name
+    return name if name and name != uid else uid
 
 
 def is_valid_uid(value: str) -> bool:

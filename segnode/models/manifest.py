@@ -295,6 +295,9 @@ class Manifest(_Strict):
             raise ValueError("normalization is required (only an imported nnU-Net model carries its own)")
         if self.nnunet is not None and len(self.nnunet.normalization) != self.input_channels:
             raise ValueError("nnunet.normalization needs one entry per input channel")
+        colours = [tuple(label.color) for label in self.labels]
+        if len(set(colours)) != len(colours):
+            raise ValueError("labels need distinct colors: a viewer could not tell two segments apart")
         values = [label.value for label in self.labels]
         if not values or sorted(values) != list(range(1, len(values) + 1)):
             raise ValueError("label values must be 1..K without gaps")

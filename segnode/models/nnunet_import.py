@@ -303,7 +303,8 @@ def labels_from_dataset(dataset: dict[str, Any]) -> tuple[list[Label], list[list
                                 f"by label value")
     table = _code_table()
     colours = _palette(len(named))
-    labels, uncoded = [], []
+    labels: list[Label] = []
+    uncoded: list[str] = []
     for i, (value, name) in enumerate(sorted(named)):
         row = table.get(name)
         category = _code(row, "SegmentedPropertyCategoryCodeSequence") if row else None
@@ -313,6 +314,9 @@ def labels_from_dataset(dataset: dict[str, Any]) -> tuple[list[Label], list[list
             category, type_ = Code(**ANATOMICAL_STRUCTURE), Code(**ANATOMICAL_STRUCTURE)
         colour = tuple(int(c) for c in row["DicomRGBColor"].split(",")) if row and row.get("DicomRGBColor") \
             else colours[i]
+        used = {label.color for label in labels}
+        if colour in used:  # distinct, so a viewer tells the segments apart
+            colour = next(c for c in _palette(2 * len(named) + 1) if c not in used)
         labels.append(Label(value=value, name=name, category=category, type=type_,
                             modifier=_code(row, "SegmentedPropertyTypeModifierCodeSequence") if row else None,
                             color=colour))  # type: ignore[arg-type]

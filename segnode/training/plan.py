@@ -19,10 +19,10 @@ CATALOG: dict[str, tuple[str, str, tuple[int, int, int]]] = {
     "liver": ("10200004", "Liver", (221, 130, 101)),
     "spleen": ("78961009", "Spleen", (157, 108, 162)),
     "kidney_right": ("9846003", "Right kidney", (185, 102, 83)),
-    "kidney_left": ("18639004", "Left kidney", (185, 102, 83)),
+    "kidney_left": ("18639004", "Left kidney", (96, 148, 196)),  # not the right kidney's: tell them apart
     "spine": ("421060004", "Vertebral column", (241, 214, 145)),
     "lung_right": ("3341006", "Right lung", (197, 165, 145)),
-    "lung_left": ("44029006", "Left lung", (197, 165, 145)),
+    "lung_left": ("44029006", "Left lung", (128, 174, 128)),
     "heart": ("80891009", "Heart", (206, 110, 84)),
     "clavicles": ("51299004", "Clavicle", (241, 214, 145)),
 }
