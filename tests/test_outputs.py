@@ -165,6 +165,12 @@ def test_contour_images_outline_each_label_in_its_colour_over_the_ct(ct, tmp_pat
     assert not (grey & (truth[middle] == 0)).any()  # the image itself stays grey where there is no label
     assert [s.SOPInstanceUID for s in build_overlays(truth, vol.array, vol.order, sources, prov, "CT")] == \
         [s.SOPInstanceUID for s in scs]  # derived from the job: a re-push is no duplicate
+    # the series is stored reversed and oblique: contour image N shows what CT image N shows, where it shows it
+    for overlay in scs:
+        source = next(s for s in sources if s.SOPInstanceUID == overlay.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert overlay.InstanceNumber == source.InstanceNumber
+        assert overlay.ImagePositionPatient == source.ImagePositionPatient
+        assert overlay.FrameOfReferenceUID == source.FrameOfReferenceUID
 
 
 def test_contour_image_of_a_radiograph(radiograph, tmp_path):

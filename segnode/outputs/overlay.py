@@ -90,6 +90,15 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
     return letter(cosines[:3]), letter(cosines[3:])
 
 
+def _instance_number(source: Dataset, frame: int, fallback: int) -> int:
+    """The source image's Instance Number (a multi-frame source's frame number), so contour image N shows
+    what source image N shows; `fallback` (volume order) when the source has none."""
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        return frame + 1
+    number = source.get("InstanceNumber")
+    return int(number) if number not in (None, "") else fallback
+
+
 def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple[int, int]],
                    sources: Sequence[Dataset], prov: Provenance, modality: str) -> list[Dataset]:
     """Secondary-capture images of the slices that hold a label, in volume order.
@@ -103,8 +112,9 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         modality: DICOM Modality, for the grey range.
 
     Returns:
-        RGB SC instances (8 bit, explicit VR little endian), numbered from 1, each referencing its
-        source image (and frame); none for a label map that is all background.
+        RGB SC instances (8 bit, explicit VR little endian), each numbered and placed as its source image
+        (Instance Number; frame of reference, position and orientation of a single-frame source) and
+        referencing it (and its frame); none for a label map that is all background.
     """
     sources, charset = charset_safe(sources)
     colors: dict[int, Sequence[int]] = {label.value: label.color for label in prov.manifest.labels}
@@ -119,7 +129,8 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         sc = hd.sc.SCImage.from_ref_dataset(
             source, burn_contours(volume[index], labels[index], colors, grey), "RGB", 8, "PATIENT",
             series_instance_uid=series_uid, series_number=SERIES_NUMBER_SC,
-            sop_instance_uid=derived_uid(prov.job_key, "sc", str(int(index))), instance_number=len(out) + 1,
+            sop_instance_uid=derived_uid(prov.job_key, "sc", str(int(index))),
+            instance_number=_instance_number(source, frame, len(out) + 1),
             manufacturer=MANUFACTURER, patient_orientation=patient_orientation(source),
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,  # type: ignore[arg-type]
             transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=[prov.equipment()])
@@ -135,6 +146,10 @@ def build_overlays(labels: np.ndarray, volume: np.ndarray, order: Sequence[tuple
         if int(source.get("NumberOfFrames", 1) or 1) > 1:
             reference.ReferencedFrameNumber = frame + 1
         sc.SourceImageSequence = [reference]
+        if int(source.get("NumberOfFrames", 1) or 1) == 1:  # where it lies, so a viewer can sync it with its slice
+            for keyword in ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation"):
+                if keyword in source:
+                    setattr(sc, keyword, source[keyword].value)
         restore_charset(sc, charset)
         out.append(sc)
     return out
