@@ -139,6 +139,25 @@ def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
     assert {m.derivation.meaning for m in group.get_measurements() if m.derivation} == {"Mean", "Standard Deviation"}
 
 
+def test_a_result_that_replaces_an_earlier_one_says_so_and_names_its_predecessor(ct, tmp_path):
+    """A late instance re-ran the series: the PACS then holds two results; the new ones must say which is current."""
+    _, _, vol, sources, truth = ct
+    names = [label.name for label in _prov().manifest.labels]
+    stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
+    old_seg = build_seg(truth, vol.order, sources, _prov("job-1"))
+    old_sr = build_sr(old_seg, sources, stats, _prov("job-1"))
+    prov = Provenance("job-2", read_manifest(CT_MODEL), previous_sr=old_sr)
+    seg = build_seg(truth, vol.order, sources, prov)
+    sr = build_sr(seg, sources, stats, prov)
+    assert "revised" in seg.SeriesDescription and "revised" in sr.SeriesDescription
+    assert "revised" not in old_seg.SeriesDescription and "revised" not in old_sr.SeriesDescription
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == old_sr.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
+
+
 def _colored(rgb: np.ndarray, color) -> np.ndarray:
     return (rgb == np.asarray(color, dtype=np.uint8)).all(axis=-1)
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
 from segnode.config import Settings
-from segnode.datadir import result_files
+from segnode.datadir import SR_FILE, result_files
 from segnode.delivery.send import DeliveryError, deliver
 from segnode.errors import ConfigurationError, SegnodeError
 from segnode.flow import Job, JobKind, JobState
@@ -124,7 +124,9 @@ class Worker:
                 f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
                 f"version again and retry the job, or send the series again to have it routed to the installed one")
         result = infer_series(folder, files, out, self.options, assumed_spacing=job.assumed_spacing_mm)
-        encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs)
+        previous = self.data.result_folder(job.supersedes) / SR_FILE if job.supersedes is not None else None
+        encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs,
+                                 previous_sr=previous if previous is not None and previous.exists() else None)
         overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
         if result.volume.assumed_spacing:
             overlays += (f"; pixel spacing ASSUMED {job.assumed_spacing_mm:g} mm (rule {job.rule}), not measured: "

@@ -29,7 +29,7 @@ class EncodingError(SegnodeError):
 
 
 def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
-                   outputs: OutputsConfig | None = None) -> EncodedResults:
+                   outputs: OutputsConfig | None = None, previous_sr: Path | None = None) -> EncodedResults:
     """Write OUT/seg.dcm and OUT/sr.dcm (and OUT/sc-NNNN.dcm) for the segmentation in `result` of the
     series `files`, and list them in the result's record (segmentation.json).
 
@@ -39,6 +39,8 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
         manifest: the model that produced it (labels, codes, version: the provenance).
         job_key: the job's idempotency key, from which the result UIDs are derived (same job: same UIDs).
         outputs: SEG encoding (`seg_type`) and whether to write contour images (`secondary_capture`).
+        previous_sr: The SR of the result this one replaces, if any: the new objects' series descriptions say
+            "revised" and the SR lists the old one in its Predecessor Documents Sequence.
     Returns:
         The files written and their SOP Instance UIDs, with each label's volume in mL.
     Raises:
@@ -46,7 +48,8 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
         OSError, MemoryError: the disk or memory ran out (may pass on a later try).
     """
     try:
-        return _encode(result, files, manifest, job_key, out, outputs or OutputsConfig())
+        previous = dcmread(previous_sr, stop_before_pixels=True) if previous_sr is not None else None
+        return _encode(result, files, Provenance(job_key, manifest, previous), out, outputs or OutputsConfig())
     except (OSError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - highdicom/pydicom raise many types; all are this input's
@@ -54,12 +57,12 @@ def encode_results(result: SegmentedSeries, files: Sequence[Path], manifest: Man
         raise EncodingError(f"the results could not be encoded as DICOM: {type(exc).__name__}: {exc}") from exc
 
 
-def _encode(result: SegmentedSeries, files: Sequence[Path], manifest: Manifest, job_key: str, out: Path,
+def _encode(result: SegmentedSeries, files: Sequence[Path], prov: Provenance, out: Path,
             outputs: OutputsConfig) -> EncodedResults:
     seg_type, secondary_capture = outputs.seg_type, outputs.secondary_capture
     start = time.perf_counter()
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
-    prov = Provenance(job_key, manifest)
+    manifest = prov.manifest
     labels = result.segmentation.labels
     seg = build_seg(labels, result.volume.order, sources, prov, seg_type)
     stats = segment_stats(labels, result.volume.array, result.volume.affine, [lb.value for lb in manifest.labels],

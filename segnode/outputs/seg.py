@@ -36,11 +36,13 @@ class Provenance:
 
     job_key: str  # the job's idempotency key
     manifest: Manifest
+    previous_sr: Dataset | None = None  # the SR of the result this one replaces (a late instance re-ran the series)
 
     @property
     def model_label(self) -> str:
-        """The model's name and version ("name version"), as the series descriptions show it."""
-        return f"{self.manifest.name} {self.manifest.version}"
+        """The model's name and version ("name version"), as the series descriptions show it; "revised" when it
+        replaces an earlier result of the same series, so the PACS shows which is current."""
+        return f"{self.manifest.name} {self.manifest.version}{' revised' if self.previous_sr is not None else ''}"
 
     @property
     def device_uid(self) -> str:

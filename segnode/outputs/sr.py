@@ -170,7 +170,8 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg, *sources], content=report[0], series_instance_uid=derived_uid(prov.job_key, "sr-series"),
         series_number=SERIES_NUMBER_SR, sop_instance_uid=derived_uid(prov.job_key, "sr"), instance_number=1,
-        manufacturer=MANUFACTURER, is_complete=True, contributing_equipment=[prov.equipment()])
+        manufacturer=MANUFACTURER, is_complete=True, contributing_equipment=[prov.equipment()],
+        previous_versions=[prov.previous_sr] if prov.previous_sr is not None else None)  # Predecessor Documents
     sr.SeriesDescription = f"Measurements {prov.model_label}"[:64]
     _one_segment_reference(sr, seg)
     restore_charset(sr, charset)
