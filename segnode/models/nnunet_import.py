@@ -348,6 +348,9 @@ def _resampling(configuration: dict[str, Any], which: str) -> NnUNetResampling:
         raise NnUNetImportError(f"plans.json: resampling_fn_{which} is {fn!r}; segnode reproduces nnU-Net's default "
                                 f"{_RESAMPLING_FN} only")
     kwargs = configuration.get(f"resampling_fn_{which}_kwargs", {})
+    if which == "probabilities" and int(kwargs.get("order", 1)) != 1:  # segnode.inference.nnunet.export is linear
+        raise NnUNetImportError(f"plans.json: the logits are resampled with order {kwargs.get('order')}; segnode "
+                                f"reproduces nnU-Net's default order 1 only")
     return NnUNetResampling(order=int(kwargs.get("order", 3 if which == "data" else 1)),
                             order_z=int(kwargs.get("order_z", 0)), force_separate_z=kwargs.get("force_separate_z"))
 
