@@ -259,12 +259,7 @@ class Engine:
             x = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None, None].to(self.device)
             assert self.manifest.normalization is not None  # Manifest validation: only nnU-Net models have none
             x = normalize(resample(x, grid.to_source, grid.shape), self.manifest.normalization)
-            self._sync()
-            timings.preprocess = time.perf_counter() - start
-            start = time.perf_counter()
-            logits = self.logits(x)
-            self._sync()
-            timings.windows = time.perf_counter() - start
+            logits = self._timed_logits(x, timings, start)
             start = time.perf_counter()
             labels = self.labels_in_source(logits, grid, volume.array.shape)
             timings.resample = time.perf_counter() - start
@@ -279,6 +274,16 @@ class Engine:
         if self.options.mirror and not self.mirror_dims:
             notes.append(f"mirroring requested, but {self.manifest.name} allows no mirror axis: not mirrored")
         return Segmentation(labels, timings, notes)
+
+    def _timed_logits(self, x: torch.Tensor, timings: Timings, since: float) -> torch.Tensor:
+        """`logits(x)` on the prepared input, recording timings.preprocess (from `since`) and timings.windows."""
+        self._sync()
+        timings.preprocess = time.perf_counter() - since
+        start = time.perf_counter()
+        logits = self.logits(x)
+        self._sync()
+        timings.windows = time.perf_counter() - start
+        return logits
 
     def _check_coverage(self, volume: Volume) -> None:
         """A 3D model sees a patch of the body at once and was trained on whole regions: on a series that

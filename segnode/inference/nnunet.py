@@ -270,12 +270,7 @@ class NnUNetEngine(Engine):
         data = resample_image(data, shape, spacing, target, self.nn.resampling_data, self.nn.anisotropy_threshold)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(self.device)
-            self._sync()
-            timings.preprocess = time.perf_counter() - start
-            start = time.perf_counter()
-            logits = self.logits(x)
-            self._sync()
-            timings.windows = time.perf_counter() - start
+            logits = self._timed_logits(x, timings, start)
             start = time.perf_counter()
             labels = self.export(logits, cropped, target, spacing)
             timings.resample = time.perf_counter() - start
