@@ -483,15 +483,21 @@ def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, 
         # nibabel_reader_writer.NibabelIOWithReorient: as_reoriented(io_orientation(affine)), then (k, j, i)
         raise NnUNetImportError(f"--orientation {orientation}: the model was trained through NibabelIOWithReorient, "
                                 f"which turns every image to RAS and reads it as (k, j, i): its arrays are SAR")
+    dataset_name = str(plans.get("dataset_name", model.parent.name))
+    name = options.name or _default_name(dataset_name, configuration_name)
+    folder = models_root / name
+    if os.path.lexists(folder):  # before any checkpoint is read
+        raise NnUNetImportError(f"{folder} exists already: choose another --name or remove it")
     labels, regions, order, uncoded = labels_from_dataset(dataset)
     heads = len(regions) if regions is not None else len(labels) + 1
     arch = architecture_block(configuration)
     _check_patch(configuration, arch)
+    spatial_dims = len(configuration["patch_size"])
     folds = _folds(model, options)
     nets: dict[str, torch.nn.Module] = {}
     mirror_axes: list[int] | None = None
     checkpoint_trainer = trainer
-    for fold in folds:
+    for index, fold in enumerate(folds):
         checkpoint = load_checkpoint(model / f"fold_{fold}" / options.checkpoint)
         try:
             net = build_nnunet_network(arch, channels, heads)
@@ -504,10 +510,9 @@ def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, 
                                     f"describes ({str(exc).splitlines()[0][:200]}); was it trained with a custom "
                                     f"network?") from exc
         nets[fold] = net.eval()
-        mirror_axes = _mirror_axes(checkpoint.get("inference_allowed_mirroring_axes"), len(configuration["patch_size"]),
-                                   fold)
-        checkpoint_trainer = str(checkpoint.get("trainer_name", trainer))
-    spatial_dims = len(configuration["patch_size"])
+        axes = _mirror_axes(checkpoint.get("inference_allowed_mirroring_axes"), spatial_dims, fold)
+        if index == 0:  # as nnUNetPredictor: mirroring axes and trainer from the first fold's checkpoint
+            mirror_axes, checkpoint_trainer = axes, str(checkpoint.get("trainer_name", trainer))
     transpose_forward = [int(i) for i in plans.get("transpose_forward", [0, 1, 2])]
     nnunet = _validated(
         NnUNet, "plans.json",
@@ -520,8 +525,6 @@ def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, 
         resampling_probabilities=_resampling(configuration, "probabilities"),
         anisotropy_threshold=_ANISO_THRESHOLD, use_mirroring=mirror_axes is not None,
         regions=regions, regions_class_order=order)
-    dataset_name = str(plans.get("dataset_name", model.parent.name))
-    name = options.name or _default_name(dataset_name, configuration_name)
     try:
         manifest = Manifest(
             name=name, version=options.version, modality=options.modality or _modality(dataset),
@@ -537,9 +540,6 @@ def _import(options: ImportOptions, models_root: Path) -> tuple[Path, Manifest, 
             nnunet=nnunet)
     except ValueError as exc:
         raise NnUNetImportError(f"cannot describe {model.name} as a segnode model: {_one_line(exc)}") from exc
-    folder = models_root / name
-    if os.path.lexists(folder):
-        raise NnUNetImportError(f"{folder} exists already: choose another --name or remove it")
     warnings = []
     if uncoded:
         warnings.append(f"no SNOMED CT code known for label(s) {', '.join(uncoded)}: typed 'Anatomical Structure' in "
