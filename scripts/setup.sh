@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl; do
+for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/sbin/nginx /usr/bin/chromium; do
     [ -x "$bin" ] || need_apt+=("$bin")
 done
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(dicomweb)
@@ -14,7 +14,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages (missing: ${need_apt[*]})"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql docker-compose >/dev/null
+    # nginx serves OHIF for the demo and the browser tests; chromium is the browser Playwright drives
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql \
+        docker-compose nginx chromium >/dev/null
 fi
 
 PY="${PYTHON:-python3}"
@@ -24,4 +26,5 @@ PY="${PYTHON:-python3}"
 # timm -> torchvision would replace the CPU torch with a CUDA build; what they need is in pyproject.toml
 "$PY" -m pip install -q --no-deps "dynamic-network-architectures==0.4.4" "nnunetv2==2.8.1"
 "$PY" -m pip install -q -e ".[test]"
+PYTHON="$PY" bash scripts/install_ohif.sh  # the viewer (npm's @ohif/app dist) for the demo and browser tests
 echo "setup: done"

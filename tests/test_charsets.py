@@ -58,7 +58,7 @@ def test_the_character_set_and_the_names_pass_into_seg_and_sr(series, tmp_path, 
     prov = Provenance("charset-job", read_manifest(default_models_dir() / "ct-abdomen-phantom-3d"))
     seg = build_seg(labels, vol.order, sources, prov)
     stats = segment_stats(labels, vol.array, vol.affine, [1], ["liver"], hounsfield=True)
-    sr = build_sr(seg, sources, stats, prov)
+    sr = build_sr(seg, sources, vol.order, stats, prov)
     expected = charset if isinstance(charset, list) else [charset]
     for built, read in ((seg, hd.seg.segread), (sr, hd.sr.srread)):
         buffer = io.BytesIO()

@@ -21,6 +21,8 @@ def test_demo_delivers_seg_and_sr_to_orthanc_with_lineage(tmp_path):
     assert "liver" in out and "mL (truth" in out and "Dice 0.9" in out
     assert "DICOM Instances Transferred: confirmed by Orthanc REST" in out
     assert "audit trail:" in out and "intact" in out
+    viewer = [line for line in out.splitlines() if line.startswith("in OHIF, the ")]
+    assert len(viewer) == 2 and all("/viewer?StudyInstanceUIDs=1.2.826." in line for line in viewer), out
 
 
 def test_demo_can_use_an_orthanc_that_is_already_running(tmp_path):

@@ -33,6 +33,10 @@ def test_container_config_and_pacs_config_agree():
     (dest,) = [settings.destinations[d] for d in settings.routing.default_destinations]  # results go back to the PACS
     assert (dest.ae_title, dest.host, dest.port) == (pacs["DicomAet"], "orthanc", pacs["DicomPort"])
     assert dest.orthanc_url == f"http://orthanc:{pacs['HttpPort']}"
+    # the OHIF route (http://localhost:8042/ohif/) reads the PACS over DICOMweb, as the demo's viewer does
     assert compose["services"]["orthanc"]["environment"]["OHIF_PLUGIN_ENABLED"] == "true"
+    assert compose["services"]["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert pacs["OHIF"]["DataSource"] == "dicom-web" and pacs["DicomWeb"]["Enable"] is True
+    assert pacs["DicomWeb"]["Root"] == "/dicom-web/"
     ports = compose["services"]["segnode"]["ports"]
     assert f"{settings.dimse.port}:{settings.dimse.port}" in ports and f"{settings.http.port}:{settings.http.port}" in ports

@@ -258,7 +258,7 @@ def test_an_imported_model_routes_and_its_seg_and_sr_carry_its_codes(nnunet_fold
     assert _dciodvfy_errors(seg, tmp_path / "seg.dcm") == []
     stats = segment_stats(labels, volume.array, volume.affine, [1, 2, 3, 4, 5],
                           [label.name for label in manifest.labels], hounsfield=True)
-    assert _dciodvfy_errors(build_sr(seg, sources, stats, prov), tmp_path / "sr.dcm") == []
+    assert _dciodvfy_errors(build_sr(seg, sources, volume.order, stats, prov), tmp_path / "sr.dcm") == []
 
 
 @pytest.mark.gpu

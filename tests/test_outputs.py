@@ -10,6 +10,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from scipy import ndimage
 
 from segnode.imaging.volume import read_series
 from segnode.config import default_models_dir
@@ -24,12 +25,8 @@ from tests.test_series import _enhanced
 CT_MODEL = default_models_dir() / "ct-abdomen-phantom-3d"
 
 
-# Debian's dicom3tools (2022) predates the Label Map Segmentation IOD (2024): it does not know the
-# SOP class and reads segment 0 (the background a label map may describe) as a numbering error
-UNKNOWN_TO_DCIODVFY_2022 = {
-    "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
-    "(from one) with SegmentNumber of 0"}
+# Debian's dicom3tools (2022) predates the Label Map Segmentation IOD (2024): it does not know the SOP class
+UNKNOWN_TO_DCIODVFY_2022 = {"Error - Information Object Not found"}
 
 
 def _dciodvfy_errors(ds, path: Path) -> list[str]:
@@ -65,6 +62,10 @@ def test_seg_is_valid_and_reads_back_to_the_label_map(ct, tmp_path, kind, compre
     np.testing.assert_array_equal(labels_from_seg(back, sources, vol.order), truth)
     if kind == "BINARY":  # empty frames are left out
         assert int(back.NumberOfFrames) == sum(int((np.unique(s) > 0).sum()) for s in truth)
+    else:  # background is the padding value only: OHIF takes the n-th segment item as segment n
+        assert back.PixelPaddingValue == 0
+        assert [int(s.SegmentNumber) for s in back.SegmentSequence] == [1, 2, 3, 4, 5]
+        assert [s.SegmentLabel for s in back.SegmentSequence][0] == "liver"
 
 
 def test_seg_carries_codes_colors_algorithm_and_provenance(ct):
@@ -122,7 +123,7 @@ def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
     seg = build_seg(truth, vol.order, sources, prov)
     names = [label.name for label in prov.manifest.labels]
     stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
-    sr = build_sr(seg, sources, stats, prov)
+    sr = build_sr(seg, sources, vol.order, stats, prov)
     assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
     liver = next(s for s in stats if s.name == "liver")
     voxel_ml = 5.0 * phantom.pixel_spacing[0] * phantom.pixel_spacing[1] / 1000
@@ -139,16 +140,61 @@ def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
     assert {m.derivation.meaning for m in group.get_measurements() if m.derivation} == {"Mean", "Standard Deviation"}
 
 
+def _filled(outline: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centres lie inside a SCOORD polyline ((column, row), pixel centres at +0.5)."""
+    from matplotlib.path import Path as Polygon
+
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
+    return Polygon(outline).contains_points(centres).reshape(shape)
+
+
+def test_sr_outlines_each_segment_on_its_largest_section_for_viewers_that_draw_regions(ct, tmp_path):
+    """OHIF lists and draws a measurement only when its group holds a SCOORD: each segment also gets a planar
+    group, with the same tracking UID, outlining it on the source image where it is largest (reversed, oblique
+    series: the reference must be that slice's own instance)."""
+    _, _, vol, sources, truth = ct
+    prov = _prov()
+    seg = build_seg(truth, vol.order, sources, prov)
+    names = [label.name for label in prov.manifest.labels]
+    stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
+    sr = build_sr(seg, sources, vol.order, stats, prov)
+    assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
+    parsed = hd.sr.srread(tmp_path / "sr.dcm")
+    volumetric = {g.tracking_uid: g for g in parsed.content.get_volumetric_roi_measurement_groups()}
+    outlines = parsed.content.get_planar_roi_measurement_groups()
+    assert len(outlines) == len(volumetric) == len(stats)
+    by_uid = {str(s.SOPInstanceUID): i for i, s in enumerate(sources)}
+    for group in outlines:
+        value = names.index(group.tracking_identifier) + 1
+        assert group.tracking_uid in volumetric  # OHIF merges both groups by it: the volume is listed too
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        np.testing.assert_array_equal(points[0], points[-1])  # closed
+        referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID  # SELECTED FROM
+        section = next(i for i, (file, _) in enumerate(vol.order) if file == by_uid[referenced])
+        areas = [(truth[i] == value).sum() for i in range(len(truth))]
+        assert areas[section] == max(areas), group.tracking_identifier
+        parts, _ = ndimage.label(truth[section] == value)  # the largest part: one outline per group
+        truth_slice = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
+        drawn = _filled(points, truth.shape[1:])
+        assert (drawn & truth_slice).sum() * 2 / (drawn.sum() + truth_slice.sum()) > 0.95, group.tracking_identifier
+        (area,) = group.get_measurements()
+        pixel_cm2 = float(np.prod(vol.spacing[1:])) / 100
+        assert area.name.meaning == "Area" and area.value == pytest.approx(truth_slice.sum() * pixel_cm2, rel=1e-3)
+
+
 def test_a_result_that_replaces_an_earlier_one_says_so_and_names_its_predecessor(ct, tmp_path):
     """A late instance re-ran the series: the PACS then holds two results; the new ones must say which is current."""
     _, _, vol, sources, truth = ct
     names = [label.name for label in _prov().manifest.labels]
     stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
     old_seg = build_seg(truth, vol.order, sources, _prov("job-1"))
-    old_sr = build_sr(old_seg, sources, stats, _prov("job-1"))
+    old_sr = build_sr(old_seg, sources, vol.order, stats, _prov("job-1"))
     prov = Provenance("job-2", read_manifest(CT_MODEL), previous_sr=old_sr)
     seg = build_seg(truth, vol.order, sources, prov)
-    sr = build_sr(seg, sources, stats, prov)
+    sr = build_sr(seg, sources, vol.order, stats, prov)
     assert "revised" in seg.SeriesDescription and "revised" in sr.SeriesDescription
     assert "revised" not in old_seg.SeriesDescription and "revised" not in old_sr.SeriesDescription
     (study,) = sr.PredecessorDocumentsSequence
@@ -211,11 +257,11 @@ def test_sr_of_a_radiograph_reports_areas_on_its_plane_never_volumes(radiograph,
     values = [label.value for label in prov.manifest.labels]
     stats = segment_stats(labels, vol.array, vol.affine, values, names, hounsfield=False, planar=True)
     assert all(s.volume_ml is None and s.mean is None for s in stats)
-    sr = build_sr(seg, [source], stats, prov)
+    sr = build_sr(seg, [source], vol.order, stats, prov)
     assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
     parsed = hd.sr.srread(tmp_path / "sr.dcm")
     assert parsed.content.get_volumetric_roi_measurement_groups() == []
-    groups = parsed.content.get_planar_roi_measurement_groups()
+    groups = [g for g in parsed.content.get_planar_roi_measurement_groups() if g.referenced_segmentation_frame]
     assert len(groups) == len(stats) == len(names)
     pixel_cm2 = float(dx.dataset.PixelSpacing[0]) * float(dx.dataset.PixelSpacing[1]) / 100
     for value, name in zip(values, names):

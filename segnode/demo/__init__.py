@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from segnode.audit.trail import verify_connection
 from segnode.config import Settings
 from segnode.datadir import LABELS_FILE, RECORD_FILE
 from segnode.demo.pacs import PACS, RunningOrthanc, orthanc
+from segnode.demo.viewer import Viewer, ohif
 from segnode.flow import JobKind, JobState
 from segnode.imaging.nifti import read_labels
 from segnode.imaging.volume import read_series
@@ -30,7 +32,7 @@ from segnode.logs import setup_logging
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
 from segnode.phantom.dx import DXOptions, generate_dx, write_dx
 from segnode.service import Node
-from segnode.tools import dcmtk
+from segnode.tools import ToolMissing, dcmtk
 from segnode.training.metrics import label_metrics
 
 
@@ -54,7 +56,10 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
         ToolMissing: Orthanc or dcmtk is not installed, or no Orthanc answers at `orthanc_url`.
     """
     env = dict(os.environ, TCP_NODELAY="1")
-    with (RunningOrthanc.at(options.orthanc_url) if options.orthanc_url else orthanc(options.data_dir / "orthanc")) as pacs:
+    with ExitStack() as stack:
+        pacs: PACS = (stack.enter_context(RunningOrthanc.at(options.orthanc_url)) if options.orthanc_url
+                      else stack.enter_context(orthanc(options.data_dir / "orthanc")))
+        viewer = _viewer(stack, options.data_dir / "viewer", pacs, say)
         settings = settings_for(options.data_dir, pacs)
         data = settings.data
         setup_logging(settings.log_level)
@@ -112,12 +117,15 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
                 ok &= job.state == JobState.SUCCEEDED
             study = _study_of(cases[0][2][0])
             say(f"\nin Orthanc: {pacs.url}/app/explorer.html (the CT study holds the images, the SEG and the SR)")
+            if viewer is not None:
+                for what, _, files, *_ in cases:
+                    say(f"in OHIF, the {what} study: {viewer.study_url(_study_of(files[0]))}")
             with node.engine.connect() as conn:
                 say("\n".join(render(trace(conn, data, study))))
                 verified = verify_connection(conn, data.audit_head)
             say(f"audit trail: {verified.count} events, {'intact' if verified.ok else 'BROKEN'}; data in {options.data_dir}")
             if options.keep:
-                say("running until Ctrl-C (--keep)")
+                say("running until Ctrl-C (--keep)" + (f"; OHIF at {viewer.url}" if viewer else ""))
                 stop = threading.Event()
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
                 stop.wait()
@@ -125,6 +133,16 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
         finally:
             node.stop()
 
+
+
+def _viewer(stack: ExitStack, workdir: Path, pacs: PACS, say: Callable[[str], None]) -> Viewer | None:
+    """OHIF for the PACS, or None (said why) when nginx or OHIF's dist is missing: the demo's results are in
+    the PACS either way."""
+    try:
+        return stack.enter_context(ohif(workdir, f"{pacs.url}/dicom-web/", pacs.username, pacs.password))
+    except ToolMissing as exc:
+        say(f"viewer: not started ({exc})")
+        return None
 
 
 def _study_of(path: Path) -> str:

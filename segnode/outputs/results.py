@@ -68,7 +68,7 @@ def _encode(result: SegmentedSeries, files: Sequence[Path], prov: Provenance, ou
     stats = segment_stats(labels, result.volume.array, result.volume.affine, [lb.value for lb in manifest.labels],
                           [lb.name for lb in manifest.labels], hounsfield=str(sources[0].get("Modality")) == "CT",
                           planar=result.volume.projection)
-    sr = build_sr(seg, sources, stats, prov, assumed_spacing=result.volume.assumed_spacing)
+    sr = build_sr(seg, sources, result.volume.order, stats, prov, assumed_spacing=result.volume.assumed_spacing)
     seg.save_as(out / SEG_FILE, enforce_file_format=True)
     sr.save_as(out / SR_FILE, enforce_file_format=True)
     overlays = []

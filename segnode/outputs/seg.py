@@ -176,11 +176,22 @@ def build_seg(labels: np.ndarray, order: Sequence[tuple[int, int]], sources: Seq
         content_creator_name="segnode^automatic", transfer_syntax_uid=syntax, omit_empty_frames=True,
         contributing_equipment=[prov.equipment()], pixel_measures=measures)
     seg.DeviceUID = prov.device_uid
+    if kind == "LABELMAP":
+        _background_by_padding_only(seg)
     if "FrameOfReferenceUID" not in images[0]:  # a projection image: orientation by patient directions
         seg.PatientOrientation = images[0].get("PatientOrientation", ["", ""])
     seg.SeriesDescription = f"SEG {prov.model_label}"[:64]
     restore_charset(seg, charset)
     return seg
+
+
+def _background_by_padding_only(seg: Dataset) -> None:
+    """A label map's background is the Pixel Padding Value (PS3.3 C.8.20.2, Sup 243); highdicom also lists it
+    as segment 0. OHIF 3.13 (cornerstone's SEG adapter before cornerstone3D #2882) takes the n-th item of
+    the Segment Sequence as segment n, so that item listed a "Background" segment and shifted every colour
+    by one. Only the model's segments are listed; pixel value 0 stays background by the padding value."""
+    padding = int(seg.PixelPaddingValue)
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != padding]
 
 
 def labels_from_seg(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -9,11 +9,14 @@ from typing import Sequence
 
 import highdicom as hd
 import numpy as np
+from scipy import ndimage
+from skimage import measure
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from segnode.dicom.uids import derived_uid
+from segnode.models.manifest import Label
 from segnode.outputs.seg import MANUFACTURER, SERIES_NUMBER_SR, Provenance, _coded, charset_safe, restore_charset
 
 MILLILITER = Code("ml", "UCUM", "milliliter")
@@ -47,6 +50,33 @@ class SegmentStats:
     area_cm2: float | None = None
     mean: float | None = None
     std: float | None = None
+    section: int = 0
+    section_area_cm2: float = 0.0
+    outline: np.ndarray | None = None
+
+
+def largest_section(mask: np.ndarray) -> tuple[int, np.ndarray, int]:
+    """The slice where a segment is largest, and the outline of its largest connected part there.
+
+    Args:
+        mask: (slices, rows, cols) bool, not empty.
+
+    Returns:
+        (slice index, (n, 2) float closed polyline: first point == last, pixel count of that part). The outline
+        is the boundary between the part's pixels and the others (marching squares, scikit-image) in DICOM
+        SCOORD image coordinates: (column, row), (0, 0) the top left corner of the top left pixel, so a pixel's
+        centre is at (c + 0.5, r + 0.5). Holes in the part are not outlined (one SCOORD per group).
+    """
+    section = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
+    parts, count = ndimage.label(mask[section])  # 4-connected, as the outline separates diagonal neighbours
+    sizes = np.bincount(parts.ravel(), minlength=count + 1)[1:]
+    part = parts == int(np.argmax(sizes)) + 1
+    padded = np.pad(part, 1).astype(np.float32)  # closes outlines that touch the image border
+    contours = measure.find_contours(padded, 0.5)
+    # the outer boundary encloses the largest area (shoelace); the others are holes
+    outer = max(contours, key=lambda c: abs(float(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1]))))
+    outer = measure.approximate_polygon(outer, tolerance=0.25)  # drops the collinear points of pixel edges
+    return section, np.ascontiguousarray(outer[:, ::-1] - 0.5), int(sizes.max())  # padded (row, col) -> SCOORD
 
 
 def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, values: Sequence[int],
@@ -65,7 +95,9 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
         planar: A projection image: areas in cm², no volume (its depth is a convention, not a measure).
 
     Returns:
-        One SegmentStats per label present, in `values` order; absent labels are left out.
+        One SegmentStats per label present, in `values` order; absent labels are left out. Each also
+        gives its largest section (slice index in `labels`), the outline of its largest part there and that
+        part's area (`largest_section`).
     """
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     pixel_cm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2])) / 100.0
@@ -77,6 +109,8 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
             continue
         stats = (SegmentStats(value, name, n, area_cm2=n * pixel_cm2) if planar
                  else SegmentStats(value, name, n, volume_ml=n * voxel_ml))
+        stats.section, stats.outline, pixels = largest_section(mask)
+        stats.section_area_cm2 = pixels * pixel_cm2
         if hounsfield:
             inside = image[mask]
             stats.mean, stats.std = float(inside.mean()), float(inside.std())
@@ -94,8 +128,8 @@ def _frame_of(seg: Dataset, segment: int) -> int:
     return 1
 
 
-def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentStats], prov: Provenance,
-             assumed_spacing: bool = False) -> Dataset:
+def build_sr(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int, int]],
+             stats: Sequence[SegmentStats], prov: Provenance, assumed_spacing: bool = False) -> Dataset:
     """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3 decimals;
     a volumetric ROI group) or, on a projection image, its area (cm², 3 decimals; a planar ROI group
     referencing the SEG frame) and, where measured, HU mean and std (2 decimals), observed by the model
@@ -152,9 +186,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
                 finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
                 measurements=measurements))
             continue
-        # laterality (TotalSegmentator's Kidney + Left) goes with the finding site; other modifiers live in the SEG
-        sites = ([hd.sr.FindingSite(anatomic_location=_coded(label.type), laterality=_coded(label.modifier))]
-                 if label.modifier is not None and label.modifier.value in LATERALITY else None)
+        sites = _finding_sites(label)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment(
@@ -162,6 +194,9 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
                 source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
             finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
             finding_sites=sites, measurements=measurements))
+    for s in stats:  # after the segment groups: readers that take the first group of a tracking UID get those
+        groups.append(_outline_group(s, sources, order, labels[s.value], prov, algorithm,
+                                     ASSUMED_SPACING if assumed_spacing else None))
     modality = str(getattr(sources[0], "Modality", ""))
     procedure = codes.SCT.ComputedTomography if modality == "CT" else codes.SCT.ImagingProcedure
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -176,6 +211,34 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], stats: Sequence[SegmentSt
     _one_segment_reference(sr, seg)
     restore_charset(sr, charset)
     return sr
+
+
+def _outline_group(s: SegmentStats, sources: Sequence[Dataset], order: Sequence[tuple[int, int]], label: Label,
+                   prov: Provenance, algorithm: hd.sr.AlgorithmIdentification, method: Code | None
+                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group: the segment's outline on its largest section, tracked as the segment's own group."""
+    assert s.outline is not None, "segment_stats gives every segment its outline"
+    file, frame = order[s.section]
+    source = sources[file]
+    frames = [frame + 1] if int(getattr(source, "NumberOfFrames", 1) or 1) > 1 else None
+    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=s.outline,
+                               source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID,
+                                                                       referenced_frame_numbers=frames))
+    area = ([] if s.area_cm2 is not None else  # a projection's area is in its segment group already
+            [hd.sr.Measurement(name=codes.SCT.Area, value=round(s.section_area_cm2, 3), unit=SQUARE_CENTIMETER,
+                               algorithm_id=algorithm, method=method)])
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(prov.job_key, "roi", str(s.value)),
+                                                     identifier=s.name),
+        referenced_region=region, finding_type=_coded(label.type), finding_category=_coded(label.category),
+        algorithm_id=algorithm, finding_sites=_finding_sites(label), measurements=area or None)
+
+
+def _finding_sites(label: Label) -> list[hd.sr.FindingSite] | None:
+    """Laterality (TotalSegmentator's Kidney + Left) goes with the finding site; other modifiers live in the SEG."""
+    if label.modifier is None or label.modifier.value not in LATERALITY:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=_coded(label.type), laterality=_coded(label.modifier))]
 
 
 def _one_segment_reference(sr: Dataset, seg: Dataset) -> None:
