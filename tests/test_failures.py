@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -82,6 +83,88 @@ def test_stalled_association_is_aborted_after_the_network_timeout(start_node):
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert assoc.is_aborted
+    assert echo_ok(node)
+
+
+def _associate_rq(calling: bytes = b"TRICKLE") -> bytes:
+    """A valid A-ASSOCIATE-RQ for Verification, as pynetdicom encodes it."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling.decode(), "SEGNODE"
+    context = __import__("pynetdicom").build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _trickle(port: int, data: bytes, every: float, stop_after: float) -> tuple[float, bytes]:
+    """Send `data` a byte every `every` s until the node closes on us (or `stop_after` s); returns how long
+    the node let us go on and what it answered."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    start = time.monotonic()
+    try:
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            time.sleep(every)
+            if time.monotonic() - start > stop_after:
+                break
+        sock.settimeout(5)
+        answer = sock.recv(100)
+    except OSError:
+        answer = b""
+    finally:
+        sock.close()
+    return time.monotonic() - start, answer
+
+
+def test_an_association_request_trickled_a_byte_at_a_time_is_dropped_at_the_deadline(start_node):
+    """Each byte arrives well within the timeout, but the request as a whole must be in within acse_timeout
+    of the accept (ARTIM): slow peers holding every association slot free them at that deadline."""
+    node = start_node(dimse={"acse_timeout": 1.0, "max_associations": 2})
+    results: list[tuple[float, bytes]] = []
+    threads = [threading.Thread(target=lambda: results.append(_trickle(node.dimse.port, _associate_rq(), 0.2, 8)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    for took, answer in results:
+        assert took < 4, took  # cut off near 1 s, not after the 10 s the whole request would take
+        assert answer in (b"",) or answer[0] == 0x07
+    assert echo_ok(node)
+
+
+def test_a_pdu_trickled_a_byte_at_a_time_is_aborted_at_the_deadline(start_node):
+    node = start_node(dimse={"network_timeout": 1.0})
+    sock = socket.create_connection(("127.0.0.1", node.dimse.port), timeout=10)
+    sock.sendall(_associate_rq())
+    assert sock.recv(6)[0] == 0x02  # A-ASSOCIATE-AC
+    sock.recv(65536)
+    start = time.monotonic()
+    pdata = bytes([0x04, 0, 0, 0, 0, 100]) + bytes(100)  # a P-DATA-TF that never completes in time
+    answer = b""
+    try:
+        for byte in pdata:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - start > 8:
+                break
+        sock.settimeout(5)
+        answer = sock.recv(100)
+    except OSError:
+        pass
+    sock.close()
+    assert time.monotonic() - start < 4
+    assert answer in (b"",) or answer[0] == 0x07
     assert echo_ok(node)
 
 

@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 from segnode.audit import events as audit
 from segnode.config import DimseConfig
@@ -113,18 +114,26 @@ class DimseServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        last_warning = -1e9
         while not self._stopping.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
+                # out of descriptors or memory (EMFILE, ENFILE, ENOBUFS): pending peers wait in the backlog
+                # while associations end; back off instead of spinning and logging in a loop
+                if time.monotonic() - last_warning > 60:
+                    log.error("DIMSE accept() failed: %s; retrying every 0.1 s (raise the open-file limit, "
+                              "or lower dimse.max_associations)", exc)
+                    last_warning = time.monotonic()
+                time.sleep(0.1)
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn, addr), name=f"assoc-{addr[0]}:{addr[1]}",
-                             daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, addr, time.monotonic()),
+                             name=f"assoc-{addr[0]}:{addr[1]}", daemon=True).start()
 
-    def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+    def _serve(self, conn: socket.socket, addr: tuple[str, int], accepted_at: float) -> None:
         raw = conn
         with self._lock:
             self._active.add(raw)
@@ -141,7 +150,7 @@ class DimseServer:
                                                   detail=f"TLS handshake failed: {type(exc).__name__}"))
                     conn.close()
                     return
-            Association(conn, addr[:2], self.cfg, self.store, self._admit).run()
+            Association(conn, addr[:2], self.cfg, self.store, self._admit, accepted_at).run()
         finally:
             with self._lock:
                 self._active.discard(raw)

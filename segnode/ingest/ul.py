@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -105,23 +106,36 @@ class Association:
     """
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], cfg: "DimseConfig", store: StoreService,
-                 admit: Callable[[], str | None]) -> None:
+                 admit: Callable[[], str | None], accepted_at: float | None = None) -> None:
         self.sock, self.cfg, self.store, self.admit = sock, cfg, store, admit
         self.peer = Peer("dimse", address[0], address[1])
         self.contexts: dict[int, Context] = {}
         self.peer_max_pdu = 0
         self.buf = bytearray(64 * 1024)
+        # ARTIM (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must be in within acse_timeout of the TCP accept
+        self.deadline = (accepted_at if accepted_at is not None else time.monotonic()) + cfg.acse_timeout
         self._reset_message()
 
     # -- socket ---------------------------------------------------------------------------------
     def _recv_into(self, view: memoryview) -> None:
+        """Fill `view` before `self.deadline` (monotonic s): a peer that trickles bytes is cut off at the
+        deadline, not merely when one read waits too long.
+
+        Raises:
+            socket.timeout: the deadline passed. PeerGone: the peer closed the connection.
+        """
         while view:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("deadline passed")
+            self.sock.settimeout(remaining)
             n = self.sock.recv_into(view)
             if n == 0:
                 raise PeerGone("peer closed the connection")
             view = view[n:]
 
     def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
+        """One whole PDU, before `self.deadline` (set per PDU while serving)."""
         header = bytearray(6)
         self._recv_into(memoryview(header))
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
@@ -152,10 +166,8 @@ class Association:
         logged and aborted so the listener carries on.
         """
         try:
-            self.sock.settimeout(self.cfg.acse_timeout)
             if not self._associate():
                 return
-            self.sock.settimeout(self.cfg.network_timeout)
             self._serve()
         except PeerGone as exc:
             log.info("association from %s ended: %s", self.peer.label(), exc)
@@ -249,7 +261,8 @@ class Association:
         return None
 
     def _serve(self) -> None:
-        while True:
+        while True:  # each PDU whole within network_timeout (its wait included), however it trickles in
+            self.deadline = time.monotonic() + self.cfg.network_timeout
             pdu_type, body = self._read_pdu(self.cfg.max_pdu)
             if pdu_type == 0x04:
                 self._p_data(body)
