@@ -106,8 +106,28 @@ class HttpConfig(_Model):
     token: SecretStr | None = Field(None, description="bearer token required by STOW-RS and the API when set")
 
 
+class SopClassPolicy(_Model):
+    """Which SOP classes are stored (segnode.dicom.sop_classes): by default every storage class of the
+    standard and private ones; `deny` takes some out, `allow` (when set) keeps only those."""
+
+    private: bool = True
+    deny: list[str] = Field(default_factory=list)
+    allow: list[str] | None = None
+
+    @field_validator("deny", "allow")
+    @classmethod
+    def _uids(cls, value: list[str] | None) -> list[str] | None:
+        from segnode.dicom.uids import is_valid_uid
+
+        bad = [v for v in value or [] if not is_valid_uid(v)]
+        if bad:
+            raise ValueError(f"not valid UIDs: {', '.join(map(repr, bad))}")
+        return value
+
+
 class StorageConfig(_Model):
     fsync: bool = True
+    sop_classes: SopClassPolicy = Field(default_factory=SopClassPolicy)
     free_space_floor_mb: int = Field(512, ge=0, description="below it C-STORE/STOW answer out of resources")
     free_space_watermark_mb: int = Field(1024, ge=0, description="below it new associations are rejected (transient)")
 

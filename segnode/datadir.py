@@ -1,5 +1,6 @@
 """What lives in a node's data directory, named in one place.
 
+    segnode.lock          held by the running node (one node per data directory; segnode.lock names it)
     segnode.db            the index, queue and audit trail (SQLite; PostgreSQL when database_url is set)
     audit.key             the key of the patient-identity hashes (made once, never leaves this folder)
     audit.head            the audit trail's head anchor

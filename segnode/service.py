@@ -19,6 +19,7 @@ from segnode.db.session import make_engine, migrate
 from segnode.ingest.scp import DimseServer
 from segnode.ingest.spool import Spool
 from segnode.ingest.store import Peer, StoreService
+from segnode.lock import DataDirLock
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class Node:
     `start()` recovers from any earlier crash before accepting anything. The later stages
     (completion, workers) run beside it as processes (segnode.supervisor) or in-process (tests, demo).
 
-    Constructing it creates the data directory, opens the database and applies migrations, so it
-    raises what those raise (OSError, SQLAlchemy/Alembic errors); nothing listens until `start`.
+    Constructing it creates the data directory, takes its lock (one node per data directory), opens the
+    database and applies migrations, so it raises what those raise (DataDirInUse, OSError,
+    SQLAlchemy/Alembic errors); nothing listens until `start`; `stop` lets the lock go.
 
     Args:
         settings: the node's settings (data directory, database URL, storage, DIMSE, HTTP).
@@ -62,13 +64,20 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(settings.db_url, durable=settings.storage.fsync)
-        migrate(self.engine)
-        self.spool = Spool(settings.data, fsync=settings.storage.fsync)
-        self.trail = AuditTrail(anchor=settings.data.audit_head)
-        self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data), settings.storage)
-        self.ledger = Ledger(self.engine, self.trail)  # state changes with their audit events (completion API)
-        self.dimse = DimseServer(settings.dimse, self.store)
+        self.lock = DataDirLock(settings.data_dir)
+        self.lock.acquire()  # before anything touches the directory: a second node stops here
+        try:
+            self.engine = make_engine(settings.db_url, durable=settings.storage.fsync)
+            migrate(self.engine)
+            self.spool = Spool(settings.data, fsync=settings.storage.fsync)
+            self.trail = AuditTrail(anchor=settings.data.audit_head)
+            self.store = StoreService(self.engine, self.spool, self.trail, load_secret(settings.data),
+                                      settings.storage)
+            self.ledger = Ledger(self.engine, self.trail)  # state changes with their audit events (completion API)
+            self.dimse = DimseServer(settings.dimse, self.store)
+        except BaseException:
+            self.lock.release()
+            raise
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._stopped = False
@@ -120,3 +129,4 @@ class Node:
         self._record_activity("stopped")
         self.trail.close()
         self.engine.dispose()
+        self.lock.release()

@@ -243,3 +243,52 @@ def test_an_instance_pydicom_cannot_decode_is_refused_at_ingest(node, kind, synt
     raw = poison_bytes(ds, kind, implicit=syntax == ImplicitVRLittleEndian)
     assert _refused(node, raw, sop_instance=ds.SOPInstanceUID, syntax=syntax) == st.CANNOT_UNDERSTAND
     assert instances(node) == [] and _audited(node, st.CANNOT_UNDERSTAND)
+
+
+INVENTORY = "1.2.840.10008.5.1.4.1.1.201.1"  # Inventory Storage (2021): not in pynetdicom's list
+PRIVATE = "1.3.6.1.4.1.9590.100.1.2.1"  # a vendor's private storage class
+WORKLIST_FIND = "1.2.840.10008.5.1.4.31"  # a service class, not storage
+
+
+def _stored_as(node, sop_class: str, seed: int) -> tuple[str, int | None]:
+    """Associate proposing `sop_class` and C-STORE an instance of it; (instance UID, status or None when the
+    presentation context was rejected)."""
+    ds = next(iter(ct_series(n_slices=1, rows=8, cols=8, seed=seed)))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ae = AE("SCU")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification: the association is accepted in any case
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    try:
+        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            return ds.SOPInstanceUID, None
+        return ds.SOPInstanceUID, int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_every_storage_class_of_the_standard_and_private_ones_are_stored(node):
+    """Negotiation used pynetdicom's list, which lacks recent classes; private classes were refused."""
+    from segnode.dicom.sop_classes import STANDARD_STORAGE
+
+    assert INVENTORY in STANDARD_STORAGE and len(STANDARD_STORAGE) > 180
+    for seed, sop_class in enumerate((INVENTORY, PRIVATE), start=40):
+        uid, status = _stored_as(node, sop_class, seed)
+        assert status == st.SUCCESS, sop_class
+        assert uid in {r.sop_instance_uid for r in instances(node)}
+    assert _stored_as(node, WORKLIST_FIND, 50)[1] is None  # not storage: its context is rejected
+
+
+def test_the_operator_narrows_the_sop_classes_stored(start_node):
+    node = start_node(storage={"sop_classes": {"private": False, "deny": [CTImageStorage]}})
+    assert _stored_as(node, PRIVATE, 60)[1] is None
+    assert _stored_as(node, CTImageStorage, 61)[1] is None
+    assert _stored_as(node, MRImageStorage, 62)[1] == st.SUCCESS
+    from tests.test_stow import part10, stow
+
+    ds = next(iter(ct_series(n_slices=1, rows=8, cols=8, seed=63)))
+    rsp = stow(node, [("application/dicom", part10(ds))])  # STOW-RS follows the same policy
+    (failed,) = rsp.json()["00081198"]["Value"]
+    assert rsp.status_code == 409 and failed["00081197"]["Value"] == [st.SOP_CLASS_NOT_SUPPORTED]
+    assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]

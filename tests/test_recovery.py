@@ -44,3 +44,35 @@ def test_restart_indexes_placed_files_and_drops_partial_ones(tmp_path, ct_files)
         assert any('"protocol":"recovery"' in e.actor and e.status == 0xC210 for e in events)
     finally:
         node.stop()
+
+
+def test_a_second_node_on_a_data_dir_in_use_stops_before_touching_it(tmp_path):
+    """Start-up recovery removes temp files it takes for a crash's leftovers: a second node on a running
+    node's data directory would delete that node's uploads in flight. It must stop first, saying who holds it."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from segnode.lock import DataDirInUse
+    from tests.conftest import echo_ok
+
+    settings = make_settings(tmp_path / "data")
+    first = Node(settings)
+    first.start(http=False)
+    try:
+        in_flight = settings.data_dir / "tmp" / "upload.part"
+        in_flight.write_bytes(b"half an instance")
+        with pytest.raises(DataDirInUse, match=f"in use by another segnode \\(pid {os.getpid()} on "):
+            Node(settings)
+        cli = subprocess.run([sys.executable, "-m", "segnode", "serve", "--data-dir", str(settings.data_dir),
+                              "--dimse-port", "0", "--http-port", "0"], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        assert f"data directory {settings.data_dir} is in use by another segnode (pid {os.getpid()}" in cli.stderr
+        assert in_flight.read_bytes() == b"half an instance" and echo_ok(first)
+    finally:
+        first.stop()
+    second = Node(settings)  # the lock went with the first node
+    second.start(http=False)
+    second.stop()

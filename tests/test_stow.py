@@ -96,6 +96,57 @@ def test_partial_failure_answers_202_with_failed_sop_sequence(node):
     assert sum(1 for e in audit_events(node) if e.status == st.CANNOT_UNDERSTAND) == 2
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_a_preamble_and_an_epilogue_are_ignored_as_rfc_2046_says(node, chunk):
+    """Some clients (mail-style MIME libraries) write text before the first boundary and after the last."""
+    series = _series(2, seed=31)
+    boundary = uuid.uuid4().hex
+    body = (b"This is a multi-part message in MIME format.\r\n" + multipart(
+        [("application/dicom", part10(ds)) for ds in series], boundary) + b"epilogue: ignored\r\n")
+    url = f"http://127.0.0.1:{node.http_port}/dicom-web/studies"
+    content = body if chunk is None else iter([body[i:i + chunk] for i in range(0, len(body), chunk)])
+    rsp = httpx.post(url, content=content, timeout=30,
+                     headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert rsp.status_code == 200, rsp.text
+    assert {r.sop_instance_uid for r in instances(node)} == {ds.SOPInstanceUID for ds in series}
+    endless = httpx.post(url, content=b"x" * 100_000, timeout=30,  # no boundary at all: a bounded read, then 400
+                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert endless.status_code == 400 and "no boundary" in endless.text
+
+
+def test_a_failed_part_is_listed_with_the_uids_its_meta_names(node):
+    """A part whose file meta lacks a transfer syntax cannot be read, but the sender must be told which
+    instance failed (it was listed with empty UIDs)."""
+    good, bad = _series(2, seed=33)
+    raw = part10(bad)
+    meta = parse_meta(raw)
+    assert meta is not None
+    without_syntax = _meta_without_transfer_syntax(raw, meta.dataset_offset)
+    rsp = stow(node, [("application/dicom", part10(good)), ("application/dicom", without_syntax)])
+    assert rsp.status_code == 202
+    (failed,) = rsp.json()["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [bad.SOPInstanceUID] and failed["00081150"]["Value"] == [bad.SOPClassUID]
+    assert failed["00081197"]["Value"] == [st.TRANSFER_SYNTAX_NOT_SUPPORTED]  # as an empty one is
+
+
+def _meta_without_transfer_syntax(raw: bytes, dataset_offset: int) -> bytes:
+    """The same file with (0002,0010) taken out of its meta group (group length fixed)."""
+    import struct
+
+    pos, elements = 144, []  # after preamble, DICM and the group length element (12 bytes)
+    while pos < dataset_offset:
+        elem, vr = struct.unpack_from("<H", raw, pos + 2)[0], raw[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+            end = pos + 12 + struct.unpack_from("<I", raw, pos + 8)[0]
+        else:
+            end = pos + 8 + struct.unpack_from("<H", raw, pos + 6)[0]
+        if elem != 0x0010:
+            elements.append(raw[pos:end])
+        pos = end
+    body = b"".join(elements)
+    return raw[:132] + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body + raw[dataset_offset:]
+
+
 def test_study_mismatch_answers_409(node):
     series = _series(2)
     rsp = stow(node, [("application/dicom", part10(ds)) for ds in series], study="1.2.3.4.5")

@@ -55,7 +55,14 @@ class Meta:
 
 
 def parse_meta(head: bytes) -> Meta | None:
-    """Parse the meta group at the start of `head`; None when more bytes are needed."""
+    """Parse the meta group at the start of `head`; None when more bytes are needed.
+
+    A meta group without a Transfer Syntax UID gives `transfer_syntax_uid` "" (the dataset cannot be read,
+    but its SOP Class and Instance UIDs can still be reported).
+
+    Raises:
+        NotPart10: no preamble and DICM prefix, or a malformed or over-long meta group.
+    """
     if len(head) < 132:
         return None
     if head[128:132] != b"DICM":
@@ -82,6 +89,4 @@ def parse_meta(head: bytes) -> Meta | None:
             return None
         values[elem] = head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
         pos = start + length
-    if 0x0010 not in values:
-        raise NotPart10("file meta has no Transfer Syntax UID (0002,0010)")
-    return Meta(values[0x0010], values.get(0x0002, ""), values.get(0x0003, ""), pos)
+    return Meta(values.get(0x0010, ""), values.get(0x0002, ""), values.get(0x0003, ""), pos)

@@ -112,6 +112,7 @@ class StoreService:
         self.db = FastDB(engine)
         self.secret = patient_secret
         self.floor_mb, self.watermark_mb = storage.free_space_floor_mb, storage.free_space_watermark_mb
+        self.sop_classes = storage.sop_classes  # which SOP classes are stored (negotiation, STOW parts)
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
@@ -319,6 +320,8 @@ class StoreService:
                 try:
                     meta = parse_meta(f.read(65536))
                 except NotPart10:
+                    meta = None
+                if meta is not None and not meta.transfer_syntax_uid:  # ours always name it
                     meta = None
                 f.seek(0)
                 sha = hashlib.file_digest(f, "sha256").hexdigest()

@@ -10,6 +10,7 @@ index and audit (fsync off; bench/ingest.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import struct
@@ -26,29 +27,41 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import AllStoragePresentationContexts, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
 from segnode.audit import events as audit
 from segnode.errors import SegnodeError
 from segnode.dicom.uids import TRANSFER_SYNTAXES
-from segnode.dicom import dimse
+from segnode.dicom import dimse, sop_classes
 from segnode.dicom import status as st
 from segnode.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
 from segnode.flow import StoreResult
 from segnode.ingest.store import Peer, Received, StoreService
 
 if TYPE_CHECKING:
-    from segnode.config import DimseConfig
+    from segnode.config import DimseConfig, SopClassPolicy
     from segnode.ingest.spool import SpoolWriter
 
 log = logging.getLogger(__name__)
 
-# JPIP transfer syntaxes reference pixel data held elsewhere: nothing to segment.
-SUPPORTED_CONTEXTS = [build_context(Verification)] + [
-    build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts
-    if cx.abstract_syntax is not None
-]
+VERIFICATION_CONTEXT = build_context(Verification)
+
+
+@functools.lru_cache(maxsize=1024)  # the standard's ~200 classes and a bounded set of private ones
+def _storage_context(sop_class_uid: str) -> PresentationContext:
+    # JPIP transfer syntaxes reference pixel data held elsewhere: nothing to segment, never offered
+    return build_context(sop_class_uid, list(TRANSFER_SYNTAXES))
+
+
+def supported_contexts(requested: list[PresentationContext], policy: "SopClassPolicy") -> list[PresentationContext]:
+    """The contexts we would accept for what the peer proposes: Verification, and each proposed abstract
+    syntax that is a SOP class we store (segnode.dicom.sop_classes: the standard's storage classes and private
+    ones, narrowed by the policy), with every transfer syntax we can read."""
+    wanted = {str(cx.abstract_syntax) for cx in requested if cx.abstract_syntax is not None}
+    return [VERIFICATION_CONTEXT] + [_storage_context(uid) for uid in sorted(wanted)
+                                     if uid != Verification and sop_classes.refusal(uid, policy) is None]
+
 MAX_ASSOCIATE_RQ = 1024 * 1024  # bytes; read before the peer is identified, so capped apart from max_pdu
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
@@ -218,7 +231,8 @@ class Association:
         self.peer_max_pdu = rq.maximum_length_received or 0
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
                  if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
-        results, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, SUPPORTED_CONTEXTS,
+        requested = rq.presentation_context_definition_list
+        results, ac_roles = negotiate_as_acceptor(requested, supported_contexts(requested, self.store.sop_classes),
                                                   roles or None)
         self.contexts = {int(cx.context_id or 0): Context(str(cx.abstract_syntax), cx.transfer_syntax[0])
                          for cx in results if cx.result == 0}

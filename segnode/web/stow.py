@@ -13,6 +13,7 @@ from typing import Any
 from python_multipart.multipart import MultipartParser
 
 from segnode.errors import InputError
+from segnode.dicom import sop_classes
 from segnode.dicom import status as st
 from segnode.dicom.part10 import MAX_META, Meta, NotPart10, file_meta, parse_meta
 from segnode.dicom.uids import TRANSFER_SYNTAXES, is_valid_uid
@@ -21,6 +22,8 @@ from segnode.flow import StoreResult
 from segnode.ingest.store import Peer, Received, StoreService
 
 log = logging.getLogger(__name__)
+
+MAX_PREAMBLE = 64 * 1024  # bytes before the first boundary (RFC 2046 preamble) read at most
 
 
 class BadRequest(InputError):
@@ -60,6 +63,8 @@ class StowSession:
 
     def __init__(self, store: StoreService, boundary: str, peer: Peer, study_uid: str | None) -> None:
         self.store, self.peer, self.study_uid = store, peer, study_uid
+        self.delimiter = b"--" + boundary.encode("latin-1")
+        self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
         self.results: list[StoreResult] = []
         self.finished: list[_Part] = []
         self._part: _Part | None = None
@@ -80,17 +85,34 @@ class StowSession:
         Raises:
             BadRequest: the body is not well-formed multipart.
         """
+        if self._preamble is not None:  # RFC 2046 5.1.1: a preamble before the first delimiter is ignored
+            self._preamble += chunk
+            start = self._first_delimiter(self._preamble)
+            if start is None:
+                if len(self._preamble) > MAX_PREAMBLE:
+                    raise BadRequest(f"malformed multipart body: no boundary in its first {MAX_PREAMBLE} bytes")
+                return
+            chunk, self._preamble = bytes(self._preamble[start:]), None
         try:
             self.parser.write(chunk)
         except Exception as exc:  # python-multipart raises its own error types
             raise BadRequest(f"malformed multipart body: {exc}") from exc
 
+    def _first_delimiter(self, head: bytearray) -> int | None:
+        """Where the first delimiter line starts in `head` (at its start or after a CRLF), if it is there yet."""
+        if head.startswith(self.delimiter):
+            return 0
+        found = head.find(b"\r\n" + self.delimiter)
+        return None if found < 0 else found + 2
+
     def close(self) -> None:
-        """End of body: check the closing boundary was seen.
+        """End of body: check the closing boundary was seen (an epilogue after it is ignored).
 
         Raises:
             BadRequest: the body is malformed or ends inside a part (whose temp file is removed).
         """
+        if self._preamble is not None:
+            raise BadRequest("malformed multipart body: no boundary in it")
         try:
             self.parser.finalize()
         except Exception as exc:
@@ -140,6 +162,11 @@ class StowSession:
             return
         if not (meta.sop_class_uid and meta.sop_instance_uid):
             part.failure = StoreResult.refused(st.MISSING_IDENTIFIER, "file meta lacks the Media Storage SOP Class/Instance UID", sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid)
+            return
+        why = sop_classes.refusal(meta.sop_class_uid, self.store.sop_classes)
+        if why is not None:  # as DIMSE refuses it at negotiation
+            part.failure = StoreResult.refused(st.SOP_CLASS_NOT_SUPPORTED, f"SOP class refused: {why}",
+                                               sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid)
             return
         if meta.transfer_syntax_uid not in TRANSFER_SYNTAXES:  # the pixels could never be read
             shown = meta.transfer_syntax_uid[:64] if is_valid_uid(meta.transfer_syntax_uid) else "(not a valid UID)"
