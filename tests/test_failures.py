@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -200,3 +202,45 @@ def test_failed_overwrite_restores_the_previous_version(node, ct_files, tmp_path
     assert after.sha256 == before.sha256 and after.version == 1
     assert (node.settings.data_dir / after.path).read_bytes() == original
     assert list((node.settings.data_dir / "superseded").iterdir()) == []
+
+
+def _full_disk(monkeypatch, where: str) -> None:
+    """ENOSPC where the spool writes: creating the temp file, writing it, or flushing it."""
+    from segnode.ingest.spool import SpoolWriter
+
+    def enospc(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if where == "create":
+        monkeypatch.setattr(SpoolWriter, "__init__", enospc)
+    elif where == "write":
+        monkeypatch.setattr(SpoolWriter, "write", enospc)
+    else:
+        def fsync_fails(self):
+            os.close(self.fd)
+            self.fd = -1
+            enospc()
+        monkeypatch.setattr(SpoolWriter, "finish", fsync_fails)
+
+
+@pytest.mark.parametrize("where", ["create", "write", "fsync"])
+def test_a_full_disk_answers_like_the_floor_does(node, ct_files, monkeypatch, where):
+    """ENOSPC with the floor at 0: each instance is refused with 0xA700 (STOW-RS: 503, Retry-After, 0xA700
+    per part) and audited, nothing is left half-written, and the node serves again once there is room
+    (the association was reset without a status, STOW answered 400 "malformed multipart body")."""
+    from tests.test_stow import part10, stow
+
+    _full_disk(monkeypatch, where)
+    result = storescu(node.dimse.port, ct_files[:2], "-v", "--no-halt")
+    assert (result.stdout + result.stderr).count("Refused: OutOfResources") == 2, result.stdout + result.stderr
+    from pydicom import dcmread
+
+    rsp = stow(node, [("application/dicom", part10(dcmread(f))) for f in ct_files[2:4]])
+    assert rsp.status_code == 503 and int(rsp.headers["Retry-After"]) > 0
+    failed = rsp.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"] for f in failed] == [[st.OUT_OF_RESOURCES]] * 2
+    assert all(f["00081155"]["Value"] for f in failed)  # which instance, where the meta was read
+    assert instances(node) == [] and list((node.settings.data_dir / "tmp").iterdir()) == []
+    assert sum(1 for e in audit_events(node) if e.status == st.OUT_OF_RESOURCES) == 4
+    monkeypatch.undo()
+    assert storescu(node.dimse.port, ct_files[:2]).returncode == 0 and len(instances(node)) == 2

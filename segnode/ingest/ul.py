@@ -353,8 +353,15 @@ class Association:
             self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "disk below the free-space floor", sop_class_uid=sop_class, sop_instance_uid=sop_instance)
         else:
             meta = file_meta(sop_class, sop_instance, context.transfer_syntax)
-            self.writer = self.store.spool.writer()
-            self.writer.write(meta)
+            try:  # a full disk (ENOSPC) or any write error: refused with 0xA700 once the dataset is in
+                self.writer = self.store.spool.writer()
+                self.writer.write(meta)
+            except OSError as exc:
+                if self.writer is not None:
+                    self.writer.abort()
+                    self.writer = None
+                self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}",
+                                                   sop_class_uid=sop_class, sop_instance_uid=sop_instance)
             self.dataset_offset = len(meta)
 
     def _dataset_fragment(self, ctx_id: int, data: memoryview, last: bool) -> None:

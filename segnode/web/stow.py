@@ -177,19 +177,31 @@ class StowSession:
         part.meta = meta
         ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
         part.dataset_offset = len(ours)
-        part.writer = self.store.spool.writer()
+        try:
+            part.writer = self.store.spool.writer()
+        except OSError as exc:  # a full disk: the part is refused (0xA700), the request goes on
+            self._write_failed(part, exc)
+            return
         self._write(part, ours)
         self._write(part, bytes(part.head[meta.dataset_offset:]))
         part.head = bytearray()
 
     def _write(self, part: _Part, chunk: bytes) -> None:
-        assert part.writer is not None
+        if part.writer is None:  # an earlier write of this part failed
+            return
         try:
             part.writer.write(chunk)
         except OSError as exc:
+            self._write_failed(part, exc)
+
+    def _write_failed(self, part: _Part, exc: OSError) -> None:
+        if part.writer is not None:
             part.writer.abort()
             part.writer = None
-            part.failure = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}")
+        meta = part.meta
+        part.failure = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}",
+                                           sop_class_uid=meta.sop_class_uid if meta else "",
+                                           sop_instance_uid=meta.sop_instance_uid if meta else "")
 
     def _end(self) -> None:
         part = self._part
