@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from segnode import strict_yaml
 from segnode.datadir import DataDir
 from segnode.errors import ConfigurationError
 
@@ -265,7 +266,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = strict_yaml.load(Path(path).read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:

@@ -19,6 +19,7 @@ from segnode.db.session import make_engine, migrate
 from segnode.ingest.scp import DimseServer
 from segnode.ingest.spool import Spool
 from segnode.ingest.store import Peer, StoreService
+from segnode.listen import listening_socket
 from segnode.lock import DataDirLock
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,26 @@ class Node:
         thread, waiting until it serves; then audit "started".
 
         Raises:
-            OSError: the DIMSE port cannot be bound. An HTTP port that cannot be bound is only logged
-                by uvicorn, and the node runs without HTTP.
+            ConfigurationError: the HTTP or DIMSE address cannot be bound (the message names the setting);
+                nothing has started then.
         """
-        self.store.reconcile()
-        self.dimse.start()
-        if http:
+        http_socket = (listening_socket(self.settings.http.host, self.settings.http.port, "http", backlog=2048)
+                       if http else None)  # bound before recovery starts; the DIMSE port as its listener starts
+        try:
+            self.store.reconcile()
+            self.dimse.start()
+        except BaseException:
+            if http_socket is not None:
+                http_socket.close()
+            raise
+        if http_socket is not None:
             from segnode.web.app import create_app
 
-            config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), host=self.settings.http.host, port=self.settings.http.port,
-                                    log_level="warning", access_log=False, lifespan="off")
+            config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), log_level="warning",
+                                    access_log=False, lifespan="off")
             self._http = uvicorn.Server(config)
-            self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+            self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [http_socket]},
+                                                 name="http", daemon=True)
             self._http_thread.start()
             while not self._http.started and self._http_thread.is_alive():
                 threading.Event().wait(0.02)

@@ -117,3 +117,41 @@ def test_deliveries_ride_out_a_four_hour_pacs_outage_by_default():
     assert sum(waits) >= 4 * 3600 and max(waits) == policy.backoff_max_seconds == 1800
     assert waits[:3] == [30, 60, 120]
     assert sum(retry_delay(a, policy) for a in range(1, policy.max_attempts)) == 90  # segmentations: as before
+
+
+def _serve(tmp_path, *args: str, config: str | None = None) -> subprocess.CompletedProcess[str]:
+    extra = []
+    if config is not None:
+        (tmp_path / "segnode.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "segnode.yaml")]
+    return subprocess.run([sys.executable, "-m", "segnode", "serve", "--data-dir", str(tmp_path / "data"), *extra,
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_start_up_errors_are_one_line_naming_the_setting_and_the_value(tmp_path):
+    """They ended in tracebacks naming no key; an HTTP port in use left a node without HTTP that went on
+    to start its worker processes."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = str(taken.getsockname()[1])
+    cases = [
+        (["--http-port", port, "--dimse-port", "0"], None, f"http.port {port}"),
+        (["--http-port", "0", "--dimse-port", port], None, f"dimse.port {port}"),
+        (["--http-port", "0", "--dimse-port", "0"], "dimse: {host: 192.0.2.55}\n", "dimse.host '192.0.2.55'"),
+        (["--http-port", "0", "--dimse-port", "0"],
+         f"dimse: {{tls: {{enabled: true, cert_file: {tmp_path}/none.pem, key_file: {tmp_path}/none.key}}}}\n",
+         f"dimse.tls.cert_file: {tmp_path}/none.pem is not a readable file"),
+        (["--http-port", "0", "--dimse-port", "0"], "dimse: {port: 0}\nhttp: {port: 0}\ndimse: {ae_title: X}\n",
+         "key 'dimse' is given twice (lines 1 and 3)"),
+    ]
+    try:
+        for args, config, expected in cases:
+            run = _serve(tmp_path, *args, config=config)
+            assert run.returncode == 2, (expected, run.stderr)
+            assert expected in run.stderr and "Traceback" not in run.stderr, run.stderr
+            assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    finally:
+        taken.close()

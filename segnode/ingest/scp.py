@@ -8,11 +8,14 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 from segnode.audit import events as audit
 from segnode.config import DimseConfig
+from segnode.errors import ConfigurationError
 from segnode.ingest.ul import Association
 from segnode.ingest.store import Peer, StoreService
+from segnode.listen import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +27,28 @@ def server_tls_context(cfg: DimseConfig) -> ssl.SSLContext | None:
     checked only if offered.
 
     Raises:
-        OSError, ssl.SSLError: the certificate, key or CA file cannot be read or does not match.
+        ConfigurationError: a certificate, key or CA file is missing, unreadable or does not match (the
+            message names the setting and the file).
     """
     tls = cfg.tls
     if not tls.enabled:
         return None
+    files = {"dimse.tls.cert_file": tls.cert_file, "dimse.tls.key_file": tls.key_file, "dimse.tls.ca_file": tls.ca_file}
+    for key, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise ConfigurationError(f"{key}: {path} is not a readable file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"dimse.tls.cert_file {tls.cert_file} with key_file {tls.key_file}: cannot load "
+                                 f"them ({exc}); a PEM certificate and its private key are needed") from None
     if tls.ca_file:
-        ctx.load_verify_locations(str(tls.ca_file))
+        try:
+            ctx.load_verify_locations(str(tls.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"dimse.tls.ca_file {tls.ca_file}: cannot load it ({exc})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
@@ -68,14 +83,9 @@ class DimseServer:
         """Bind, listen and start accepting in a background thread; returns at once.
 
         Raises:
-            OSError: the address cannot be bound (e.g. port in use).
+            ConfigurationError: the address cannot be bound (e.g. port in use), naming the settings.
         """
-        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.cfg.host, self.cfg.port))
-        sock.listen(128)
-        self._sock = sock
+        self._sock = listening_socket(self.cfg.host, self.cfg.port, "dimse")
         self._thread = threading.Thread(target=self._accept_loop, name="dimse-accept", daemon=True)
         self._thread.start()
         if self.cfg.allowed_peers is None:

@@ -36,6 +36,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 from pydicom.datadict import tag_for_keyword
 
+from segnode import strict_yaml
 from segnode.errors import ConfigurationError
 
 DEFAULT_RULES = Path(__file__).with_name("default.yaml")
@@ -225,7 +226,7 @@ def parse_rules(text: str, source: str = "<rules>", models: Iterable[str] | None
             three most specific complaints), or an unknown model or destination.
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = strict_yaml.load(text)
     except yaml.YAMLError as exc:
         raise RulesError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
