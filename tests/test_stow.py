@@ -236,3 +236,32 @@ def test_a_part_pydicom_cannot_decode_is_refused(node):
     assert rsp.status_code == 409
     assert rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [st.CANNOT_UNDERSTAND]
     assert instances(node) == []
+
+
+def test_an_upload_abandoned_mid_part_leaves_no_temp_file_or_descriptor(node):
+    """The client goes away inside a part: its temp file and descriptor were kept until restart."""
+    import os
+    import socket
+    import time
+
+    raw = part10(_series(1, seed=41)[0])
+    boundary = "abandoned"
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + raw[: len(raw) // 2]
+    tmp = node.settings.data_dir / "tmp"
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", node.http_port))
+        sock.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw) * 2}\r\n"
+                     f"Content-Type: multipart/related; type=\"application/dicom\"; boundary={boundary}\r\n\r\n"
+                     .encode() + head)
+        deadline = time.monotonic() + 5
+        while not list(tmp.iterdir()) and time.monotonic() < deadline:  # the part is being spooled
+            time.sleep(0.02)
+        assert list(tmp.iterdir())
+        sock.close()
+        deadline = time.monotonic() + 5
+        while list(tmp.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(tmp.iterdir()) == []
+    assert len(os.listdir("/proc/self/fd")) <= before + 2  # the node runs in this process: nothing kept open
+    assert instances(node) == []

@@ -138,6 +138,8 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
         except BadRequest as exc:
             await run_in_threadpool(session.store_finished)
             raise HTTPException(400, str(exc)) from exc
+        finally:  # a client that went away (or any error) leaves no temp file or descriptor behind
+            session.discard()
         await run_in_threadpool(session.store_finished)
         if not session.results:
             raise HTTPException(400, "the request holds no parts")

@@ -118,9 +118,17 @@ class StowSession:
         except Exception as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from exc
         if self._part is not None:
-            if self._part.writer is not None:
-                self._part.writer.abort()
+            self.discard()
             raise BadRequest("the multipart body ended inside a part")
+
+    def discard(self) -> None:
+        """Drop the part in progress, removing its temp file and closing it at once: the request ended
+        before the part did (the client went away, the body was malformed or cut). Never acknowledged, so
+        nothing is lost; parts that ended before were committed as they ended."""
+        part, self._part = self._part, None
+        if part is not None and part.writer is not None:
+            part.writer.abort()
+            part.writer = None
 
     # -- parser callbacks (event loop thread: cheap work only) ----------------------------------
     def _begin(self) -> None:
