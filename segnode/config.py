@@ -129,6 +129,7 @@ class SopClassPolicy(_Model):
 class StorageConfig(_Model):
     fsync: bool = True
     sop_classes: SopClassPolicy = Field(default_factory=SopClassPolicy)
+    max_inflated_mb: int = Field(1024, ge=1, description="a deflated dataset inflating to more is refused (0xC210)")
     free_space_floor_mb: int = Field(512, ge=0, description="below it C-STORE/STOW answer out of resources")
     free_space_watermark_mb: int = Field(1024, ge=0, description="below it new associations are rejected (transient)")
 

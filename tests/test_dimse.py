@@ -292,3 +292,37 @@ def test_the_operator_narrows_the_sop_classes_stored(start_node):
     (failed,) = rsp.json()["00081198"]["Value"]
     assert rsp.status_code == 409 and failed["00081197"]["Value"] == [st.SOP_CLASS_NOT_SUPPORTED]
     assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+
+
+def test_a_deflate_bomb_is_refused_with_flat_memory(start_node):
+    """1 MB of deflated bytes can inflate to 1 GiB: the dataset was inflated whole in memory before the
+    refusal. Now it inflates on disk a chunk at a time and stops past storage.max_inflated_mb."""
+    import tracemalloc
+    import zlib
+
+    from pydicom.tag import Tag
+
+    node = start_node(storage={"max_inflated_mb": 8})
+    ds = next(iter(ct_series(n_slices=1, rows=8, cols=8, seed=70)))
+    del ds.PixelData
+    ds.add_new(Tag(0x0029, 0x1010), "OB", bytes(64 * 2**20))  # 64 MB of zeros in a private element
+    ds.add_new(Tag(0x0029, 0x0010), "LO", "BOMB")
+    raw = encode(ds, False, True)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflater.compress(raw) + deflater.flush()
+    del raw
+    assert len(bomb) < 2**20
+    scu = RawStore(node.dimse.port, [(CTImageStorage, [DeflatedExplicitVRLittleEndian])])
+    tracemalloc.start()
+    try:
+        rsp = scu.send(bomb, scu.context_id(CTImageStorage, DeflatedExplicitVRLittleEndian), CTImageStorage,
+                       ds.SOPInstanceUID)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        scu.assoc.release()
+    assert rsp is not None and rsp.Status == st.CANNOT_UNDERSTAND
+    assert peak < 16 * 2**20, peak  # the inflated 64 MB never sat in memory
+    (event,) = [e for e in audit_events(node) if e.status == st.CANNOT_UNDERSTAND]
+    assert "inflates to more than 8 MB" in event.detail
+    assert instances(node) == []

@@ -9,6 +9,8 @@ values the index needs, in ~0.05 ms. The bytes themselves are stored untouched.
 from __future__ import annotations
 
 import struct
+import mmap
+import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -171,14 +173,69 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
 
 
-def walk_dataset(data: memoryview | bytes, transfer_syntax: str) -> Identifiers:
-    """Validate the encoded dataset (no file meta) and return its identifiers."""
-    buf = memoryview(data)
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
+DEFAULT_MAX_INFLATED = 1 << 30
+
+
+def _inflate(data: memoryview, limit: int) -> mmap.mmap:
+    """Inflate a raw deflate stream into an unlinked temp file, a chunk at a time, and map it: memory stays
+    flat whatever the stream inflates to, and the inflation stops as soon as it passes `limit` bytes (a
+    deflate bomb: 1 MB can inflate to 1 GiB).
+
+    Raises:
+        MalformedDataset: the stream is corrupt, truncated, or inflates to more than `limit` bytes.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with tempfile.TemporaryFile(prefix="segnode-inflate-") as out:
         try:
-            buf = memoryview(zlib.decompress(bytes(buf), -zlib.MAX_WBITS))
+            for start in range(0, len(data), INFLATE_CHUNK):
+                pending: bytes | memoryview = data[start:start + INFLATE_CHUNK]
+                while pending:
+                    chunk = inflater.decompress(pending, INFLATE_CHUNK)
+                    pending = inflater.unconsumed_tail
+                    total += len(chunk)
+                    if total > limit:
+                        raise MalformedDataset(f"deflated dataset inflates to more than {limit // 2**20} MB "
+                                               f"(storage.max_inflated_mb)")
+                    out.write(chunk)
+            rest = inflater.flush()
         except zlib.error as exc:
             raise MalformedDataset(f"deflated dataset does not inflate: {exc}") from exc
+        if not inflater.eof:
+            raise MalformedDataset("deflated dataset is truncated (the deflate stream does not end)")
+        out.write(rest)
+        out.flush()
+        if total + len(rest) == 0:
+            raise MalformedDataset("deflated dataset is empty")
+        return mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the closed file
+
+
+def walk_dataset(data: memoryview | bytes, transfer_syntax: str, max_inflated: int = DEFAULT_MAX_INFLATED
+                 ) -> Identifiers:
+    """Validate the encoded dataset (no file meta) and return its identifiers.
+
+    Args:
+        data: the encoded dataset.
+        transfer_syntax: its transfer syntax UID; a deflated one is inflated on disk first (`_inflate`).
+        max_inflated: the most bytes a deflated dataset may inflate to.
+
+    Raises:
+        MalformedDataset: the bytes are not a complete dataset (the message says where and why).
+    """
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return _walk(memoryview(data), transfer_syntax)
+    inflated = _inflate(memoryview(data), max_inflated)
+    try:
+        return _walk(memoryview(inflated), transfer_syntax)
+    finally:
+        try:
+            inflated.close()
+        except BufferError:  # a view into it is still alive (an exception's traceback): freed with it
+            pass
+
+
+def _walk(buf: memoryview, transfer_syntax: str) -> Identifiers:
     walker = _Walker(buf, explicit=transfer_syntax != ImplicitVRLittleEndian,
                      little=transfer_syntax != ExplicitVRBigEndian)
     walker.elements(0, len(buf), 0, walker.explicit)

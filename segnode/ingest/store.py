@@ -80,7 +80,7 @@ class Received:
     ids: Identifiers = field(default_factory=Identifiers)
 
 
-def _walk_file(rec: Received) -> str | None:
+def _walk_file(rec: Received, max_inflated: int) -> str | None:
     """Walk the dataset through a read-only mapping (no copy, any size); return the problem, if any."""
     error: str | None = None
     with open(rec.tmp_path, "rb") as f:
@@ -88,7 +88,7 @@ def _walk_file(rec: Received) -> str | None:
             return "the dataset is empty"
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid)
+            rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid, max_inflated)
         except (MalformedDataset, ValueError) as exc:
             error = str(exc)  # the traceback (and its views into mm) dies with this block
         mm.close()
@@ -113,6 +113,7 @@ class StoreService:
         self.secret = patient_secret
         self.floor_mb, self.watermark_mb = storage.free_space_floor_mb, storage.free_space_watermark_mb
         self.sop_classes = storage.sop_classes  # which SOP classes are stored (negotiation, STOW parts)
+        self.max_inflated = storage.max_inflated_mb * 2**20  # a deflated dataset inflates to at most this
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
@@ -142,7 +143,7 @@ class StoreService:
             one is not a valid UID, 0xA900 the dataset's SOP Class/Instance UID differs from the
             announced one.
         """
-        error = _walk_file(rec)
+        error = _walk_file(rec, self.max_inflated)
         if error is not None:
             return StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}",
                           sop_class_uid=expected_class, sop_instance_uid=expected_instance)
