@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load(args)
     setup_logging(settings.log_level)
+    _raise_open_file_limit()
     rules = pipeline.ruleset(settings)  # a bad rule file (RulesError) stops the node before it accepts anything
     node = Node(settings)
     node.start()
@@ -86,6 +87,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     supervisor.stop()
     node.stop()
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one (often 1024 of 1048576): every association, HTTP connection
+    and spool file is a descriptor, and the caps (dimse.max_associations, http.max_connections) should bind first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit stays at %d (%s)", soft, exc)
 
 
 def _ledger(args: argparse.Namespace) -> "Ledger":

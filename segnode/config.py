@@ -105,6 +105,10 @@ class HttpConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: SecretStr | None = Field(None, description="bearer token required by STOW-RS and the API when set")
+    header_timeout: float = Field(10.0, gt=0, description="s from connection (or last response) to complete headers")
+    body_idle_timeout: float = Field(30.0, gt=0, description="s a request body may stall")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="s an idle kept-alive connection stays open")
+    max_connections: int = Field(256, ge=1, le=65536, description="open connections at once; more are closed")
 
 
 class SopClassPolicy(_Model):

@@ -103,8 +103,13 @@ class Node:
         if http_socket is not None:
             from segnode.web.app import create_app
 
+            from segnode.web.guard import HttpLimits, guarded_protocol
+
+            cfg = self.settings.http
+            protocol = guarded_protocol(HttpLimits(cfg.header_timeout, cfg.body_idle_timeout, cfg.max_connections))
             config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), log_level="warning",
-                                    access_log=False, lifespan="off")
+                                    access_log=False, lifespan="off", http=protocol,
+                                    timeout_keep_alive=int(max(1, cfg.keep_alive_timeout)))
             self._http = uvicorn.Server(config)
             self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [http_socket]},
                                                  name="http", daemon=True)

@@ -1,0 +1,96 @@
+"""Bounds on what an HTTP peer can hold, which uvicorn alone does not set: the time to send a request's
+headers, the time a request body may stall, and the number of open connections.
+
+uvicorn times out only idle keep-alive connections: a peer that connects and sends nothing, trickles its
+headers a byte at a time, or stops in the middle of a body held its connection (and descriptor) forever,
+and 300 of them stopped the node answering at all. `guarded_protocol` returns uvicorn's own h11 protocol
+with three timers and a connection cap added; everything else is uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Seconds and counts (HttpConfig): headers complete within `header_timeout` of the connection (or of the
+    previous response); a body never stalls longer than `body_idle_timeout` while the node waits for it; at most
+    `max_connections` open at once (more are closed on accept)."""
+
+    header_timeout: float
+    body_idle_timeout: float
+    max_connections: int
+
+
+def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
+    """uvicorn's H11Protocol with `limits` enforced (pass as uvicorn.Config(http=...))."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _last_refusal_log = 0.0
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.server_state.connections) >= limits.max_connections:
+                now = time.monotonic()
+                if now - GuardedH11Protocol._last_refusal_log > 60:
+                    log.warning("HTTP connection from %s closed: %d connections open (http.max_connections); "
+                                "slow or idle peers are dropped after http.header_timeout", 
+                                transport.get_extra_info("peername"), limits.max_connections)
+                    GuardedH11Protocol._last_refusal_log = now
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm(limits.header_timeout, "send its request headers")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.transport is None:  # closed on accept (the cap): uvicorn never saw it
+                return
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:  # every body chunk restarts the stall timer
+                self._arm(limits.body_idle_timeout, "send more of its request body")
+            elif state is not h11.IDLE:  # headers in (and the body, if any): the application's turn
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # the next request's headers, on a kept-alive connection
+                self._arm(max(limits.header_timeout, float(self.timeout_keep_alive)), "send its next request")
+
+        def _arm(self, seconds: float, what: str) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired, seconds, what)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self, seconds: float, what: str) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the application is not reading yet (back-pressure): not the peer's stall
+                self._arm(seconds, what)
+                return
+            log.info("HTTP peer %s did not %s within %.0f s; connection closed", self.client, what, seconds)
+            self.transport.close()
+
+    return GuardedH11Protocol

@@ -1,0 +1,118 @@
+"""Hostile and careless HTTP peers: idle connections, headers trickled a byte at a time, bodies that stop
+half-way, and more connections than the node should hold. Each is cut off at its bound while an ordinary
+client is served (loopback only, bounded loops)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+
+from tests.test_stow import _series, part10
+
+LIMITS = {"header_timeout": 1.0, "body_idle_timeout": 1.0, "keep_alive_timeout": 1.0, "max_connections": 8}
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the node closes `sock` (recv gives b"" or an error), failing after `seconds`."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except (ConnectionResetError, socket.timeout) as exc:
+        if isinstance(exc, socket.timeout):
+            raise AssertionError(f"still open after {seconds} s") from exc
+    return time.monotonic() - start
+
+
+def _healthy(node) -> bool:
+    return httpx.get(f"http://127.0.0.1:{node.http_port}/healthz", timeout=5).status_code == 200
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(start_node):
+    node = start_node(http=LIMITS)
+    sock = socket.create_connection(("127.0.0.1", node.http_port))
+    assert _closed_within(sock, 5) < 3
+    assert _healthy(node)
+
+
+def test_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_timeout(start_node):
+    node = start_node(http=LIMITS)
+    sock = socket.create_connection(("127.0.0.1", node.http_port))
+    start = time.monotonic()
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 100 + b"\r\n\r\n"
+    try:
+        for byte in request:  # a byte every 0.2 s: 27 s for the whole request
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - start > 8:
+                break
+    except OSError:
+        pass
+    assert time.monotonic() - start < 4  # the node closed it at ~1 s; sending then failed
+    sock.close()
+    assert _healthy(node)
+
+
+def test_a_body_that_stops_half_way_is_closed_and_its_part_dropped(start_node):
+    node = start_node(http=LIMITS)
+    raw = part10(_series(1, seed=81)[0])
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + raw[: len(raw) // 2]
+    sock = socket.create_connection(("127.0.0.1", node.http_port))
+    sock.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                 b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n\r\n" % (len(raw) * 2)
+                 + body)
+    assert _closed_within(sock, 6) < 4
+    tmp = node.settings.data_dir / "tmp"
+    deadline = time.monotonic() + 5
+    while list(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp.iterdir()) == []
+    assert _healthy(node)
+
+
+def test_connections_over_the_cap_are_closed_and_descriptors_stay_flat(start_node):
+    """A peer opening connections without end: the node holds at most max_connections, closes the rest on
+    accept, and serves again once the idle ones time out."""
+    node = start_node(http=LIMITS)
+    before = len(os.listdir("/proc/self/fd"))  # the node runs in this process
+    socks = [socket.create_connection(("127.0.0.1", node.http_port)) for _ in range(40)]
+    time.sleep(0.5)
+    held = len(os.listdir("/proc/self/fd")) - before - len(socks)  # the node's side of each open connection
+    assert held <= LIMITS["max_connections"] + 2, held
+    for sock in socks:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while not _try_healthy(node) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _healthy(node)
+    time.sleep(1.5)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def _try_healthy(node) -> bool:
+    try:
+        return _healthy(node)
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_slow_but_steady_upload_is_not_cut_off(start_node):
+    """The body timeout is for stalls, not for slow links: a body arriving in pieces, each within the
+    timeout, is stored however long it takes in all."""
+    node = start_node(http=LIMITS)
+    raw = part10(_series(1, seed=82)[0])
+    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n--b--\r\n")
+    pieces = [body[i:i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]
+
+    def slowly():
+        for piece in pieces:
+            time.sleep(0.5)  # 3 s in all, more than every timeout
+            yield piece
+
+    rsp = httpx.post(f"http://127.0.0.1:{node.http_port}/dicom-web/studies", content=slowly(), timeout=30,
+                     headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert rsp.status_code == 200
