@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,12 @@ from pydicom.uid import (
     MRImageStorage,
 )
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from segnode.dicom import status as st
 from testdata import ct_series, poison_bytes
-from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, instances, storescu
+from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, eventually, instances, storescu
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 ENCAPSULATED = [
@@ -326,3 +329,38 @@ def test_a_deflate_bomb_is_refused_with_flat_memory(start_node):
     (event,) = [e for e in audit_events(node) if e.status == st.CANNOT_UNDERSTAND]
     assert "inflates to more than 8 MB" in event.detail
     assert instances(node) == []
+
+
+def test_rejected_contexts_peer_aborts_and_many_refusals_are_audited_once_each(node):
+    """Rejected presentation contexts and peer aborts wrote no event; 50 refusals in one association
+    wrote 50 - now the first of each status in full and one count for the rest."""
+    before = len(audit_events(node))
+    ae = AE("NOISY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.5.1.4.31")  # a worklist: not storage, rejected
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    scu_ds = next(iter(ct_series(n_slices=1, rows=8, cols=8, seed=90)))
+    for _ in range(50):  # garbage bytes each time: 0xC210
+        req = C_STORE()
+        req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = 1, CTImageStorage, scu_ds.SOPInstanceUID
+        req.Priority, req.DataSet = 2, io.BytesIO(b"\x00" * 64)
+        context = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(req, context)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert rsp.Status == st.CANNOT_UNDERSTAND
+    assoc.abort()
+    events = eventually(lambda: [e for e in audit_events(node)[before:]
+                                 if "aborted by the peer" in e.detail] and audit_events(node)[before:])
+    details = [e.detail for e in events]
+    assert sum("presentation contexts rejected: 1.2.840.10008.5.1.4.31 (abstract syntax not supported)" in d
+               for d in details) == 1
+    assert sum(e.status == st.CANNOT_UNDERSTAND for e in events) == 1
+    assert any("49 more instances refused in this association (0xC210 x49)" in d for d in details)
+    assert len(events) == 4, details

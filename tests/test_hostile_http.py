@@ -116,3 +116,29 @@ def test_a_slow_but_steady_upload_is_not_cut_off(start_node):
     rsp = httpx.post(f"http://127.0.0.1:{node.http_port}/dicom-web/studies", content=slowly(), timeout=30,
                      headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
     assert rsp.status_code == 200
+
+
+def test_every_refusal_is_audited_and_many_in_one_request_are_counted_not_listed(node):
+    """HTTP 400/404/415 wrote no audit event; one 0.6 MB request of 10,000 empty parts wrote 10,000."""
+    from segnode.dicom import status as st
+    from tests.conftest import audit_events
+
+    url = f"http://127.0.0.1:{node.http_port}"
+    before = len(audit_events(node))
+    assert httpx.post(f"{url}/dicom-web/studies", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+    assert httpx.get(f"{url}/no/such/route").status_code == 404
+    assert httpx.post(f"{url}/dicom-web/studies/not-a-uid", content=b"x",
+                      headers={"Content-Type": "multipart/related; boundary=b"}).status_code == 400
+    refused = [e for e in audit_events(node)[before:] if '"http_status"' in (e.objects or "")]
+    assert sorted(e.objects.split('"http_status":')[1][:3] for e in refused) == ["400", "404", "415"]
+
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n\r\n" * 10_000 + b"--b--\r\n"
+    assert len(body) < 700_000
+    before = len(audit_events(node))
+    rsp = httpx.post(f"{url}/dicom-web/studies", content=body, timeout=120,
+                     headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert rsp.status_code == 409 and len(rsp.json()["00081198"]["Value"]) == 10_000  # each part answered
+    events = audit_events(node)[before:]
+    assert len(events) == 2, [e.detail for e in events]  # the first refusal in full, then one count
+    assert events[0].status == st.CANNOT_UNDERSTAND
+    assert "9999 more instances refused in this STOW-RS request (0xC210 x9999)" in events[1].detail

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import mmap
 import os
+from collections import Counter
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,30 @@ class Peer:
         segnode.routing.router.sender parses back into the rules' AE title and IP."""
         who = f"{self.ae_title}@" if self.ae_title else ""
         return f"{self.protocol}:{who}{self.host}:{self.port}"
+
+
+@dataclass
+class RefusalTally:
+    """The refusals of one association or one request: the first of each status is audited and logged in
+    full, the others only counted, and `StoreService.summarize` writes them as one event when it ends
+    (a request of 10,000 empty parts wrote 10,000 events)."""
+
+    counts: Counter[int] = field(default_factory=Counter)
+    examples: dict[int, list[str]] = field(default_factory=dict)  # a few instance UIDs per status
+
+    def first(self, result: StoreResult) -> bool:
+        """Count `result`; True when it is the first of its status here (audit it in full)."""
+        self.counts[result.status] += 1
+        if self.counts[result.status] == 1:
+            return True
+        uids = self.examples.setdefault(result.status, [])
+        if len(uids) < 5 and result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
+            uids.append(result.sop_instance_uid)
+        return False
+
+    @property
+    def unaudited(self) -> int:
+        return sum(n - 1 for n in self.counts.values())
 
 
 @dataclass(kw_only=True)
@@ -164,7 +189,8 @@ class StoreService:
         return None
 
     # -- outcomes -------------------------------------------------------------------------------
-    def refuse(self, peer: Peer, result: StoreResult, rec: Received | None = None, objects: dict[str, Any] | None = None) -> StoreResult:
+    def refuse(self, peer: Peer, result: StoreResult, rec: Received | None = None, objects: dict[str, Any] | None = None,
+               tally: RefusalTally | None = None) -> StoreResult:
         """Record a refused instance: drop its temp file, audit, log what to do.
 
         A failure to write the audit event is logged, not raised: the sender must still get its status.
@@ -174,12 +200,16 @@ class StoreService:
             result: the refusal (from `identify`, a transport's own checks, or a failed commit).
             rec: the temp file, deleted here; None when nothing was written.
             objects: extra audit objects; valid SOP Instance and Study UIDs are added.
+            tally: the association's or request's refusals: a status it has seen before is only counted
+                (see `summarize`).
 
         Returns:
             `result`, unchanged, for the caller to answer with.
         """
         if rec is not None:
             rec.tmp_path.unlink(missing_ok=True)
+        if tally is not None and not tally.first(result):
+            return result
         objs = dict(objects or {})
         if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
             objs.setdefault("sop_instance_uid", result.sop_instance_uid)
@@ -194,6 +224,28 @@ class StoreService:
         log.warning("refused an instance from %s: status 0x%04X, %s. %s", peer.label(), result.status, result.comment,
                     st.HINTS.get(result.status, ""))
         return result
+
+    def summarize(self, peer: Peer, tally: RefusalTally, scope: str) -> None:
+        """One audit event (and log line) for the refusals `tally` only counted, if any: how many of each
+        status and a few of their instance UIDs. Logged, not raised, when it cannot be written.
+
+        Args:
+            scope: what they happened in, for the detail ("association", "STOW-RS request").
+        """
+        if not tally.unaudited:
+            return
+        counts = ", ".join(f"0x{status:04X} x{n - 1}" for status, n in sorted(tally.counts.items()) if n > 1)
+        detail = f"{tally.unaudited} more instances refused in this {scope} ({counts}); the first of each status " \
+                 f"was recorded in full"
+        examples = {f"0x{status:04X}": uids for status, uids in tally.examples.items() if uids}
+        log.warning("refused %d more instances from %s: %s", tally.unaudited, peer.label(), counts)
+        try:
+            self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.CREATE,
+                                    outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(),
+                                    objects={"refused": {f"0x{s:04X}": n - 1 for s, n in tally.counts.items() if n > 1},
+                                             "examples": examples}, detail=detail))
+        except Exception:
+            log.exception("could not write the audit event summarizing refused instances; check the database")
 
     def record_security(self, peer: Peer, detail: str) -> None:
         """Log and audit a security alert (e.g. a wrong bearer token); database errors propagate."""

@@ -37,7 +37,7 @@ from segnode.dicom import dimse, sop_classes
 from segnode.dicom import status as st
 from segnode.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
 from segnode.flow import StoreResult
-from segnode.ingest.store import Peer, Received, StoreService
+from segnode.ingest.store import Peer, Received, RefusalTally, StoreService
 
 if TYPE_CHECKING:
     from segnode.config import DimseConfig, SopClassPolicy
@@ -64,6 +64,9 @@ def supported_contexts(requested: list[PresentationContext], policy: "SopClassPo
 
 MAX_ASSOCIATE_RQ = 1024 * 1024  # bytes; read before the peer is identified, so capped apart from max_pdu
 
+# presentation context results, PS3.8 9.3.3.2
+_CONTEXT_RESULT = {1: "user rejection", 2: "no reason", 3: "abstract syntax not supported",
+                   4: "transfer syntaxes not supported"}
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 RJ_CALLING_AE = (1, 1, 3)
 RJ_CALLED_AE = (1, 1, 7)
@@ -127,6 +130,7 @@ class Association:
         self.buf = bytearray(64 * 1024)
         # ARTIM (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must be in within acse_timeout of the TCP accept
         self.deadline = (accepted_at if accepted_at is not None else time.monotonic()) + cfg.acse_timeout
+        self.tally = RefusalTally()  # refusals after the first of each status are summarized at the end
         self._reset_message()
 
     # -- socket ---------------------------------------------------------------------------------
@@ -184,8 +188,16 @@ class Association:
             self._serve()
         except PeerGone as exc:
             log.info("association from %s ended: %s", self.peer.label(), exc)
+            if self.contexts or self.writer is not None:  # gone without release (not a port probe)
+                self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE,
+                            "association ended: the peer closed the connection without releasing it"
+                            + (" (a dataset in progress was discarded)" if self.writer is not None else ""))
         except socket.timeout:
             log.warning("association from %s timed out; aborted", self.peer.label())
+            self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE,
+                        "association aborted: " + ("the peer sent no complete PDU within network_timeout"
+                                                   if self.contexts else
+                                                   "no complete association request within acse_timeout"))
             self._send_abort(*AB_NOT_SPECIFIED)
         except Abort as exc:  # recorded before the peer hears of it, so the record never lags the abort
             log.warning("aborting association from %s: %s", self.peer.label(), exc)
@@ -204,6 +216,7 @@ class Association:
                 self.sock.close()
             except OSError:
                 pass
+            self.store.summarize(self.peer, self.tally, "association")
 
     def _audit(self, code: audit.EventType, outcome: audit.Outcome, detail: str) -> None:
         try:
@@ -253,6 +266,13 @@ class Association:
         self._send(out.encode())
         log.info("association from %s accepted: %d of %d presentation contexts", self.peer.label(),
                  len(self.contexts), len(results))
+        rejected = [cx for cx in results if cx.result != 0]
+        if rejected:  # one event per association, whatever the number
+            kinds = sorted({f"{cx.abstract_syntax} ({_CONTEXT_RESULT.get(cx.result or 0, cx.result)})"
+                            for cx in rejected})
+            self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE,
+                        f"{len(rejected)} of {len(results)} presentation contexts rejected: " + "; ".join(kinds[:5])
+                        + (f"; and {len(kinds) - 5} more" if len(kinds) > 5 else ""))
         return True
 
     def _check_peer(self, calling: str, called: str) -> tuple[int, int, int] | None:
@@ -286,6 +306,8 @@ class Association:
                 return
             elif pdu_type == 0x07:
                 log.warning("association from %s aborted by the peer", self.peer.label())
+                self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE, "association aborted by the peer"
+                            + (" (a dataset in progress was discarded)" if self.writer is not None else ""))
                 return
             elif pdu_type in (0x01, 0x02, 0x03, 0x06):
                 raise Abort(AB_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
@@ -385,7 +407,7 @@ class Association:
         sop_class, sop_instance = str(cmd.get(dimse.AFFECTED_SOP_CLASS, "")), str(cmd.get(dimse.AFFECTED_SOP_INSTANCE, ""))
         result = self.refusal
         if result is not None:
-            result = self.store.refuse(self.peer, result)
+            result = self.store.refuse(self.peer, result, tally=self.tally)
         else:
             writer, self.writer = self.writer, None
             assert writer is not None
@@ -400,7 +422,8 @@ class Association:
                                                 sop_class_uid=sop_class, sop_instance_uid=sop_instance)
             else:
                 refusal = self.store.identify(rec, sop_class, sop_instance)
-            result = self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
+            result = (self.store.refuse(self.peer, refusal, rec, tally=self.tally) if refusal
+                      else self.store.commit(rec, self.peer))
         self._respond(dimse.response(dimse.C_STORE_RSP, message_id, sop_class, result.status,
                                      sop_instance, result.comment))
         self._reset_message()

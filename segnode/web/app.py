@@ -7,10 +7,13 @@ import secrets
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segnode import __version__
+from segnode.audit import events as audit
 from segnode.dicom.uids import is_valid_uid
 from segnode.db.queries import list_studies
 from segnode.audit.ledger import Ledger
@@ -62,6 +65,23 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
     """
     app = FastAPI(title="segnode", version=__version__)
     token = settings.http.token
+
+    @app.exception_handler(StarletteHTTPException)
+    async def audited_refusal(request: Request, exc: StarletteHTTPException) -> Response:
+        """Every refused request is audited once (401 already is, as a security alert, by `authorize`)."""
+        if exc.status_code >= 400 and exc.status_code != 401:
+            event = audit.Event(type=audit.APPLICATION_ACTIVITY, action=audit.Action.EXECUTE,
+                                outcome=audit.Outcome.MINOR_FAILURE if exc.status_code < 500 else
+                                audit.Outcome.SERIOUS_FAILURE, actor=_peer(request, "http").actor(),
+                                objects={"http_status": exc.status_code, "method": request.method,
+                                         "path": request.url.path[:200]},
+                                detail=f"HTTP {exc.status_code} to {request.method} {request.url.path[:200]}: "
+                                       f"{str(exc.detail)[:300]}")
+            try:
+                await run_in_threadpool(store.record, event)
+            except Exception:  # the caller still gets its answer
+                log.exception("could not write the audit event for a refused HTTP request")
+        return await http_exception_handler(request, exc)
 
     def authorize(request: Request) -> str:
         if token is None:
@@ -140,6 +160,7 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
             raise HTTPException(400, str(exc)) from exc
         finally:  # a client that went away (or any error) leaves no temp file or descriptor behind
             session.discard()
+            await run_in_threadpool(session.summarize)
         await run_in_threadpool(session.store_finished)
         if not session.results:
             raise HTTPException(400, "the request holds no parts")

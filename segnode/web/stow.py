@@ -19,7 +19,7 @@ from segnode.dicom.part10 import MAX_META, Meta, NotPart10, file_meta, parse_met
 from segnode.dicom.uids import TRANSFER_SYNTAXES, is_valid_uid
 from segnode.ingest.spool import SpoolWriter
 from segnode.flow import StoreResult
-from segnode.ingest.store import Peer, Received, StoreService
+from segnode.ingest.store import Peer, Received, RefusalTally, StoreService
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class StowSession:
         self.delimiter = b"--" + boundary.encode("latin-1")
         self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
         self.results: list[StoreResult] = []
+        self.tally = RefusalTally()  # one event for the refusals after the first of each status
         self.finished: list[_Part] = []
         self._part: _Part | None = None
         self._field, self._value = bytearray(), bytearray()
@@ -231,7 +232,7 @@ class StowSession:
         if part.failure is not None:
             if part.writer is not None:
                 part.writer.abort()
-            return self.store.refuse(self.peer, part.failure)
+            return self.store.refuse(self.peer, part.failure, tally=self.tally)
         assert part.writer is not None and part.meta is not None
         meta = part.meta
         try:
@@ -239,13 +240,18 @@ class StowSession:
         except OSError as exc:
             part.writer.abort()
             return self.store.refuse(self.peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                       sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid))
+                                                       sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid),
+                                     tally=self.tally)
         rec = Received(tmp_path=part.writer.path, sha256=sha, size=part.writer.size,
                        transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=part.dataset_offset)
         refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
         if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
             refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", sop_class_uid=rec.ids.sop_class_uid, sop_instance_uid=rec.ids.sop_instance_uid)
-        return self.store.refuse(self.peer, refusal, rec) if refusal else self.store.commit(rec, self.peer)
+        return self.store.refuse(self.peer, refusal, rec, tally=self.tally) if refusal else self.store.commit(rec, self.peer)
+
+    def summarize(self) -> None:
+        """Audit the refusals only counted so far as one event (blocking: off the event loop)."""
+        self.store.summarize(self.peer, self.tally, "STOW-RS request")
 
 
 def _uid_attr(vr: str, value: str) -> dict[str, Any]:
