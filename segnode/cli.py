@@ -594,11 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     rcheck.set_defaults(func=cmd_rules_check)
     rexplain.set_defaults(func=cmd_rules_explain)
 
-    demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc")
-    demo.add_argument("--data-dir")
-    demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices")
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--keep", action="store_true", help="keep Orthanc and segnode running to look around")
+    demo = sub.add_parser("demo", help="Orthanc + segnode: phantoms in with storescu, SEG + SR out in Orthanc",
+                          description="Start a test Orthanc (or use --orthanc), segnode and OHIF (nginx); send a CT "
+                                      "and a chest radiograph phantom with dcmtk's storescu as a modality would; wait "
+                                      "until the SEG and SR are confirmed in Orthanc; print volumes, Dice against the "
+                                      "phantom truth, the lineage and a viewer link per study.")
+    demo.add_argument("--data-dir", help="where Orthanc's and segnode's data go (default: a new temporary folder)")
+    demo.add_argument("--slice-spacing", type=float, default=5.0, help="mm between CT slices (default 5)")
+    demo.add_argument("--seed", type=int, default=1, help="phantom seed (default 1)")
+    demo.add_argument("--keep", action="store_true", help="leave Orthanc, segnode and OHIF running until Ctrl-C")
     demo.add_argument("--orthanc", metavar="URL", help="use this running Orthanc (REST URL, credentials as "
                       "http://user:password@host:8042) instead of starting one; its AE title and DICOM port come "
                       "from GET /system, and it must accept C-STORE from segnode's AE title")

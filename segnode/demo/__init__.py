@@ -120,6 +120,8 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
             if viewer is not None:
                 for what, _, files, *_ in cases:
                     say(f"in OHIF, the {what} study: {viewer.study_url(_study_of(files[0]))}")
+                if not options.keep:
+                    say("(these links work while the demo runs: run it with --keep to leave Orthanc and OHIF up)")
             with node.engine.connect() as conn:
                 say("\n".join(render(trace(conn, data, study))))
                 verified = verify_connection(conn, data.audit_head)

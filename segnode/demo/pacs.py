@@ -39,7 +39,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
     """Poll `ready` until it holds; fail early if the process exits, or after `timeout` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -59,7 +59,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float
         except httpx.HTTPError:
             return False
 
-    _wait_until(answers, proc, f"{what} ({url})", timeout)
+    wait_until(answers, proc, f"{what} ({url})", timeout)
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
@@ -71,7 +71,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
         except OSError:
             return False
 
-    _wait_until(accepts, proc, f"{what} (port {port})", timeout)
+    wait_until(accepts, proc, f"{what} (port {port})", timeout)
 
 
 class Orthanc:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import getpass
 import os
+import re
+import secrets
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,12 +20,16 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from segnode.demo.pacs import free_port, wait_http
+import httpx
+
+from segnode.demo.pacs import wait_until, free_port
 from segnode.tools import ToolMissing
 
 OHIF_VERSION = "3.13.2"
 NGINX = "/usr/sbin/nginx"
-INSTALL_HINT = "bash scripts/setup.sh (installs nginx and OHIF's dist)"
+INSTALL_HINT = "bash scripts/install_ohif.sh (OHIF's dist; nginx: apt-get install -y nginx)"
+_URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?$")  # what may enter nginx.conf as is
+_UNSAFE_PATH = re.compile(r'["\\$\x00-\x1f\x7f]')  # inside nginx's double quotes: no quote, escape, variable
 
 
 def ohif_dist() -> Path:
@@ -87,28 +93,36 @@ def nginx_conf(workdir: Path, dist: Path, port: int, dicomweb: str, username: st
     """nginx.conf serving `dist` at the root of 127.0.0.1:`port` and proxying /dicom-web/ to `dicomweb`
     (the PACS's DICOMweb root URL, e.g. http://127.0.0.1:8042/dicom-web/), with Basic credentials added
     when the PACS needs them. Temporary files, logs and the pid stay in `workdir`."""
+    if not _URL.match(dicomweb) or "@" in dicomweb:
+        raise ToolMissing(f"the PACS's DICOMweb URL {dicomweb!r} cannot be proxied: give http(s)://host[:port]/path "
+                          f"(letters, digits and ._~-/ only; credentials apart)")
+    for path in (workdir, dist):
+        if _UNSAFE_PATH.search(str(path)):
+            raise ToolMissing(f"cannot serve OHIF from {str(path)!r}: the path holds a quote, backslash, '$' or a "
+                              f"control character; choose another folder")
     auth = ""
     if username:
         token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
         auth = f'proxy_set_header Authorization "Basic {token}";'
     user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # workers as the caller, who owns workdir
-    temp = "\n    ".join(f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n    ".join(f'{kind}_temp_path "{workdir / kind}";' for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                              "scgi"))
     return f"""{user}
 worker_processes 1;
 daemon off;
-pid {workdir / 'nginx.pid'};
-error_log {workdir / 'error.log'} warn;
+pid "{workdir / 'nginx.pid'}";
+error_log "{workdir / 'error.log'}" warn;
 events {{ worker_connections 256; }}
 http {{
     include /etc/nginx/mime.types;
-    types {{ application/wasm wasm; }}
-    access_log {workdir / 'access.log'};
+    access_log "{workdir / 'access.log'}";
     {temp}
     client_max_body_size 0;
     server {{
         listen 127.0.0.1:{port};
-        root {dist};
-        location = /app-config.js {{ alias {workdir / 'app-config.js'}; add_header Cache-Control no-store; }}
+        root "{dist}";
+        location = /app-config.js {{ alias "{workdir / 'app-config.js'}"; add_header Cache-Control no-store; }}
+        location = /segnode-viewer.txt {{ alias "{workdir / 'segnode-viewer.txt'}"; }}
         location /dicom-web/ {{
             proxy_pass {dicomweb.rstrip('/')}/;
             proxy_set_header Host $http_host;  # Orthanc writes its retrieve URLs from it
@@ -133,6 +147,18 @@ class Viewer:
         return f"{self.url}/viewer?StudyInstanceUIDs={quote(study_uid)}"
 
 
+def _wait_for(url: str, body: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Wait until `url` answers `body` (our nginx is up), failing early when nginx exits."""
+    def answers() -> bool:
+        try:
+            rsp = httpx.get(url, timeout=1)
+        except httpx.HTTPError:
+            return False
+        return rsp.status_code == 200 and rsp.text.strip() == body
+
+    wait_until(answers, proc, f"nginx ({url})", timeout)
+
+
 @contextmanager
 def ohif(workdir: Path, dicomweb: str, username: str | None = None, password: str | None = None,
          port: int | None = None) -> Iterator[Viewer]:
@@ -140,7 +166,8 @@ def ohif(workdir: Path, dicomweb: str, username: str | None = None, password: st
     ends.
 
     Raises:
-        ToolMissing: nginx or OHIF's dist is not installed.
+        ToolMissing: nginx or OHIF's dist is not installed, the URL or a path cannot go into nginx's
+            configuration, or nginx does not start (its own message).
     """
     if not Path(NGINX).exists():
         raise ToolMissing(f"nginx not found; install it with: {INSTALL_HINT}")
@@ -148,13 +175,19 @@ def ohif(workdir: Path, dicomweb: str, username: str | None = None, password: st
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     (workdir / "app-config.js").write_text(app_config())
+    nonce = secrets.token_hex(16)  # answered by our nginx only: another server on the port cannot pass for it
+    (workdir / "segnode-viewer.txt").write_text(nonce)
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, dist, port, dicomweb, username, password))
     log = (workdir / "nginx.out").open("wb")
     proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(conf)], stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/app-config.js", proc, "nginx (OHIF)", timeout=20)
+        try:
+            _wait_for(f"{url}/segnode-viewer.txt", nonce, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            said = [line for line in (workdir / "nginx.out").read_text(errors="replace").splitlines() if "emerg" in line]
+            raise ToolMissing(f"nginx did not start to serve OHIF on port {port}: {said[0] if said else exc}") from None
         yield Viewer(url, proc)
     finally:
         proc.terminate()

@@ -51,21 +51,26 @@ class SegmentStats:
     mean: float | None = None
     std: float | None = None
     section: int = 0
-    section_area_cm2: float = 0.0
     outline: np.ndarray | None = None
 
 
-def largest_section(mask: np.ndarray) -> tuple[int, np.ndarray, int]:
+# Graphic Data (FL) has a 16-bit length in explicit VR: 65534 bytes, 8191 points; a longer outline is written
+# as UN and unreadable. Ragged edges are simplified (Douglas-Peucker, scikit-image) until they fit well below.
+MAX_OUTLINE_POINTS = 4096
+
+
+def largest_section(mask: np.ndarray) -> tuple[int, np.ndarray]:
     """The slice where a segment is largest, and the outline of its largest connected part there.
 
     Args:
         mask: (slices, rows, cols) bool, not empty.
 
     Returns:
-        (slice index, (n, 2) float closed polyline: first point == last, pixel count of that part). The outline
+        (slice index, (n, 2) float closed polyline: first point == last). The outline
         is the boundary between the part's pixels and the others (marching squares, scikit-image) in DICOM
         SCOORD image coordinates: (column, row), (0, 0) the top left corner of the top left pixel, so a pixel's
-        centre is at (c + 0.5, r + 0.5). Holes in the part are not outlined (one SCOORD per group).
+        centre is at (c + 0.5, r + 0.5). Holes in the part are not outlined (one SCOORD per group); at most
+        MAX_OUTLINE_POINTS points.
     """
     section = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
     parts, count = ndimage.label(mask[section])  # 4-connected, as the outline separates diagonal neighbours
@@ -75,8 +80,12 @@ def largest_section(mask: np.ndarray) -> tuple[int, np.ndarray, int]:
     contours = measure.find_contours(padded, 0.5)
     # the outer boundary encloses the largest area (shoelace); the others are holes
     outer = max(contours, key=lambda c: abs(float(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1]))))
-    outer = measure.approximate_polygon(outer, tolerance=0.25)  # drops the collinear points of pixel edges
-    return section, np.ascontiguousarray(outer[:, ::-1] - 0.5), int(sizes.max())  # padded (row, col) -> SCOORD
+    tolerance = 0.25  # drops the collinear points of pixel edges
+    simplified = measure.approximate_polygon(outer, tolerance=tolerance)
+    while len(simplified) > MAX_OUTLINE_POINTS:  # a ragged edge: coarser, until Graphic Data fits
+        tolerance *= 2
+        simplified = measure.approximate_polygon(outer, tolerance=tolerance)
+    return section, np.ascontiguousarray(simplified[:, ::-1] - 0.5)  # padded (row, col) -> SCOORD
 
 
 def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, values: Sequence[int],
@@ -96,8 +105,8 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
 
     Returns:
         One SegmentStats per label present, in `values` order; absent labels are left out. Each also
-        gives its largest section (slice index in `labels`), the outline of its largest part there and that
-        part's area (`largest_section`).
+        gives its largest section (slice index in `labels`) and the outline of its largest part there
+        (`largest_section`).
     """
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     pixel_cm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2])) / 100.0
@@ -109,8 +118,7 @@ def segment_stats(labels: np.ndarray, image: np.ndarray, affine: np.ndarray, val
             continue
         stats = (SegmentStats(value, name, n, area_cm2=n * pixel_cm2) if planar
                  else SegmentStats(value, name, n, volume_ml=n * voxel_ml))
-        stats.section, stats.outline, pixels = largest_section(mask)
-        stats.section_area_cm2 = pixels * pixel_cm2
+        stats.section, stats.outline = largest_section(mask)
         if hounsfield:
             inside = image[mask]
             stats.mean, stats.std = float(inside.mean()), float(inside.std())
@@ -133,11 +141,15 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int
     """The TID 1500 Measurement Report for a SEG: a group per segment with its volume (mL, 3 decimals;
     a volumetric ROI group) or, on a projection image, its area (cm², 3 decimals; a planar ROI group
     referencing the SEG frame) and, where measured, HU mean and std (2 decimals), observed by the model
-    as a device.
+    as a device; then, with the same tracking identifier, a planar ROI group outlining each segment on its
+    largest section (a SCOORD polyline around its largest part there, on that source image and frame).
+    Viewers that draw only image regions (OHIF lists and draws a measurement only when its group has a
+    SCOORD) merge the two by tracking UID: the outline, shown with the segment's measurements.
 
     Args:
         seg: The SEG the groups reference (its SOP Instance UID and segment numbers).
         sources: The source datasets (evidence; the first gives series UID and modality).
+        order: (source index, frame) of each slice of the label map the stats were taken from (Volume.order).
         stats: From segment_stats; values must be the manifest's label values.
         prov: The job and model; UIDs derive from the job key.
         assumed_spacing: the sizes rest on a pixel spacing a routing rule assumed: every measurement says
@@ -195,8 +207,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int
             finding_type=_coded(label.type), finding_category=_coded(label.category), algorithm_id=algorithm,
             finding_sites=sites, measurements=measurements))
     for s in stats:  # after the segment groups: readers that take the first group of a tracking UID get those
-        groups.append(_outline_group(s, sources, order, labels[s.value], prov, algorithm,
-                                     ASSUMED_SPACING if assumed_spacing else None))
+        groups.append(_outline_group(s, sources, order, labels[s.value], prov, algorithm))
     modality = str(getattr(sources[0], "Modality", ""))
     procedure = codes.SCT.ComputedTomography if modality == "CT" else codes.SCT.ImagingProcedure
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -214,7 +225,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], order: Sequence[tuple[int
 
 
 def _outline_group(s: SegmentStats, sources: Sequence[Dataset], order: Sequence[tuple[int, int]], label: Label,
-                   prov: Provenance, algorithm: hd.sr.AlgorithmIdentification, method: Code | None
+                   prov: Provenance, algorithm: hd.sr.AlgorithmIdentification
                    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group: the segment's outline on its largest section, tracked as the segment's own group."""
     assert s.outline is not None, "segment_stats gives every segment its outline"
@@ -224,14 +235,13 @@ def _outline_group(s: SegmentStats, sources: Sequence[Dataset], order: Sequence[
     region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=s.outline,
                                source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID,
                                                                        referenced_frame_numbers=frames))
-    area = ([] if s.area_cm2 is not None else  # a projection's area is in its segment group already
-            [hd.sr.Measurement(name=codes.SCT.Area, value=round(s.section_area_cm2, 3), unit=SQUARE_CENTIMETER,
-                               algorithm_id=algorithm, method=method)])
+    # no measurement of its own: the segment's are in its segment group (same tracking UID); the outline, which
+    # cannot show holes, would not agree with an area of the segment's pixels on that section
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(prov.job_key, "roi", str(s.value)),
                                                      identifier=s.name),
         referenced_region=region, finding_type=_coded(label.type), finding_category=_coded(label.category),
-        algorithm_id=algorithm, finding_sites=_finding_sites(label), measurements=area or None)
+        algorithm_id=algorithm, finding_sites=_finding_sites(label))
 
 
 def _finding_sites(label: Label) -> list[hd.sr.FindingSite] | None:
