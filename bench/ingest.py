@@ -2,10 +2,10 @@
 to dcmtk's storescp (the anchor), to Orthanc and to segnode, in one run.
 
 Prints instances/s for each, the ratio segnode/storescp with fsync on (segnode's default), the
-same with fsync off (what the software costs without the disk), and segnode's resident memory
-while a 1000-slice study arrives. The last line is one JSON object.
+same with fsync off (what the software costs without the disk), the ratio when the slices come over 8
+associations at once, and segnode's resident memory while a 1000-slice study arrives. The last line is one JSON object.
 
-    python bench/ingest.py [--slices 300] [--rounds 3] [--big 1000]
+    python bench/ingest.py [--slices 300] [--rounds 3] [--big 1000] [--associations 8]
 """
 
 from __future__ import annotations
@@ -43,6 +43,20 @@ def send(port: int, aec: str, files: list[Path]) -> float:
     start = time.perf_counter()
     subprocess.run([dcmtk("storescu"), "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
                    check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+def send_parallel(port: int, aec: str, files: list[Path], associations: int) -> float:
+    """Wall time of `associations` storescu runs at once, each sending every n-th file over its own association
+    (modalities sending together)."""
+    os.sync()
+    start = time.perf_counter()
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aec", aec, "-aet", f"BENCH{i}", "127.0.0.1", str(port),
+                               *map(str, files[i::associations])], env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for i in range(associations)]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"storescu failed: {proc.stderr.read().decode() if proc.stderr else ''}")
     return time.perf_counter() - start
 
 
@@ -115,6 +129,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=1000, help="slices of the memory run (0 to skip)")
+    parser.add_argument("--associations", type=int, default=8,
+                        help="also send over this many associations at once (0 to skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -126,7 +142,7 @@ def main() -> int:
         log.info("ingest: %d CT slices 512x512 16-bit (%.0f MB), storescu TCP_NODELAY=1, one association, "
                  "median of %d rounds", len(files), size_mb, args.rounds)
         times: dict[str, list[float]] = {"storescp": [], "orthanc": [], "segnode": [], "segnode_nofsync": [],
-                                         "fsync_floor": []}
+                                         "fsync_floor": [], "storescp_parallel": [], "segnode_parallel": []}
         peak_rss: list[float] = []
         for r in range(args.rounds):
             with storescp(work / f"scp{r}") as port:
@@ -140,10 +156,16 @@ def main() -> int:
                     if fsync:
                         peak_rss.append(max(m for _, m in rss.samples))
             times["fsync_floor"].append(fsync_floor(files, work / f"floor{r}"))
+            if args.associations:
+                with storescp(work / f"pscp{r}") as port:
+                    times["storescp_parallel"].append(send_parallel(port, "STORESCP", files, args.associations))
+                with segnode(work / f"psegnode{r}", True) as (port, _):
+                    times["segnode_parallel"].append(send_parallel(port, "SEGNODE", files, args.associations))
             for d in work.glob(f"*{r}"):
                 subprocess.run(["rm", "-rf", str(d)], check=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items() if v}
         floor = med.pop("fsync_floor")
+        parallel = {k: med.pop(k) for k in ("storescp_parallel", "segnode_parallel") if k in med}
         ips = {k: len(files) / v for k, v in med.items()}
         labels = {"storescp": "dcmtk storescp (anchor, no fsync)", "orthanc": "Orthanc 1.10 (SyncStorageArea on)",
                   "segnode": "segnode (fsync on, default)", "segnode_nofsync": "segnode (fsync off)"}
@@ -158,10 +180,17 @@ def main() -> int:
                  "record, take %.2f s alone (%.1f ms each): a receiver with storescp's costs plus these flushes "
                  "would reach ratio %.2f", floor, floor / len(files) * 1e3, ceiling)
 
+        if parallel:
+            ratio_parallel = parallel["storescp_parallel"] / parallel["segnode_parallel"]
+            log.info("  %d associations at once: storescp %.2f s (%.0f inst/s), segnode (fsync on) %.2f s (%.0f "
+                     "inst/s): ratio %.2f", args.associations, parallel["storescp_parallel"],
+                     len(files) / parallel["storescp_parallel"], parallel["segnode_parallel"],
+                     len(files) / parallel["segnode_parallel"], ratio_parallel)
         result = {"ratio": round(ratio, 3), "ratio_nofsync": round(ips["segnode_nofsync"] / ips["storescp"], 3),
                   "instances": len(files), **{f"{k}_ips": round(v, 1) for k, v in ips.items()},
                   "segnode_peak_rss_mb": round(max(peak_rss), 1), "fsync_floor_s": round(floor, 3),
-                  "ratio_ceiling_with_fsync": round(ceiling, 3)}
+                  "ratio_ceiling_with_fsync": round(ceiling, 3),
+                  **({"associations": args.associations, "ratio_parallel": round(ratio_parallel, 3)} if parallel else {})}
         if args.big:
             big = write_ct_series(work / "big", n_slices=args.big, rows=512, cols=512, seed=43)
             with segnode(work / "bigrun", True) as (port, pid):
