@@ -13,7 +13,7 @@ from pathlib import Path
 from segnode.audit import events as audit
 from segnode.config import DimseConfig
 from segnode.errors import ConfigurationError
-from segnode.ingest.ul import Association
+from segnode.ingest.ul import Association, warm_contexts
 from segnode.ingest.store import Peer, StoreService
 from segnode.listen import listening_socket
 
@@ -86,6 +86,7 @@ class DimseServer:
             ConfigurationError: the address cannot be bound (e.g. port in use), naming the settings.
         """
         self._sock = listening_socket(self.cfg.host, self.cfg.port, "dimse")
+        warm_contexts()
         self._thread = threading.Thread(target=self._accept_loop, name="dimse-accept", daemon=True)
         self._thread.start()
         if self.cfg.allowed_peers is None:

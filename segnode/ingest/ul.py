@@ -54,6 +54,13 @@ def _storage_context(sop_class_uid: str) -> PresentationContext:
     return build_context(sop_class_uid, list(TRANSFER_SYNTAXES))
 
 
+def warm_contexts() -> None:
+    """Build the standard storage classes' contexts now (~0.1 s), at listener start, not in a modality's first
+    association: each one validates its two dozen transfer syntax UIDs."""
+    for uid in sop_classes.STANDARD_STORAGE:
+        _storage_context(uid)
+
+
 def supported_contexts(requested: list[PresentationContext], policy: "SopClassPolicy") -> list[PresentationContext]:
     """The contexts we would accept for what the peer proposes: Verification, and each proposed abstract
     syntax that is a SOP class we store (segnode.dicom.sop_classes: the standard's storage classes and private
