@@ -16,6 +16,7 @@ from segnode.audit.trail import AuditTrail
 from segnode.config import Settings
 from segnode.datadir import DataDir
 from segnode.db.session import make_engine, migrate
+from segnode.errors import ConfigurationError
 from segnode.ingest.scp import DimseServer
 from segnode.ingest.spool import Spool
 from segnode.ingest.store import Peer, StoreService
@@ -25,27 +26,49 @@ from segnode.lock import DataDirLock
 log = logging.getLogger(__name__)
 
 
+KEY_BYTES = 32
+
+
 def load_secret(data: DataDir) -> bytes:
     """The key for patient-identity hashes: made once per node, never leaves the data directory.
 
-    Created on first use as 32 random bytes in the data directory's audit key file (mode 0600,
-    fsynced); losing it unlinks every later patient key from the earlier ones.
+    Created on first use as 32 random bytes in the data directory's audit key file (mode 0600): written and
+    fsynced under a temporary name, then linked into place, so a crash never leaves an empty or short key
+    behind (which would have keyed every later hash with nothing); losing it unlinks every later patient key
+    from the earlier ones.
 
     Returns:
         The key's bytes, as stored.
 
     Raises:
-        OSError: the file cannot be created or read (FileExistsError if another process created it
-            between the check and the creation).
+        ConfigurationError: the key file exists but does not hold a 32-byte key (the message says what to do).
+        OSError: the file cannot be created or read.
     """
     path = data.audit_key
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-    return path.read_bytes()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and never replaces a key another process made meanwhile
+            except FileExistsError:
+                pass
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ConfigurationError(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte key; restore it from a "
+                                 f"backup (patient keys depend on it), or remove it to start a new, unlinked one")
+    return key
 
 
 class Node:

@@ -76,3 +76,22 @@ def test_a_second_node_on_a_data_dir_in_use_stops_before_touching_it(tmp_path):
     second = Node(settings)  # the lock went with the first node
     second.start(http=False)
     second.stop()
+
+
+def test_a_crash_while_the_audit_key_is_made_never_leaves_an_empty_key_in_use(tmp_path):
+    """The key was created in place, then written: a crash between the two left an empty file that later
+    starts read as the key (every patient hash keyed with nothing)."""
+    import pytest
+
+    from segnode.datadir import DataDir
+    from segnode.errors import ConfigurationError
+    from segnode.service import KEY_BYTES, load_secret
+
+    data = DataDir(tmp_path / "data")
+    data.root.mkdir()
+    key = load_secret(data)
+    assert len(key) == KEY_BYTES and load_secret(data) == key  # made once, then read
+    assert [p.name for p in data.root.iterdir()] == ["audit.key"]  # no temp file left
+    data.audit_key.write_bytes(b"")  # what the old crash window left behind
+    with pytest.raises(ConfigurationError, match="holds 0 bytes, not a 32-byte key; restore it"):
+        load_secret(data)
