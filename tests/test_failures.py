@@ -129,13 +129,16 @@ def _trickle(port: int, data: bytes, every: float, stop_after: float) -> tuple[f
 
 def test_an_association_request_trickled_a_byte_at_a_time_is_dropped_at_the_deadline(start_node):
     """Each byte arrives well within the timeout, but the request as a whole must be in within acse_timeout
-    of the accept (ARTIM): slow peers holding every association slot free them at that deadline."""
+    of the accept (ARTIM); and peers still sending their request hold no association slot, so a modality
+    that has identified itself is served meanwhile (it was refused "local limit exceeded")."""
     node = start_node(dimse={"acse_timeout": 1.0, "max_associations": 2})
     results: list[tuple[float, bytes]] = []
     threads = [threading.Thread(target=lambda: results.append(_trickle(node.dimse.port, _associate_rq(), 0.2, 8)))
                for _ in range(3)]
     for thread in threads:
         thread.start()
+    time.sleep(0.3)
+    assert echo_ok(node) and echo_ok(node)  # while three slow peers are connected, with two slots
     for thread in threads:
         thread.join()
     assert len(results) == 3
@@ -246,3 +249,18 @@ def test_a_full_disk_answers_like_the_floor_does(node, ct_files, monkeypatch, wh
     assert sum("1 more instances refused in this" in e.detail and "0xA700 x1" in e.detail for e in events) == 2
     monkeypatch.undo()
     assert storescu(node.dimse.port, ct_files[:2]).returncode == 0 and len(instances(node)) == 2
+
+
+def test_connections_not_yet_associated_are_bounded(start_node):
+    """Each unidentified connection holds a thread and a buffer: 400 of them took 351 threads and 400 MB.
+    Beyond max_associations + PENDING_CONNECTIONS the node closes new ones at once, and still serves."""
+    from segnode.ingest.scp import PENDING_CONNECTIONS
+
+    node = start_node(dimse={"acse_timeout": 2.0, "max_associations": 2})
+    before = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", node.dimse.port)) for _ in range(80)]
+    time.sleep(0.5)
+    assert threading.active_count() - before <= 2 + PENDING_CONNECTIONS
+    for sock in socks:
+        sock.close()
+    eventually(lambda: echo_ok(node), timeout=10)

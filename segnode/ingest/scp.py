@@ -18,6 +18,7 @@ from segnode.ingest.store import Peer, StoreService
 from segnode.listen import listening_socket
 
 log = logging.getLogger(__name__)
+PENDING_CONNECTIONS = 32  # connections beyond max_associations that may be sending their request at once
 
 
 def server_tls_context(cfg: DimseConfig) -> ssl.SSLContext | None:
@@ -67,8 +68,10 @@ class DimseServer:
     def __init__(self, cfg: DimseConfig, store: StoreService) -> None:
         self.cfg, self.store = cfg, store
         self.tls = server_tls_context(cfg)
+        self._max_connections = cfg.max_associations + PENDING_CONNECTIONS
         self._sock: socket.socket | None = None
-        self._active: set[socket.socket] = set()
+        self._active: set[socket.socket] = set()  # every open connection, identified or not
+        self._associated = 0  # associations admitted (identified, accepted): what max_associations counts
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -115,12 +118,15 @@ class DimseServer:
             self._thread.join(timeout=5)
 
     def _admit(self) -> str | None:
-        """Decide whether a new association may start (called once it is identified)."""
-        with self._lock:
-            if len(self._active) > self.cfg.max_associations:
-                return f"more than {self.cfg.max_associations} associations at once"
+        """Decide whether a new association may start (called once it is identified); an admitted one holds
+        a slot until it ends. Connections still sending their request hold none: slow peers cannot lock out
+        the modalities that have identified themselves."""
         if self.store.below_watermark():
             return "disk below the free-space watermark; free space or raise storage limits"
+        with self._lock:
+            if self._associated >= self.cfg.max_associations:
+                return f"more than {self.cfg.max_associations} associations at once"
+            self._associated += 1
         return None
 
     def _accept_loop(self) -> None:
@@ -140,12 +146,23 @@ class DimseServer:
                     last_warning = time.monotonic()
                 time.sleep(0.1)
                 continue
+            with self._lock:
+                crowded = len(self._active) >= self._max_connections
+            if crowded:  # unidentified peers hold a thread and a buffer each: bounded, oldest served first
+                if time.monotonic() - last_warning > 60:
+                    log.warning("DIMSE connection from %s:%d closed: %d connections open, most not yet associated "
+                                "(dimse.max_associations + %d pending)", addr[0], addr[1], len(self._active),
+                                PENDING_CONNECTIONS)
+                    last_warning = time.monotonic()
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn, addr, time.monotonic()),
                              name=f"assoc-{addr[0]}:{addr[1]}", daemon=True).start()
 
     def _serve(self, conn: socket.socket, addr: tuple[str, int], accepted_at: float) -> None:
         raw = conn
+        association: Association | None = None
         with self._lock:
             self._active.add(raw)
         try:
@@ -161,7 +178,10 @@ class DimseServer:
                                                   detail=f"TLS handshake failed: {type(exc).__name__}"))
                     conn.close()
                     return
-            Association(conn, addr[:2], self.cfg, self.store, self._admit, accepted_at).run()
+            association = Association(conn, addr[:2], self.cfg, self.store, self._admit, accepted_at)
+            association.run()
         finally:
             with self._lock:
                 self._active.discard(raw)
+                if association is not None and association.admitted:
+                    self._associated -= 1

@@ -138,6 +138,7 @@ class Association:
         # ARTIM (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must be in within acse_timeout of the TCP accept
         self.deadline = (accepted_at if accepted_at is not None else time.monotonic()) + cfg.acse_timeout
         self.tally = RefusalTally()  # refusals after the first of each status are summarized at the end
+        self.admitted = False
         self._reset_message()
 
     # -- socket ---------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class Association:
             self._audit(audit.SECURITY_ALERT, audit.Outcome.MINOR_FAILURE, "association rejected: called AE title unknown")
             return RJ_CALLED_AE
         why = self.admit()
+        self.admitted = why is None  # the listener frees the slot when this association ends
         if why is not None:
             log.warning("rejected association from %s (transient, the peer may retry): %s", self.peer.label(), why)
             self._audit(audit.APPLICATION_ACTIVITY, audit.Outcome.MINOR_FAILURE, f"association rejected (transient): {why}")
