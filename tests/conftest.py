@@ -165,3 +165,23 @@ class RawStore:
 def read_stored(node: Node, sop_instance_uid: str) -> Dataset:
     row = next(r for r in instances(node) if r.sop_instance_uid == sop_instance_uid)
     return dcmread(node.settings.data_dir / row.path)
+
+
+def associate_rq(abstract_syntax: str, transfer_syntaxes: list[str] | None = None, calling: str = "RAWSCU") -> bytes:
+    """An A-ASSOCIATE-RQ proposing one presentation context, as pynetdicom encodes it (for raw-socket peers)."""
+    from pynetdicom import build_context
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, "SEGNODE"
+    context = build_context(abstract_syntax, transfer_syntaxes)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()

@@ -26,7 +26,7 @@ from pynetdicom.dsutils import encode
 
 from segnode.dicom import status as st
 from testdata import ct_series, poison_bytes
-from tests.conftest import RawStore, audit_events, dataset_bytes, echo_ok, echoscu, eventually, instances, storescu
+from tests.conftest import RawStore, associate_rq, audit_events, dataset_bytes, echo_ok, echoscu, eventually, instances, storescu
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 ENCAPSULATED = [
@@ -174,23 +174,8 @@ def test_dataset_not_matching_its_command_is_refused_with_a900(node):
 
 def _associate_raw(port: int) -> socket.socket:
     """Open an association with a raw socket, using pynetdicom only to encode the request."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title, prim.called_ae_title = "RAWSCU", "SEGNODE"
-    cx = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    prim.user_information = [ml]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(pdu.encode())
+    sock.sendall(associate_rq(CTImageStorage, [ExplicitVRLittleEndian]))
     assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC
     sock.recv(65536)
     return sock

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import Verification
 
 from segnode.dicom import status as st
 from segnode.ingest.spool import Spool
-from tests.conftest import audit_events, echo_ok, echoscu, eventually, instances, storescu
+from tests.conftest import associate_rq, audit_events, echo_ok, echoscu, eventually, instances, storescu
 
 
 def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch):
@@ -88,25 +88,6 @@ def test_stalled_association_is_aborted_after_the_network_timeout(start_node):
     assert echo_ok(node)
 
 
-def _associate_rq(calling: bytes = b"TRICKLE") -> bytes:
-    """A valid A-ASSOCIATE-RQ for Verification, as pynetdicom encodes it."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title, primitive.called_ae_title = calling.decode(), "SEGNODE"
-    context = __import__("pynetdicom").build_context(Verification)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
 def _trickle(port: int, data: bytes, every: float, stop_after: float) -> tuple[float, bytes]:
     """Send `data` a byte every `every` s until the node closes on us (or `stop_after` s); returns how long
     the node let us go on and what it answered."""
@@ -133,7 +114,7 @@ def test_an_association_request_trickled_a_byte_at_a_time_is_dropped_at_the_dead
     that has identified itself is served meanwhile (it was refused "local limit exceeded")."""
     node = start_node(dimse={"acse_timeout": 1.0, "max_associations": 2})
     results: list[tuple[float, bytes]] = []
-    threads = [threading.Thread(target=lambda: results.append(_trickle(node.dimse.port, _associate_rq(), 0.2, 8)))
+    threads = [threading.Thread(target=lambda: results.append(_trickle(node.dimse.port, associate_rq(Verification, calling="TRICKLE"), 0.2, 8)))
                for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -151,7 +132,7 @@ def test_an_association_request_trickled_a_byte_at_a_time_is_dropped_at_the_dead
 def test_a_pdu_trickled_a_byte_at_a_time_is_aborted_at_the_deadline(start_node):
     node = start_node(dimse={"network_timeout": 1.0})
     sock = socket.create_connection(("127.0.0.1", node.dimse.port), timeout=10)
-    sock.sendall(_associate_rq())
+    sock.sendall(associate_rq(Verification, calling="TRICKLE"))
     assert sock.recv(6)[0] == 0x02  # A-ASSOCIATE-AC
     sock.recv(65536)
     start = time.monotonic()

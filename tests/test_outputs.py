@@ -117,14 +117,22 @@ def test_seg_of_a_radiograph(radiograph, tmp_path):
     np.testing.assert_array_equal(labels_from_seg(dcmread(tmp_path / "seg.dcm"), [source], vol.order)[0], dx.labels)
 
 
-def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
-    phantom, _, vol, sources, truth = ct
-    prov = _prov()
+def _seg_and_sr(vol, sources, truth, prov, tmp_path):
+    """The SEG, the segment stats and the SR of the CT fixture's truth, the SR written to tmp_path/sr.dcm and
+    checked by dciodvfy."""
     seg = build_seg(truth, vol.order, sources, prov)
     names = [label.name for label in prov.manifest.labels]
     stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
     sr = build_sr(seg, sources, vol.order, stats, prov)
     assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
+    return seg, stats, sr
+
+
+def test_sr_reports_volume_and_hu_per_segment_referencing_the_seg(ct, tmp_path):
+    phantom, _, vol, sources, truth = ct
+    prov = _prov()
+    seg, stats, sr = _seg_and_sr(vol, sources, truth, prov, tmp_path)
+    names = [label.name for label in prov.manifest.labels]
     liver = next(s for s in stats if s.name == "liver")
     voxel_ml = 5.0 * phantom.pixel_spacing[0] * phantom.pixel_spacing[1] / 1000
     assert liver.volume_ml == pytest.approx((truth == 1).sum() * voxel_ml, rel=1e-6)
@@ -166,11 +174,8 @@ def test_sr_outlines_each_segment_on_its_largest_section_for_viewers_that_draw_r
     series: the reference must be that slice's own instance)."""
     _, _, vol, sources, truth = ct
     prov = _prov()
-    seg = build_seg(truth, vol.order, sources, prov)
+    seg, stats, sr = _seg_and_sr(vol, sources, truth, prov, tmp_path)
     names = [label.name for label in prov.manifest.labels]
-    stats = segment_stats(truth, vol.array, vol.affine, [1, 2, 3, 4, 5], names, hounsfield=True)
-    sr = build_sr(seg, sources, vol.order, stats, prov)
-    assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
     parsed = hd.sr.srread(tmp_path / "sr.dcm")
     volumetric = {g.tracking_uid: g for g in parsed.content.get_volumetric_roi_measurement_groups()}
     outlines = parsed.content.get_planar_roi_measurement_groups()

@@ -51,13 +51,15 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: s
     raise TimeoutError(f"{what} was not ready within {timeout} s")
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
-    """Wait until `url` answers 200."""
+def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60, body: str | None = None
+              ) -> None:
+    """Wait until `url` answers 200 (with `body`, stripped, when given: this server, not another on the port)."""
     def answers() -> bool:
         try:
-            return httpx.get(url, timeout=1).status_code == 200
+            rsp = httpx.get(url, timeout=1)
         except httpx.HTTPError:
             return False
+        return rsp.status_code == 200 and (body is None or rsp.text.strip() == body)
 
     wait_until(answers, proc, f"{what} ({url})", timeout)
 

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-import httpx
-
-from segnode.demo.pacs import wait_until, free_port
+from segnode.demo.pacs import free_port, wait_http
 from segnode.tools import ToolMissing
 
 OHIF_VERSION = "3.13.2"
@@ -147,18 +145,6 @@ class Viewer:
         return f"{self.url}/viewer?StudyInstanceUIDs={quote(study_uid)}"
 
 
-def _wait_for(url: str, body: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """Wait until `url` answers `body` (our nginx is up), failing early when nginx exits."""
-    def answers() -> bool:
-        try:
-            rsp = httpx.get(url, timeout=1)
-        except httpx.HTTPError:
-            return False
-        return rsp.status_code == 200 and rsp.text.strip() == body
-
-    wait_until(answers, proc, f"nginx ({url})", timeout)
-
-
 @contextmanager
 def ohif(workdir: Path, dicomweb: str, username: str | None = None, password: str | None = None,
          port: int | None = None) -> Iterator[Viewer]:
@@ -184,7 +170,7 @@ def ohif(workdir: Path, dicomweb: str, username: str | None = None, password: st
     try:
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_for(f"{url}/segnode-viewer.txt", nonce, proc)
+            wait_http(f"{url}/segnode-viewer.txt", proc, "nginx (OHIF)", timeout=20, body=nonce)
         except (RuntimeError, TimeoutError) as exc:
             said = [line for line in (workdir / "nginx.out").read_text(errors="replace").splitlines() if "emerg" in line]
             raise ToolMissing(f"nginx did not start to serve OHIF on port {port}: {said[0] if said else exc}") from None

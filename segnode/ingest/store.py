@@ -234,7 +234,8 @@ class StoreService:
         """
         if not tally.unaudited:
             return
-        counts = ", ".join(f"0x{status:04X} x{n - 1}" for status, n in sorted(tally.counts.items()) if n > 1)
+        suppressed = {f"0x{status:04X}": n - 1 for status, n in sorted(tally.counts.items()) if n > 1}
+        counts = ", ".join(f"{status} x{n}" for status, n in suppressed.items())
         detail = f"{tally.unaudited} more instances refused in this {scope} ({counts}); the first of each status " \
                  f"was recorded in full"
         examples = {f"0x{status:04X}": uids for status, uids in tally.examples.items() if uids}
@@ -242,8 +243,7 @@ class StoreService:
         try:
             self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.CREATE,
                                     outcome=audit.Outcome.SERIOUS_FAILURE, actor=peer.actor(),
-                                    objects={"refused": {f"0x{s:04X}": n - 1 for s, n in tally.counts.items() if n > 1},
-                                             "examples": examples}, detail=detail))
+                                    objects={"refused": suppressed, "examples": examples}, detail=detail))
         except Exception:
             log.exception("could not write the audit event summarizing refused instances; check the database")
 
