@@ -78,7 +78,7 @@ class TLSConfig(_Model):
     @model_validator(mode="after")
     def _files(self) -> "TLSConfig":
         if self.enabled and not (self.cert_file and self.key_file):
-            raise ValueError("tls.enabled needs cert_file and key_file")
+            raise ValueError("enabled: true needs cert_file and key_file (PEM certificate and private key)")
         if self.require_client_cert and not self.ca_file:
             raise ValueError("tls.require_client_cert needs ca_file")
         return self
@@ -108,7 +108,8 @@ class HttpConfig(_Model):
     header_timeout: float = Field(10.0, gt=0, description="s from connection (or last response) to complete headers")
     body_idle_timeout: float = Field(30.0, gt=0, description="s a request body may stall")
     keep_alive_timeout: float = Field(5.0, gt=0, description="s an idle kept-alive connection stays open")
-    max_connections: int = Field(256, ge=1, le=65536, description="open connections at once; more are closed")
+    max_connections: int = Field(256, ge=1, le=65536, description="open connections at once; when full, the "
+                                 "one waiting longest for request headers is closed, else the new one")
 
 
 class SopClassPolicy(_Model):
@@ -250,11 +251,12 @@ class Settings(_Model):
 
 
 def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line per problem, after the file: 'invalid configuration in FILE: KEY: what is wrong; KEY: ...'."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+        problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
+    return f"invalid configuration in {source}: " + "; ".join(problems)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -115,11 +115,13 @@ class Node:
                 nothing has started then.
         """
         http_socket = (listening_socket(self.settings.http.host, self.settings.http.port, "http", backlog=2048)
-                       if http else None)  # bound before recovery starts; the DIMSE port as its listener starts
+                       if http else None)  # both ports bound before recovery touches the data directory
         try:
+            self.dimse.bind()
             self.store.reconcile()
             self.dimse.start()
         except BaseException:
+            self.dimse.stop()
             if http_socket is not None:
                 http_socket.close()
             raise
@@ -164,6 +166,7 @@ class Node:
             if self._http_thread is not None:
                 self._http_thread.join(timeout=5)
         self._record_activity("stopped")
+        self.store.close()
         self.trail.close()
         self.engine.dispose()
         self.lock.release()

@@ -144,6 +144,8 @@ def test_start_up_errors_are_one_line_naming_the_setting_and_the_value(tmp_path)
         (["--http-port", "0", "--dimse-port", "0"],
          f"dimse: {{tls: {{enabled: true, cert_file: {tmp_path}/none.pem, key_file: {tmp_path}/none.key}}}}\n",
          f"dimse.tls.cert_file: {tmp_path}/none.pem is not a readable file"),
+        (["--http-port", "0", "--dimse-port", "0"], "dimse: {tls: {enabled: true}}\n",
+         "dimse.tls: enabled: true needs cert_file and key_file"),
         (["--http-port", "0", "--dimse-port", "0"], "dimse: {port: 0}\nhttp: {port: 0}\ndimse: {ae_title: X}\n",
          "key 'dimse' is given twice (lines 1 and 3)"),
     ]

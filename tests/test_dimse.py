@@ -282,14 +282,19 @@ def test_the_operator_narrows_the_sop_classes_stored(start_node):
     assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
 
 
-def test_a_deflate_bomb_is_refused_with_flat_memory(start_node):
+def test_a_deflate_bomb_is_refused_with_flat_memory(start_node, monkeypatch):
     """1 MB of deflated bytes can inflate to 1 GiB: the dataset was inflated whole in memory before the
-    refusal. Now it inflates on disk a chunk at a time and stops past storage.max_inflated_mb."""
+    refusal. Now it inflates on disk a chunk at a time, in the data directory's tmp/ (under the free-space
+    floor, not the system's /tmp), and stops past storage.max_inflated_mb."""
+    import tempfile
     import tracemalloc
     import zlib
 
     from pydicom.tag import Tag
 
+    inflated_in = []
+    real_tempfile = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: inflated_in.append(k.get("dir")) or real_tempfile(*a, **k))
     node = start_node(storage={"max_inflated_mb": 8})
     ds = next(iter(ct_series(n_slices=1, rows=8, cols=8, seed=70)))
     del ds.PixelData
@@ -311,6 +316,7 @@ def test_a_deflate_bomb_is_refused_with_flat_memory(start_node):
         scu.assoc.release()
     assert rsp is not None and rsp.Status == st.CANNOT_UNDERSTAND
     assert peak < 16 * 2**20, peak  # the inflated 64 MB never sat in memory
+    assert inflated_in == [node.settings.data.tmp]
     (event,) = [e for e in audit_events(node) if e.status == st.CANNOT_UNDERSTAND]
     assert "inflates to more than 8 MB" in event.detail
     assert instances(node) == []

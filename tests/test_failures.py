@@ -20,11 +20,21 @@ from segnode.ingest.spool import Spool
 from tests.conftest import associate_rq, audit_events, echo_ok, echoscu, eventually, instances, storescu
 
 
-def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch):
-    def broken_place(self, tmp_path, relative):
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("what", ["rename", "directory fsync"])
+def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch, what):
+    from concurrent.futures import Future
 
-    monkeypatch.setattr(Spool, "place", broken_place)
+    real_place_started = Spool.place_started
+
+    def broken_place(self, tmp_path, relative):
+        if what == "rename":
+            raise OSError(28, "No space left on device")
+        final, _ = real_place_started(self, tmp_path, relative)  # renamed; its directory's flush fails
+        failed: Future[None] = Future()
+        failed.set_exception(OSError(5, "Input/output error"))
+        return final, failed
+
+    monkeypatch.setattr(Spool, "place_started", broken_place)
     result = storescu(node.dimse.port, ct_files[:2], "-v", "--no-halt")
     assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
     assert instances(node) == []
@@ -200,11 +210,10 @@ def _full_disk(monkeypatch, where: str) -> None:
     elif where == "write":
         monkeypatch.setattr(SpoolWriter, "write", enospc)
     else:
-        def fsync_fails(self):
-            os.close(self.fd)
-            self.fd = -1
+        def fsync_fails(fd):
+            os.close(fd)
             enospc()
-        monkeypatch.setattr(SpoolWriter, "finish", fsync_fails)
+        monkeypatch.setattr(SpoolWriter, "_flush", staticmethod(fsync_fails))
 
 
 @pytest.mark.parametrize("where", ["create", "write", "fsync"])
@@ -242,6 +251,31 @@ def test_connections_not_yet_associated_are_bounded(start_node):
     socks = [socket.create_connection(("127.0.0.1", node.dimse.port)) for _ in range(80)]
     time.sleep(0.5)
     assert threading.active_count() - before <= 2 + PENDING_CONNECTIONS
+    for sock in socks:
+        sock.close()
+    eventually(lambda: echo_ok(node), timeout=10)
+
+
+def test_an_association_request_claiming_a_megabyte_holds_only_what_it_sent(start_node):
+    """An A-ASSOCIATE-RQ header claiming 1 MiB, then silence: the buffer was allocated from the claim, 1 MiB per
+    unidentified connection before a byte of it came. Now it grows with the bytes received."""
+    import struct
+    import tracemalloc
+
+    from segnode.ingest.ul import MAX_ASSOCIATE_RQ
+
+    node = start_node(dimse={"acse_timeout": 5.0})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        socks = [socket.create_connection(("127.0.0.1", node.dimse.port)) for _ in range(24)]
+        for sock in socks:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, MAX_ASSOCIATE_RQ) + b"\x00" * 100)
+        time.sleep(0.5)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 24 * 200 * 1024, grown  # was 24 MiB
     for sock in socks:
         sock.close()
     eventually(lambda: echo_ok(node), timeout=10)

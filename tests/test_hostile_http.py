@@ -93,6 +93,38 @@ def test_connections_over_the_cap_are_closed_and_descriptors_stay_flat(start_nod
     assert len(os.listdir("/proc/self/fd")) <= before + 2
 
 
+def test_a_health_check_gets_in_while_idle_peers_fill_every_connection(start_node):
+    """/healthz was unreachable while max_connections idle peers (reconnecting just under header_timeout) held
+    every slot: when full, the connection that has owed its request headers longest makes room."""
+    node = start_node(http=dict(LIMITS, header_timeout=30.0))
+    idle = [socket.create_connection(("127.0.0.1", node.http_port)) for _ in range(LIMITS["max_connections"])]
+    time.sleep(0.3)
+    for _ in range(3):
+        assert _healthy(node)
+    assert _closed_within(idle[0], 5) < 5  # the oldest idle one went first
+    for sock in idle:
+        sock.close()
+
+
+def test_a_request_under_way_is_never_closed_for_a_newcomer(start_node):
+    """Only connections waiting for headers make room: an upload in progress keeps its connection."""
+    node = start_node(http=dict(LIMITS, max_connections=2, body_idle_timeout=30.0))
+    raw = part10(_series(1, seed=82)[0])
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n--b--\r\n"
+    uploads = [socket.create_connection(("127.0.0.1", node.http_port)) for _ in range(2)]
+    for sock in uploads:  # headers and half the body, then a pause
+        sock.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n\r\n" % len(body)
+                     + body[: len(body) // 2])
+    time.sleep(0.3)
+    assert not _try_healthy(node)  # both slots busy with requests: the newcomer is refused
+    for sock in uploads:
+        sock.sendall(body[len(body) // 2:])
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.close()
+
+
 def _try_healthy(node) -> bool:
     try:
         return _healthy(node)

@@ -121,6 +121,8 @@ class AuditTrail:
     def __init__(self, anchor: Path | None = None) -> None:
         self.lock = threading.RLock()
         self._pending: tuple[int, str] | None = None
+        self._deferred: tuple[int, str] | None = None  # newest head committed but not yet known on disk
+        self._deferred_lock = threading.Lock()
         self._anchor = HeadAnchor(anchor) if anchor is not None else None
 
     def append(self, tx: Tx, event: Event) -> int:
@@ -155,12 +157,36 @@ class AuditTrail:
         self._pending = (row["seq"], row["hash"])
         return row["seq"]
 
-    def committed(self) -> None:
-        """Record the new head in the anchor once the transaction holding the append has committed."""
+    def committed(self, durable: bool = True) -> None:
+        """Record the new head in the anchor once the transaction holding the append has committed.
+
+        Args:
+            durable: the commit is on disk (synchronous=FULL, or PostgreSQL). False for a deferred commit
+                (segnode.db.walsync): its head is anchored once the WAL is flushed (`take_deferred`, `anchor`), so that the
+                anchor never leads the database after a power loss.
+        """
         head = getattr(self, "_pending", None)
-        if self._anchor is not None and head is not None:
-            self._anchor.write(*head)
         self._pending = None
+        if self._anchor is None or head is None:
+            return
+        if durable:
+            self._anchor.write(*head)
+        else:
+            with self._deferred_lock:
+                if self._deferred is None or head[0] > self._deferred[0]:
+                    self._deferred = head
+
+    def take_deferred(self) -> tuple[int, str] | None:
+        """The newest deferred head, forgotten here: call it before flushing the WAL, and `anchor` it after
+        (a commit made while the flush runs stays deferred for the next one)."""
+        with self._deferred_lock:
+            head, self._deferred = self._deferred, None
+        return head
+
+    def anchor(self, head: tuple[int, str] | None) -> None:
+        """Advance the anchor to `head` (from `take_deferred`), now known to be on disk."""
+        if head is not None and self._anchor is not None:
+            self._anchor.write(*head)
 
     def close(self) -> None:
         """Close the anchor file."""

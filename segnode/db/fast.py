@@ -94,14 +94,24 @@ class FastDB:
         return stmt
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, deferred: bool = False) -> Iterator[Tx]:
         """A Tx on a pooled raw connection: committed when the block ends, rolled back (and re-raised) on
-        any exception. On SQLite it begins IMMEDIATE, taking the write lock at once."""
+        any exception. On SQLite it begins IMMEDIATE, taking the write lock at once.
+
+        Args:
+            deferred: on SQLite, commit without flushing the WAL (synchronous=NORMAL for this transaction;
+                the connection is set back to FULL after): durable against a process crash at once, against
+                a power loss once segnode.db.walsync flushes. Only for an engine made durable
+                (segnode.db.session.make_engine), and only for what start-up recovery can rebuild.
+        """
         conn = self.engine.raw_connection()
+        deferred = deferred and self.sqlite
         try:
             cursor = conn.cursor()
             try:
                 if self.sqlite:
+                    if deferred:
+                        cursor.execute("PRAGMA synchronous=NORMAL")
                     cursor.execute("BEGIN IMMEDIATE")  # see segnode.db.session: several processes write
                 yield Tx(self, cursor)
                 conn.commit()
@@ -109,6 +119,8 @@ class FastDB:
                 conn.rollback()
                 raise
             finally:
+                if deferred:
+                    cursor.execute("PRAGMA synchronous=FULL")
                 cursor.close()
         finally:
             conn.close()

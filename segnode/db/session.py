@@ -1,9 +1,10 @@
 """Engine creation and migrations at start.
 
 SQLite runs in WAL mode. With `durable` (storage.fsync, the default) every commit is fsynced
-(synchronous=FULL), so an acknowledged instance's index row and audit event survive a power loss,
-not just a process crash; without it (synchronous=NORMAL) they survive a process crash and the
-start-up recovery re-indexes the spool after a power loss.
+(synchronous=FULL), so what it records survives a power loss, not just a process crash; the one
+exception is a new instance's index row, committed deferred (segnode.db.fast, segnode.db.walsync) and
+rebuilt from its fsynced file if a power loss takes it. Without `durable` (synchronous=NORMAL) commits
+survive a process crash and the start-up recovery re-indexes the spool after a power loss.
 
 Every SQLite transaction begins IMMEDIATE, reads through `engine.connect()` included: it takes the
 database's write lock (waiting up to 30 s for it), so a reader waits for a writer's commit.

@@ -14,6 +14,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import (
@@ -177,7 +178,7 @@ INFLATE_CHUNK = 1 << 20  # bytes inflated at a time
 DEFAULT_MAX_INFLATED = 1 << 30
 
 
-def _inflate(data: memoryview, limit: int) -> mmap.mmap:
+def _inflate(data: memoryview, limit: int, tmp_dir: Path | None = None) -> mmap.mmap:
     """Inflate a raw deflate stream into an unlinked temp file, a chunk at a time, and map it: memory stays
     flat whatever the stream inflates to, and the inflation stops as soon as it passes `limit` bytes (a
     deflate bomb: 1 MB can inflate to 1 GiB).
@@ -187,7 +188,7 @@ def _inflate(data: memoryview, limit: int) -> mmap.mmap:
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    with tempfile.TemporaryFile(prefix="segnode-inflate-") as out:
+    with tempfile.TemporaryFile(prefix="segnode-inflate-", dir=tmp_dir) as out:
         try:
             for start in range(0, len(data), INFLATE_CHUNK):
                 pending: bytes | memoryview = data[start:start + INFLATE_CHUNK]
@@ -211,21 +212,23 @@ def _inflate(data: memoryview, limit: int) -> mmap.mmap:
         return mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the closed file
 
 
-def walk_dataset(data: memoryview | bytes, transfer_syntax: str, max_inflated: int = DEFAULT_MAX_INFLATED
-                 ) -> Identifiers:
+def walk_dataset(data: memoryview | bytes, transfer_syntax: str, max_inflated: int = DEFAULT_MAX_INFLATED,
+                 tmp_dir: Path | None = None) -> Identifiers:
     """Validate the encoded dataset (no file meta) and return its identifiers.
 
     Args:
         data: the encoded dataset.
         transfer_syntax: its transfer syntax UID; a deflated one is inflated on disk first (`_inflate`).
         max_inflated: the most bytes a deflated dataset may inflate to.
+        tmp_dir: where it is inflated (an unlinked file); None: the system's temp directory. The node passes
+            its spool's tmp/, so the free-space floor watches it.
 
     Raises:
         MalformedDataset: the bytes are not a complete dataset (the message says where and why).
     """
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         return _walk(memoryview(data), transfer_syntax)
-    inflated = _inflate(memoryview(data), max_inflated)
+    inflated = _inflate(memoryview(data), max_inflated, tmp_dir)
     try:
         return _walk(memoryview(inflated), transfer_syntax)
     finally:

@@ -82,13 +82,23 @@ class DimseServer:
         assert self._sock is not None
         return int(self._sock.getsockname()[1])
 
-    def start(self) -> None:
-        """Bind, listen and start accepting in a background thread; returns at once.
+    def bind(self) -> None:
+        """Bind and listen (connections wait in the backlog until `start`); idempotent.
 
         Raises:
             ConfigurationError: the address cannot be bound (e.g. port in use), naming the settings.
         """
-        self._sock = listening_socket(self.cfg.host, self.cfg.port, "dimse")
+        if self._sock is None:
+            self._sock = listening_socket(self.cfg.host, self.cfg.port, "dimse")
+
+    def start(self) -> None:
+        """Bind (unless `bind` did), listen and start accepting in a background thread; returns at once.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (e.g. port in use), naming the settings.
+        """
+        self.bind()
+        assert self._sock is not None
         warm_contexts()
         self._thread = threading.Thread(target=self._accept_loop, name="dimse-accept", daemon=True)
         self._thread.start()

@@ -5,12 +5,18 @@ Its folders (tmp/, spool/, superseded/) are named in segnode.datadir.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import os
 import shutil
+import threading
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from segnode.datadir import DataDir
 from segnode.dicom.uids import is_valid_uid
@@ -18,21 +24,129 @@ from segnode.dicom.uids import is_valid_uid
 log = logging.getLogger(__name__)
 
 
-class SpoolWriter:
-    """Write a temp file, hashing as it goes; `finish` makes it durable (fsync) before commit.
+_HELPERS = 16  # hashes and fsyncs under way at once (about two per association or request receiving)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+MAX_QUEUED = 16  # chunks waiting for the hash thread; beyond it the writer waits (back-pressure)
 
-    The file is created exclusively (mode 0640) at `path`; `size` counts the bytes written. Exactly one
-    of `finish` or `abort` ends it.
+
+def _helpers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_HELPERS, thread_name_prefix="spool-helper")
+        return _pool
+
+
+def _writeback_starter() -> Callable[[int, int, int], object] | None:
+    """Linux's sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE): start writing a range out without
+    waiting for it (as PostgreSQL's *_flush_after settings do); None where libc has no such function."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)
+
+
+_start_writeback = _writeback_starter()
+
+
+class BackgroundHash:
+    """SHA-256 of the chunks passed to `update`, in order, computed on a helper thread while the caller goes
+    on receiving (hashlib releases the GIL): a 512 KB slice costs ~0.3 ms of hashing, off the critical path.
+    `after(offset, length)`, if given, runs on that thread after each chunk (the spool writer starts writing
+    the chunk out to disk there, so that the final fsync has little left to wait for).
+
+    Chunks are kept until hashed, so they must not change after `update` (bytes, or a buffer the caller
+    does not reuse); at most MAX_QUEUED wait, past that `update` waits for the helper (back-pressure).
     """
 
-    def __init__(self, path: Path, fsync: bool) -> None:
+    def __init__(self, after: Callable[[int, int], object] | None = None) -> None:
+        self._hash = hashlib.sha256()
+        self._after = after
+        self._offset = 0
+        self._queue: deque[bytes | memoryview] = deque()
+        self._cond = threading.Condition()
+        self._draining = False  # a helper task owns the queue
+        self._error: BaseException | None = None
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        with self._cond:
+            while len(self._queue) >= MAX_QUEUED:
+                self._cond.wait()
+            self._queue.append(chunk)
+            if not self._draining:
+                self._draining = True
+                _helpers().submit(self._drain)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._queue:  # decided under the lock that `update` appends under
+                        self._draining = False
+                        self._cond.notify_all()
+                        return
+                    chunk = self._queue[0]
+                self._hash.update(chunk)
+                if self._after is not None:
+                    self._after(self._offset, len(chunk))
+                self._offset += len(chunk)
+                with self._cond:
+                    self._queue.popleft()
+                    self._cond.notify_all()
+        except BaseException as exc:  # never leave a waiter hanging: `hexdigest` raises it instead
+            with self._cond:
+                self._error = exc
+                self._queue.clear()
+                self._draining = False
+                self._cond.notify_all()
+
+    def hexdigest(self) -> str:
+        """The digest of everything passed to `update` (waits for the helper to finish).
+
+        Raises:
+            RuntimeError: the helper failed (its exception is the cause).
+        """
+        with self._cond:
+            while self._draining:
+                self._cond.wait()
+        if self._error is not None:
+            raise RuntimeError("hashing the received bytes failed") from self._error
+        return self._hash.hexdigest()
+
+
+SENDER_XATTR = "user.segnode.sender"  # who sent a spool file: start-up recovery indexes it under that sender
+
+
+class SpoolWriter:
+    """Write a temp file, hashing it on a helper thread; `finish` makes it durable (fsync) while the caller
+    checks it.
+
+    `sender` (bytes, e.g. segnode.ingest.store.Peer.record) is kept in the file's extended attribute
+    SENDER_XATTR where the file system has them: the file alone then says what its index row said.
+
+    The file is created exclusively (mode 0640) at `path`; `size` counts the bytes written. Exactly one
+    of `finish` or `abort` ends it (`abort` may also follow `finish`).
+    """
+
+    def __init__(self, path: Path, fsync: bool, sender: bytes = b"") -> None:
         self.path, self._fsync = path, fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self.hash = hashlib.sha256()
         self.size = 0
+        self.hash = BackgroundHash(self._write_out if fsync and _start_writeback is not None else None)
+        self.sender_recorded = False  # `sender` is in the file's SENDER_XATTR, durable with its data
+        if sender:
+            try:
+                os.setxattr(self.fd, SENDER_XATTR, sender)
+                self.sender_recorded = True
+            except OSError:  # no user xattrs on this file system (or too long): commits are flushed at once
+                pass
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append all of `data` (looping over short writes).
+        """Append all of `data` (looping over short writes); `data` must not change afterwards (it is hashed
+        on a helper thread, see BackgroundHash).
 
         Raises:
             OSError: the write failed (e.g. ENOSPC); the caller aborts and refuses with 0xA700.
@@ -44,25 +158,43 @@ class SpoolWriter:
         self.hash.update(data)
         self.size += len(data)
 
-    def finish(self) -> str:
-        """fsync (when configured), close, and return the SHA-256 of everything written.
+    def finish(self) -> Future[None]:
+        """Close the file, fsyncing it first when configured, on a helper thread: the caller walks the file
+        meanwhile (the page cache has it) and waits for the Future before placing it. An fsync takes ~0.4 ms
+        per 512 KB slice here, as long as the rest of the checks.
 
         Returns:
-            The hex digest (64 characters) of the whole file, our file meta included.
-
-        Raises:
-            OSError: fsync failed; the descriptor is closed anyway, the file is left for `abort`.
+            A Future whose `result()` returns once the file is durable and closed, or raises the OSError of
+            a failed fsync (the descriptor is closed either way; the file is left for `abort`).
         """
+        self.hash.hexdigest()  # the helper is done with the descriptor
+        fd, self.fd = self.fd, -1
+        if not self._fsync:
+            done: Future[None] = Future()
+            try:
+                os.close(fd)
+            except OSError as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            return done
+        return _helpers().submit(self._flush, fd)
+
+    def _write_out(self, offset: int, length: int) -> None:
+        fd = self.fd
+        if fd >= 0:  # `finish` and `abort` wait for the hash, so the descriptor is this file's
+            _start_writeback(fd, offset, length)  # type: ignore[misc]
+
+    @staticmethod
+    def _flush(fd: int) -> None:
         try:
-            if self._fsync:
-                os.fsync(self.fd)
+            os.fsync(fd)
         finally:
-            os.close(self.fd)
-            self.fd = -1
-        return self.hash.hexdigest()
+            os.close(fd)
 
     def abort(self) -> None:
         """Close (if still open) and delete the temp file; safe to call after `finish` or twice."""
+        self.hash.hexdigest()  # the helper is done with the descriptor
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -83,9 +215,17 @@ class Spool:
         for d in (self.tmp, self.objects, self.superseded):
             d.mkdir(parents=True, exist_ok=True)
 
-    def writer(self) -> SpoolWriter:
-        """A new temp file tmp/<random hex>.part."""
-        return SpoolWriter(self.tmp / f"{uuid.uuid4().hex}.part", self.fsync)
+    def writer(self, sender: bytes = b"") -> SpoolWriter:
+        """A new temp file tmp/<random hex>.part (see SpoolWriter for `sender`)."""
+        return SpoolWriter(self.tmp / f"{uuid.uuid4().hex}.part", self.fsync, sender)
+
+    @staticmethod
+    def sender(path: Path) -> bytes:
+        """The sender recorded with a spool file, b"" when none was (or the file system has no xattrs)."""
+        try:
+            return os.getxattr(path, SENDER_XATTR)
+        except OSError:
+            return b""
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash; they were never acknowledged.
@@ -138,11 +278,26 @@ class Spool:
         Returns:
             The absolute path of the placed file.
         """
+        final, synced = self.place_started(tmp_path, relative)
+        synced.result()
+        return final
+
+    def place_started(self, tmp_path: Path, relative: str) -> tuple[Path, Future[None]]:
+        """`place`, returning once the file is renamed: its directory is fsynced on a helper thread (the
+        caller prepares its index row meanwhile and waits for the Future before committing it).
+
+        Returns:
+            The absolute path of the placed file, and a Future whose `result()` raises the OSError of a
+            failed directory fsync.
+        """
         final = self.root / relative
         self._ensure_dir(final.parent)
         os.replace(tmp_path, final)
-        self._fsync_dir(final.parent)
-        return final
+        if not self.fsync:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return final, done
+        return final, _helpers().submit(self._fsync_dir, final.parent)
 
     def set_aside(self, relative: str, sop_uid: str, version: int, sha256: str) -> str:
         """Move an older version out of the way, before different bytes replace it.

@@ -8,10 +8,12 @@ duplicates racing from many associations resolve to exactly one stored copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import mmap
 import os
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,8 @@ from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from segnode.dicom.part10 import NotPart10, parse_meta
 from segnode.dicom.uids import is_valid_uid
 from segnode.flow import StoreOutcome, StoreResult, utc_now
-from segnode.ingest.spool import Spool
+from segnode.db.walsync import WalSync
+from segnode.ingest.spool import Spool, SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,21 @@ class Peer:
         who = f"{self.ae_title}@" if self.ae_title else ""
         return f"{self.protocol}:{who}{self.host}:{self.port}"
 
+    def record(self) -> bytes:
+        """This peer as compact JSON (UTF-8), kept with each spool file it sent (spool.SENDER_XATTR)."""
+        return json.dumps(self.__dict__, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_record(cls, data: bytes) -> "Peer | None":
+        """The peer `record` wrote; None when `data` is empty or not such a record."""
+        try:
+            fields = json.loads(data)
+            return cls(str(fields["protocol"]), str(fields["host"]), int(fields["port"]),
+                       ae_title=str(fields["ae_title"]), called_ae_title=str(fields["called_ae_title"]),
+                       user=str(fields["user"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
 
 @dataclass
 class RefusalTally:
@@ -94,26 +112,32 @@ class RefusalTally:
 
 @dataclass(kw_only=True)
 class Received:
-    """A finished, fsynced temp file holding our file meta followed by the received dataset (which starts
-    `dataset_offset` bytes in, encoded in `transfer_syntax_uid`); `ids` are filled in by `identify`."""
+    """A finished temp file holding our file meta followed by the received dataset (which starts
+    `dataset_offset` bytes in, encoded in `transfer_syntax_uid`); `sha256` (of the whole file) and `ids`
+    are filled in by `identify`."""
 
     tmp_path: Path
-    sha256: str
     size: int
     transfer_syntax_uid: str
     dataset_offset: int
+    sha256: str = ""
     ids: Identifiers = field(default_factory=Identifiers)
+    recoverable: bool = False  # the file records its sender: recovery can rebuild its index row
 
 
 def _walk_file(rec: Received, max_inflated: int) -> str | None:
-    """Walk the dataset through a read-only mapping (no copy, any size); return the problem, if any."""
+    """Walk the dataset through a read-only mapping (no copy, any size), hashing the file first when
+    `rec.sha256` is not known yet; return the problem, if any."""
     error: str | None = None
     with open(rec.tmp_path, "rb") as f:
         if os.fstat(f.fileno()).st_size <= rec.dataset_offset:
             return "the dataset is empty"
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid, max_inflated)
+            if not rec.sha256:
+                rec.sha256 = hashlib.sha256(mm).hexdigest()
+            rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid, max_inflated,
+                                   rec.tmp_path.parent)
         except (MalformedDataset, ValueError) as exc:
             error = str(exc)  # the traceback (and its views into mm) dies with this block
         mm.close()
@@ -139,6 +163,25 @@ class StoreService:
         self.floor_mb, self.watermark_mb = storage.free_space_floor_mb, storage.free_space_watermark_mb
         self.sop_classes = storage.sop_classes  # which SOP classes are stored (negotiation, STOW parts)
         self.max_inflated = storage.max_inflated_mb * 2**20  # a deflated dataset inflates to at most this
+        # New instances' index commits are flushed a moment later, grouped (segnode.db.walsync): recovery
+        # rebuilds them from their fsynced files. SQLite with fsync on only; PostgreSQL commits as configured.
+        self.wal_sync: WalSync[tuple[int, str] | None] | None = None
+        if self.db.sqlite and spool.fsync and engine.url.database not in (None, "", ":memory:"):
+            self.wal_sync = WalSync(Path(str(engine.url.database)), trail.take_deferred, trail.anchor)
+
+    def open_writer(self, peer: Peer) -> SpoolWriter:
+        """A temp file for a dataset `peer` is sending, recording the sender with it (see `commit`).
+
+        Raises:
+            OSError: it cannot be created (e.g. ENOSPC): refuse with 0xA700.
+        """
+        return self.spool.writer(peer.record())
+
+    def close(self) -> None:
+        """Flush what is deferred and stop the flushing thread; call before the trail is closed."""
+        if self.wal_sync is not None:
+            self.wal_sync.close()
+            self.wal_sync = None
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
@@ -151,8 +194,42 @@ class StoreService:
         transient), letting the ones under way finish above the floor."""
         return self.spool.free_mb() < self.watermark_mb
 
+    def receive(self, writer: SpoolWriter, rec: Received, peer: Peer, expected_class: str = "",
+                expected_instance: str = "", tally: RefusalTally | None = None,
+                check: Callable[[Received], StoreResult | None] | None = None) -> StoreResult:
+        """Store or refuse a dataset a transport has written in full: the one path of DIMSE and STOW-RS.
+
+        The temp file was hashed while it arrived; it is fsynced on a helper thread while it is walked
+        here, and placed and indexed only once it is durable: "acknowledged" still means durable and indexed.
+
+        Args:
+            writer: the temp file's writer, every byte written (finished here).
+            rec: its transfer syntax and dataset offset (`tmp_path` is the writer's).
+            peer: the sender.
+            expected_class, expected_instance: what the sender announced (see `identify`).
+            tally: the association's or request's refusals (see `refuse`).
+            check: a transport's own check once the dataset is identified (STOW-RS: the study in the URL).
+
+        Returns:
+            The result to answer with: success, or the refusal (audited): 0xA700 when fsync fails.
+        """
+        rec.recoverable = writer.sender_recorded
+        rec.sha256 = writer.hash.hexdigest()
+        flushed = writer.finish()
+        refusal = self.identify(rec, expected_class, expected_instance)
+        if refusal is None and check is not None:
+            refusal = check(rec)
+        try:
+            flushed.result()
+        except OSError as exc:
+            writer.abort()
+            refusal = refusal or StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
+                                                     sop_class_uid=expected_class, sop_instance_uid=expected_instance)
+        return self.refuse(peer, refusal, rec, tally=tally) if refusal else self.commit(rec, peer)
+
     def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> StoreResult | None:
-        """Walk the stored dataset and check its identifiers; fills in `rec.ids`.
+        """Walk the temp file's dataset and check its identifiers; fills in `rec.ids` (and `rec.sha256`, of the
+        whole file, when it is not known yet).
 
         Must pass before `commit`: it is what makes the UIDs safe to use as spool paths.
 
@@ -268,7 +345,7 @@ class StoreService:
                 raise
             self.trail.committed()
 
-    def commit(self, rec: Received, peer: Peer) -> StoreResult:
+    def commit(self, rec: Received, peer: Peer, note: str = "") -> StoreResult:
         """Place the file, index it and audit it; idempotent for identical bytes.
 
         Identical bytes for a known SOP Instance UID: DUPLICATE, temp file dropped, nothing written
@@ -276,9 +353,16 @@ class StoreService:
         index row's version incremented. The file moves are undone if the transaction fails, so what
         was not acknowledged leaves no file behind.
 
+        Durability on return: the file and its name are fsynced before the index row commits. A new
+        instance whose file records its sender (`rec.recoverable`) commits without flushing the
+        database (SQLite): `wal_sync` flushes it a moment later, with its neighbours; a power loss
+        before that loses the row and its audit event, and `reconcile` rebuilds both from the file at
+        the next start. Duplicates and overwrites, which no file can rebuild, are flushed before return.
+
         Args:
             rec: a temp file that passed `identify` (its `ids` are the spool path).
             peer: the sender, recorded as the row's `source` and the event's actor.
+            note: appended to the audit event's detail (recovery says so).
 
         Returns:
             Success (status 0x0000) with the outcome, or a refusal 0xA700 when the database or the disk
@@ -293,10 +377,12 @@ class StoreService:
                    "sop_instance_uid": ids.sop_instance_uid, "sop_class_uid": ids.sop_class_uid, "sha256": rec.sha256}
         now = utc_now()
         pkey = patient_key(self.secret, ids.patient_id, ids.issuer_of_patient_id)
+        deferred = self.wal_sync is not None and rec.recoverable
         with self.trail.lock:
             undo: list[Callable[[], object]] = []  # file moves to reverse if the transaction fails
+            dir_synced: Future[None] | None = None
             try:
-                with self.db.transaction() as tx:
+                with self.db.transaction(deferred=deferred) as tx:
                     found = tx.first(INSTANCES, ("id", "sha256", "path", "version"), "sop_instance_uid",
                                      ids.sop_instance_uid)
                     row = _Row(*found) if found else None
@@ -310,7 +396,7 @@ class StoreService:
                                       path=relative, sha256=rec.sha256, size=rec.size, patient_key=pkey,
                                       source=peer.label()[:200], received_at=now)
                         if row is None:
-                            placed = self.spool.place(rec.tmp_path, relative)
+                            placed, dir_synced = self.spool.place_started(rec.tmp_path, relative)
                             undo.append(lambda: placed.unlink(missing_ok=True))
                             tx.insert(INSTANCES, dict(values, sop_instance_uid=ids.sop_instance_uid, version=1))
                             outcome, action, detail = StoreOutcome.STORED, audit.Action.CREATE, ""
@@ -329,7 +415,9 @@ class StoreService:
                     self.trail.append(tx, audit.Event(type=audit.INSTANCES_TRANSFERRED, action=action,
                                                       outcome=audit.Outcome.SUCCESS, actor=peer.actor(),
                                                       objects=dict(objects, patient_key=pkey), status=st.SUCCESS,
-                                                      detail=detail))
+                                                      detail="; ".join(d for d in (detail, note) if d)))
+                    if dir_synced is not None:  # the rename is durable before the row that names it
+                        dir_synced.result()
             except Exception as exc:
                 self.trail.rolled_back()
                 for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old
@@ -341,7 +429,21 @@ class StoreService:
                 log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
                 return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}",
                                                 sop_class_uid=ids.sop_class_uid, sop_instance_uid=ids.sop_instance_uid))
-            self.trail.committed()
+            if deferred and outcome != StoreOutcome.STORED:  # no file could rebuild this commit: flush it now
+                assert self.wal_sync is not None
+                try:
+                    self.wal_sync.flush()
+                except OSError as exc:
+                    self.trail.committed(durable=False)
+                    log.exception("could not flush the index after storing an instance; answered 0xA700")
+                    return self.refuse(peer, StoreResult.refused(
+                        st.OUT_OF_RESOURCES, f"index flush failed: {exc.strerror}", sop_class_uid=ids.sop_class_uid,
+                        sop_instance_uid=ids.sop_instance_uid))
+                deferred = False
+            self.trail.committed(durable=not deferred)
+        if deferred:
+            assert self.wal_sync is not None
+            self.wal_sync.soon()
         if outcome == StoreOutcome.OVERWRITTEN:
             log.warning("instance %s replaced by different bytes from %s; old version kept aside",
                         ids.sop_instance_uid, peer.label())
@@ -352,8 +454,10 @@ class StoreService:
         """Index spool files a crash left unindexed (placed, not yet committed); drop temp files.
 
         A temp file was never acknowledged, so it goes. A placed file without an index row was left
-        by a commit that crashed (never acknowledged) or, with storage.fsync off, by an acknowledged
-        commit lost in a power loss; it cannot tell which, so it is validated and indexed. A spool file
+        by a commit that crashed (never acknowledged) or by an acknowledged commit whose flush a power
+        loss overtook (see `commit`); it cannot tell which, so it is validated and indexed, under the
+        sender its file records (the row's `source` the rules route by, the event's actor), else as
+        "recovery". A spool file
         without file meta is moved to superseded/unreadable.<name>; one that fails `identify` is
         refused and deleted. Run once at start, before any listener accepts.
 
@@ -376,8 +480,6 @@ class StoreService:
                     meta = None
                 if meta is not None and not meta.transfer_syntax_uid:  # ours always name it
                     meta = None
-                f.seek(0)
-                sha = hashlib.file_digest(f, "sha256").hexdigest()
             if meta is None:  # not ours to judge: keep it aside, never delete it
                 os.replace(path, self.spool.superseded / f"unreadable.{path.name}")
                 self.refuse(peer, StoreResult.refused(st.CANNOT_UNDERSTAND, f"spool file {relative} has no file meta; "
@@ -385,10 +487,13 @@ class StoreService:
                 continue
             tmp = self.spool.tmp / f"recover.{path.name}"
             os.replace(path, tmp)
-            rec = Received(tmp_path=tmp, sha256=sha, size=tmp.stat().st_size,
+            rec = Received(tmp_path=tmp, size=tmp.stat().st_size,
                            transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=meta.dataset_offset)
             refusal = self.identify(rec)
-            result = self.refuse(peer, refusal, rec) if refusal else self.commit(rec, peer)
+            sender = Peer.from_record(self.spool.sender(tmp))
+            result = self.refuse(peer, refusal, rec) if refusal else self.commit(
+                rec, sender or peer, note="indexed by start-up recovery: the file was placed, its index row "
+                                          "was not on disk (a crash or power loss came between)")
             recovered += result.status == st.SUCCESS
         if dropped or recovered:
             log.info("start-up recovery: %d partial temp files removed, %d spool files indexed", dropped, recovered)

@@ -134,7 +134,6 @@ class Association:
         self.peer = Peer("dimse", address[0], address[1])
         self.contexts: dict[int, Context] = {}
         self.peer_max_pdu = 0
-        self.buf = bytearray(64 * 1024)
         # ARTIM (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ must be in within acse_timeout of the TCP accept
         self.deadline = (accepted_at if accepted_at is not None else time.monotonic()) + cfg.acse_timeout
         self.tally = RefusalTally()  # refusals after the first of each status are summarized at the end
@@ -166,11 +165,18 @@ class Association:
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
         if length > limit:
             raise Abort(AB_INVALID_PARAMETER, f"PDU of {length} bytes exceeds the {limit}-byte cap", security=True)
-        if len(self.buf) < length:
-            self.buf = bytearray(length)
-        view = memoryview(self.buf)[:length]
-        self._recv_into(view)
-        return pdu_type, view
+        if self.admitted:  # a new buffer each time: datasets' bytes are hashed after return
+            view = memoryview(bytearray(length))
+            self._recv_into(view)
+            return pdu_type, view
+        # not yet associated: memory grows with the bytes that came, not with the length the peer claims
+        buf = bytearray(min(length, 1 << 16))
+        self._recv_into(memoryview(buf))
+        while len(buf) < length:
+            got = len(buf)
+            buf.extend(bytes(min(length, 2 * got) - got))
+            self._recv_into(memoryview(buf)[got:])
+        return pdu_type, memoryview(buf)
 
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -385,7 +391,7 @@ class Association:
         else:
             meta = file_meta(sop_class, sop_instance, context.transfer_syntax)
             try:  # a full disk (ENOSPC) or any write error: refused with 0xA700 once the dataset is in
-                self.writer = self.store.spool.writer()
+                self.writer = self.store.open_writer(self.peer)
                 self.writer.write(meta)
             except OSError as exc:
                 if self.writer is not None:
@@ -420,19 +426,10 @@ class Association:
         else:
             writer, self.writer = self.writer, None
             assert writer is not None
-            rec = Received(tmp_path=writer.path, sha256="", size=writer.size,
+            rec = Received(tmp_path=writer.path, size=writer.size,
                            transfer_syntax_uid=self.contexts[self.msg_context].transfer_syntax,
                            dataset_offset=self.dataset_offset)
-            try:
-                rec.sha256 = writer.finish()
-            except OSError as exc:
-                writer.abort()
-                refusal: StoreResult | None = StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                sop_class_uid=sop_class, sop_instance_uid=sop_instance)
-            else:
-                refusal = self.store.identify(rec, sop_class, sop_instance)
-            result = (self.store.refuse(self.peer, refusal, rec, tally=self.tally) if refusal
-                      else self.store.commit(rec, self.peer))
+            result = self.store.receive(writer, rec, self.peer, sop_class, sop_instance, tally=self.tally)
         self._respond(dimse.response(dimse.C_STORE_RSP, message_id, sop_class, result.status,
                                      sop_instance, result.comment))
         self._reset_message()

@@ -1,5 +1,6 @@
 """Bounds on what an HTTP peer can hold, which uvicorn alone does not set: the time to send a request's
-headers, the time a request body may stall, and the number of open connections.
+headers, the time a request body may stall, and the number of open connections (when full, the connection
+that has owed its headers longest makes room for a new one).
 
 uvicorn times out only idle keep-alive connections: a peer that connects and sends nothing, trickles its
 headers a byte at a time, or stops in the middle of a body held its connection (and descriptor) forever,
@@ -37,23 +38,38 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         _last_refusal_log = 0.0
+        # connections whose peer owes us request headers, oldest first (one event loop: no lock)
+        _waiting: dict["GuardedH11Protocol", None] = {}
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.server_state.connections) >= limits.max_connections:
+            if len(self.server_state.connections) >= limits.max_connections and not self._evict_idlest():
                 now = time.monotonic()
                 if now - GuardedH11Protocol._last_refusal_log > 60:
-                    log.warning("HTTP connection from %s closed: %d connections open (http.max_connections); "
-                                "slow or idle peers are dropped after http.header_timeout", 
-                                transport.get_extra_info("peername"), limits.max_connections)
+                    log.warning("HTTP connection from %s closed: %d connections open (http.max_connections), "
+                                "every one of them busy with a request", transport.get_extra_info("peername"),
+                                limits.max_connections)
                     GuardedH11Protocol._last_refusal_log = now
                 transport.close()
                 return
             super().connection_made(transport)
             self._arm(limits.header_timeout, "send its request headers")
+
+        @classmethod
+        def _evict_idlest(cls) -> bool:
+            """Full: close the connection that has owed its request headers longest, if any. Peers holding
+            connections open without a request (idle, or trickling headers) cannot then keep a health check
+            or a modality out; connections busy with a request are never closed for a newcomer."""
+            for oldest in cls._waiting:
+                log.info("HTTP peer %s closed to make room: no request headers yet, %d connections open",
+                         oldest.client, limits.max_connections)
+                oldest._disarm()
+                oldest.transport.close()
+                return True
+            return False
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.transport is None:  # closed on accept (the cap): uvicorn never saw it
@@ -77,8 +93,11 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
         def _arm(self, seconds: float, what: str) -> None:
             self._disarm()
             self._deadline = self.loop.call_later(seconds, self._expired, seconds, what)
+            if self.conn.their_state is h11.IDLE:  # waiting for headers: the first to go when full
+                GuardedH11Protocol._waiting[self] = None
 
         def _disarm(self) -> None:
+            GuardedH11Protocol._waiting.pop(self, None)
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None

@@ -187,7 +187,7 @@ class StowSession:
         ours = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
         part.dataset_offset = len(ours)
         try:
-            part.writer = self.store.spool.writer()
+            part.writer = self.store.open_writer(self.peer)
         except OSError as exc:  # a full disk: the part is refused (0xA700), the request goes on
             self._write_failed(part, exc)
             return
@@ -235,19 +235,17 @@ class StowSession:
             return self.store.refuse(self.peer, part.failure, tally=self.tally)
         assert part.writer is not None and part.meta is not None
         meta = part.meta
-        try:
-            sha = part.writer.finish()
-        except OSError as exc:
-            part.writer.abort()
-            return self.store.refuse(self.peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                       sop_class_uid=meta.sop_class_uid, sop_instance_uid=meta.sop_instance_uid),
-                                     tally=self.tally)
-        rec = Received(tmp_path=part.writer.path, sha256=sha, size=part.writer.size,
+        rec = Received(tmp_path=part.writer.path, size=part.writer.size,
                        transfer_syntax_uid=meta.transfer_syntax_uid, dataset_offset=part.dataset_offset)
-        refusal = self.store.identify(rec, meta.sop_class_uid, meta.sop_instance_uid)
-        if refusal is None and self.study_uid and rec.ids.study_uid != self.study_uid:
-            refusal = StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL", sop_class_uid=rec.ids.sop_class_uid, sop_instance_uid=rec.ids.sop_instance_uid)
-        return self.store.refuse(self.peer, refusal, rec, tally=self.tally) if refusal else self.store.commit(rec, self.peer)
+        return self.store.receive(part.writer, rec, self.peer, meta.sop_class_uid, meta.sop_instance_uid,
+                                  tally=self.tally, check=self._in_study)
+
+    def _in_study(self, rec: Received) -> StoreResult | None:
+        """Parts of another study than the URL's are refused (0xA900)."""
+        if self.study_uid and rec.ids.study_uid != self.study_uid:
+            return StoreResult.refused(st.DATASET_MISMATCH, "Study Instance UID differs from the one in the request URL",
+                                       sop_class_uid=rec.ids.sop_class_uid, sop_instance_uid=rec.ids.sop_instance_uid)
+        return None
 
     def summarize(self) -> None:
         """Audit the refusals only counted so far as one event (blocking: off the event loop)."""
