@@ -116,6 +116,26 @@ def test_a_preamble_and_an_epilogue_are_ignored_as_rfc_2046_says(node, chunk):
     assert endless.status_code == 400 and "no boundary" in endless.text
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_transport_padding_after_a_boundary_is_ignored_as_rfc_2046_says(node, chunk):
+    """Spaces or tabs between a delimiter and its CRLF (RFC 2046 5.1.1 transport-padding) were refused as a
+    malformed body (python-multipart: "Did not find CR at end of boundary")."""
+    series = _series(2, seed=34)
+    boundary = uuid.uuid4().hex
+    body = multipart([("application/dicom", part10(ds)) for ds in series], boundary)
+    body = body.replace(f"--{boundary}\r\n".encode(), f"--{boundary} \t \r\n".encode())
+    body = body.replace(f"--{boundary}--\r\n".encode(), f"--{boundary}--  \r\n".encode())
+    url = f"http://127.0.0.1:{node.http_port}/dicom-web/studies"
+    content = body if chunk is None else iter([body[i:i + chunk] for i in range(0, len(body), chunk)])
+    rsp = httpx.post(url, content=content, timeout=60,
+                     headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert rsp.status_code == 200, rsp.text
+    stored = {r.sop_instance_uid: r.sha256 for r in instances(node)}
+    assert set(stored) == {ds.SOPInstanceUID for ds in series}
+    plain = stow(node, [("application/dicom", part10(ds)) for ds in series])  # the same bytes without padding
+    assert plain.status_code == 200 and {r.sop_instance_uid: r.sha256 for r in instances(node)} == stored
+
+
 def test_a_failed_part_is_listed_with_the_uids_its_meta_names(node):
     """A part whose file meta lacks a transfer syntax cannot be read, but the sender must be told which
     instance failed (it was listed with empty UIDs)."""

@@ -24,6 +24,53 @@ from segnode.ingest.store import Peer, Received, RefusalTally, StoreService
 log = logging.getLogger(__name__)
 
 MAX_PREAMBLE = 64 * 1024  # bytes before the first boundary (RFC 2046 preamble) read at most
+MAX_PADDING = 1024  # bytes of transport padding (spaces, tabs) after a delimiter that are dropped
+
+
+class TransportPadding:
+    """Drops RFC 2046 5.1.1 transport padding - spaces and tabs between a boundary delimiter (or the close
+    delimiter) and its CRLF - from a body streamed in chunks; python-multipart refuses it ("Did not find CR
+    at end of boundary"). The body must start at its first delimiter (the preamble already dropped). Holds
+    back only what could still be a delimiter line, so memory stays at a chunk.
+    """
+
+    def __init__(self, delimiter: bytes) -> None:
+        self.needle = b"\r\n" + delimiter
+        self._held = b"\r\n"  # the first delimiter opens the body: searched for as if a line ended before it
+        self._started = False
+
+    def feed(self, data: bytes, final: bool = False) -> bytes:
+        """The next bytes for the parser; `final` at the end of the body (nothing is held back then)."""
+        buf = self._held + data if self._held else data
+        out, pos, n, needle = [], 0, len(buf), self.needle
+        while True:
+            i = buf.find(needle, pos)
+            if i < 0:
+                keep = n
+                if not final:  # a delimiter may begin at the end of this chunk
+                    for k in range(max(pos, n - len(needle) + 1), n):
+                        if needle.startswith(buf[k:]):
+                            keep = k
+                            break
+                out.append(buf[pos:keep])
+                self._held = buf[keep:]
+                break
+            k = i + len(needle)
+            if buf[k:k + 2] == b"--":
+                k += 2
+            m = k
+            while m < n and buf[m] in b" \t" and m - k < MAX_PADDING:
+                m += 1
+            if not final and m + 2 > n and m - k < MAX_PADDING:  # cannot tell yet: wait for the next chunk
+                out.append(buf[pos:i])
+                self._held = buf[i:]
+                break
+            out.append(buf[pos:k])
+            pos = m if m > k and (buf[m:m + 2] == b"\r\n" or m == n) else k
+        result = b"".join(out)
+        if not self._started and result:  # drop the CRLF put before the first delimiter
+            result, self._started = result[2:], True
+        return result
 
 
 class BadRequest(InputError):
@@ -65,6 +112,7 @@ class StowSession:
         self.store, self.peer, self.study_uid = store, peer, study_uid
         self.delimiter = b"--" + boundary.encode("latin-1")
         self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
+        self._padding = TransportPadding(self.delimiter)
         self.results: list[StoreResult] = []
         self.tally = RefusalTally()  # one event for the refusals after the first of each status
         self.finished: list[_Part] = []
@@ -94,8 +142,11 @@ class StowSession:
                     raise BadRequest(f"malformed multipart body: no boundary in its first {MAX_PREAMBLE} bytes")
                 return
             chunk, self._preamble = bytes(self._preamble[start:]), None
+        self._parse(self._padding.feed(chunk))
+
+    def _parse(self, data: bytes) -> None:
         try:
-            self.parser.write(chunk)
+            self.parser.write(data)
         except Exception as exc:  # python-multipart raises its own error types
             raise BadRequest(f"malformed multipart body: {exc}") from exc
 
@@ -114,6 +165,7 @@ class StowSession:
         """
         if self._preamble is not None:
             raise BadRequest("malformed multipart body: no boundary in it")
+        self._parse(self._padding.feed(b"", final=True))
         try:
             self.parser.finalize()
         except Exception as exc:
