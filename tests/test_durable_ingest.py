@@ -138,3 +138,14 @@ def test_a_row_lost_to_a_power_loss_is_rebuilt_under_its_sender(tmp_path, ct_fil
             assert conn.execute(select(Instance.source)).scalar_one() == stored.source
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("pdu", ["8192", "131072"])
+def test_every_stored_file_has_the_hash_its_row_records(node, ct_files, pdu):
+    """Datasets are hashed on a helper thread from the PDU buffers they arrived in, and those buffers are
+    reused: the hash in the index must still be the stored file's, however the sender cuts its PDUs."""
+    assert storescu(node.dimse.port, ct_files, "--max-send-pdu", pdu).returncode == 0
+    rows = instances(node)
+    assert len(rows) == len(ct_files)
+    for row in rows:
+        assert hashlib.sha256((node.settings.data_dir / row.path).read_bytes()).hexdigest() == row.sha256

@@ -69,6 +69,7 @@ def supported_contexts(requested: list[PresentationContext], policy: "SopClassPo
     return [VERIFICATION_CONTEXT] + [_storage_context(uid) for uid in sorted(wanted)
                                      if uid != Verification and sop_classes.refusal(uid, policy) is None]
 
+SPARE_BUFFERS = 8  # PDU buffers an association keeps for reuse
 MAX_ASSOCIATE_RQ = 1024 * 1024  # bytes; read before the peer is identified, so capped apart from max_pdu
 
 # presentation context results, PS3.8 9.3.3.2
@@ -138,6 +139,8 @@ class Association:
         self.deadline = (accepted_at if accepted_at is not None else time.monotonic()) + cfg.acse_timeout
         self.tally = RefusalTally()  # refusals after the first of each status are summarized at the end
         self.admitted = False
+        self._spare: list[bytearray] = []  # PDU buffers to reuse (see `_buffer`)
+        self._lent: list[bytearray] = []
         self._reset_message()
 
     # -- socket ---------------------------------------------------------------------------------
@@ -165,8 +168,8 @@ class Association:
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
         if length > limit:
             raise Abort(AB_INVALID_PARAMETER, f"PDU of {length} bytes exceeds the {limit}-byte cap", security=True)
-        if self.admitted:  # a new buffer each time: datasets' bytes are hashed after return
-            view = memoryview(bytearray(length))
+        if self.admitted:
+            view = memoryview(self._buffer(length))[:length]
             self._recv_into(view)
             return pdu_type, view
         # not yet associated: memory grows with the bytes that came, not with the length the peer claims
@@ -177,6 +180,22 @@ class Association:
             buf.extend(bytes(min(length, 2 * got) - got))
             self._recv_into(memoryview(buf)[got:])
         return pdu_type, memoryview(buf)
+
+    def _buffer(self, length: int) -> bytearray:
+        """A buffer of at least `length` bytes for the next PDU. A dataset's bytes are hashed on a helper
+        thread after they are written (spool.BackgroundHash), so a PDU's buffer is reused only once no
+        dataset is in progress: every message it carried has been stored or refused, its hash done."""
+        if self.writer is None and self._lent:
+            self._spare.extend(self._lent[: SPARE_BUFFERS - len(self._spare)])
+            self._lent.clear()
+        for i, spare in enumerate(self._spare):
+            if len(spare) >= length:
+                buf = self._spare.pop(i)
+                break
+        else:
+            buf = bytearray(1 << max(16, (length - 1).bit_length()))  # powers of two: reusable for the next
+        self._lent.append(buf)
+        return buf
 
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
