@@ -149,3 +149,15 @@ def test_every_stored_file_has_the_hash_its_row_records(node, ct_files, pdu):
     assert len(rows) == len(ct_files)
     for row in rows:
         assert hashlib.sha256((node.settings.data_dir / row.path).read_bytes()).hexdigest() == row.sha256
+
+
+def test_a_failed_hash_is_refused_with_a700_and_leaves_nothing(node, ct_files, monkeypatch):
+    def broken(self):
+        raise RuntimeError("hashing the received bytes failed")
+
+    monkeypatch.setattr(BackgroundHash, "hexdigest", broken)
+    result = storescu(node.dimse.port, ct_files[:1], "-v")
+    assert "Refused: OutOfResources" in result.stdout + result.stderr
+    assert instances(node) == [] and list((node.settings.data_dir / "tmp").iterdir()) == []
+    monkeypatch.undo()
+    assert storescu(node.dimse.port, ct_files[:1]).returncode == 0 and len(instances(node)) == 1

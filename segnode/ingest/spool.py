@@ -194,7 +194,10 @@ class SpoolWriter:
 
     def abort(self) -> None:
         """Close (if still open) and delete the temp file; safe to call after `finish` or twice."""
-        self.hash.hexdigest()  # the helper is done with the descriptor
+        try:
+            self.hash.hexdigest()  # the helper is done with the descriptor
+        except RuntimeError:  # it failed: done with it all the same
+            pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -214,7 +214,14 @@ class StoreService:
             The result to answer with: success, or the refusal (audited): 0xA700 when fsync fails.
         """
         rec.recoverable = writer.sender_recorded
-        rec.sha256 = writer.hash.hexdigest()
+        try:
+            rec.sha256 = writer.hash.hexdigest()
+        except RuntimeError as exc:  # the helper thread failed: nothing is known about these bytes
+            log.error("hashing a received dataset failed (%s); answered 0xA700", exc.__cause__)
+            writer.abort()
+            return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, "hashing the dataset failed",
+                                                         sop_class_uid=expected_class,
+                                                         sop_instance_uid=expected_instance), rec, tally=tally)
         flushed = writer.finish()
         refusal = self.identify(rec, expected_class, expected_instance)
         if refusal is None and check is not None:
