@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+
+import pytest
 
 from segnode.service import Node
 from tests.conftest import audit_events, instances, make_settings
@@ -95,3 +98,38 @@ def test_a_crash_while_the_audit_key_is_made_never_leaves_an_empty_key_in_use(tm
     data.audit_key.write_bytes(b"")  # what the old crash window left behind
     with pytest.raises(ConfigurationError, match="holds 0 bytes, not a 32-byte key; restore it"):
         load_secret(data)
+
+
+@pytest.mark.parametrize("cut", ["after the new bytes were placed", "before they were placed"])
+def test_an_overwrite_cut_short_by_a_crash_leaves_the_acknowledged_version_indexed(tmp_path, ct_files, cut):
+    """An overwrite moves the indexed version to superseded/ and renames the new bytes into its place before
+    it commits: a kill -9 between left the row naming version 1 while its path held bytes never acknowledged,
+    and version 1 orphaned in superseded/. Recovery puts version 1 back."""
+    import hashlib
+
+    from tests.conftest import storescu
+
+    settings = make_settings(tmp_path / "data")
+    node = Node(settings)
+    node.start(http=False)
+    try:
+        assert storescu(node.dimse.port, ct_files[:1]).returncode == 0
+        (row,) = instances(node)
+    finally:
+        node.stop()
+    placed = settings.data_dir / row.path
+    acknowledged = placed.read_bytes()
+    os.replace(placed, settings.data_dir / "superseded" / f"{row.sop_instance_uid}.v1.{row.sha256[:16]}.dcm")
+    if cut.startswith("after"):
+        placed.write_bytes(acknowledged[:-2] + b"\x01\x02")  # the never acknowledged version 2
+
+    node = Node(settings)
+    node.start(http=False)
+    try:
+        (after,) = instances(node)
+        assert (after.version, after.sha256) == (1, row.sha256)
+        assert hashlib.sha256(placed.read_bytes()).hexdigest() == row.sha256
+        assert list((settings.data_dir / "superseded").iterdir()) == []
+        assert any("overwrite was cut short by a crash" in e.detail for e in audit_events(node))
+    finally:
+        node.stop()

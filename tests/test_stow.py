@@ -260,8 +260,9 @@ def test_a_part_pydicom_cannot_decode_is_refused(node):
     assert instances(node) == []
 
 
-def test_an_upload_abandoned_mid_part_leaves_no_temp_file_or_descriptor(node):
-    """The client goes away inside a part: its temp file and descriptor were kept until restart."""
+def test_an_upload_abandoned_mid_part_leaves_no_temp_file_or_descriptor(node, caplog):
+    """The client goes away inside a part: its temp file and descriptor were kept until restart, and the
+    node logged a traceback ("Exception in ASGI application"); now it is audited like a peer's abort."""
     import os
     import socket
     import time
@@ -287,3 +288,5 @@ def test_an_upload_abandoned_mid_part_leaves_no_temp_file_or_descriptor(node):
         assert list(tmp.iterdir()) == []
     assert len(os.listdir("/proc/self/fd")) <= before + 2  # the node runs in this process: nothing kept open
     assert instances(node) == []
+    assert "Exception in ASGI application" not in caplog.text
+    assert any("client closed the connection before its request body ended" in e.detail for e in audit_events(node))

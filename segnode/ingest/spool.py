@@ -255,6 +255,10 @@ class Spool:
                 raise ValueError(f"not a valid UID: {uid[:80]!r}")
         return f"spool/{study_uid}/{series_uid}/{sop_uid}.dcm"
 
+    def sync_dir(self, path: Path) -> None:
+        """Make renames in directory `path` durable (when fsync is on)."""
+        self._fsync_dir(path)
+
     def _fsync_dir(self, path: Path) -> None:
         if not self.fsync:
             return

@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import re
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import KW_ONLY, dataclass, field
@@ -24,7 +25,7 @@ from segnode.audit import events as audit
 from segnode.audit.trail import AuditTrail, patient_key
 from segnode.config import StorageConfig
 from segnode.db.fast import FastDB
-from segnode.db.models import INSTANCES, SUPERSEDED, Instance
+from segnode.db.models import INSTANCES, SUPERSEDED, Instance, SupersededInstance
 from segnode.dicom import status as st
 from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from segnode.dicom.part10 import NotPart10, parse_meta
@@ -472,10 +473,11 @@ class StoreService:
             How many spool files were indexed (duplicates included).
         """
         dropped = self.spool.clean_tmp()
+        peer = Peer("recovery", "localhost")
+        restored = self._restore_interrupted_overwrites(peer)
         with self.engine.connect() as conn:
             known = set(conn.execute(select(Instance.path)).scalars())
         recovered = 0
-        peer = Peer("recovery", "localhost")
         for path in sorted(self.spool.objects.rglob("*.dcm")):
             relative = path.relative_to(self.spool.root).as_posix()
             if relative in known:
@@ -502,6 +504,48 @@ class StoreService:
                 rec, sender or peer, note="indexed by start-up recovery: the file was placed, its index row "
                                           "was not on disk (a crash or power loss came between)")
             recovered += result.status == st.SUCCESS
-        if dropped or recovered:
-            log.info("start-up recovery: %d partial temp files removed, %d spool files indexed", dropped, recovered)
+        if dropped or recovered or restored:
+            log.info("start-up recovery: %d partial temp files removed, %d spool files indexed, %d versions "
+                     "restored from an interrupted overwrite", dropped, recovered, restored)
         return recovered
+
+    def _restore_interrupted_overwrites(self, peer: Peer) -> int:
+        """Undo overwrites a crash cut short. An overwrite moves the indexed version to
+        superseded/<uid>.v<version>.<sha256[:16]>.dcm and renames the new bytes into its place before its
+        transaction commits; a crash between left the index naming the old version while its path held
+        bytes never acknowledged (or nothing). A superseded file with no superseded row, whose version and
+        hash are still the index row's, is that old version: it goes back, the unacknowledged bytes go.
+
+        Returns:
+            How many versions were restored (each audited).
+        """
+        candidates = []
+        with self.engine.connect() as conn:  # read first: `record` below takes the write lock itself
+            recorded = set(conn.execute(select(SupersededInstance.path)).scalars())
+            for aside in sorted(self.spool.superseded.glob("*.v*.dcm")):
+                m = re.fullmatch(r"(.+)\.v(\d+)\.([0-9a-f]{16})\.dcm", aside.name)
+                if f"superseded/{aside.name}" in recorded or m is None or not is_valid_uid(m.group(1)):
+                    continue
+                row = conn.execute(select(Instance).where(Instance.sop_instance_uid == m.group(1))).first()
+                if row is not None and row.version == int(m.group(2)) and row.sha256.startswith(m.group(3)):
+                    candidates.append((aside, row.sop_instance_uid, row.study_uid, row.sha256, row.version, row.path))
+        restored = 0
+        for aside, uid, study, sha, version, path in candidates:
+            target = self.spool.root / path
+            if target.exists():
+                with open(target, "rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() == sha:
+                        continue  # the indexed bytes are in place after all
+                target.unlink()  # the new bytes of an overwrite that never committed: never acknowledged
+            os.replace(aside, target)
+            self.spool.sync_dir(target.parent)
+            restored += 1
+            self.record(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.UPDATE,
+                                    outcome=audit.Outcome.MINOR_FAILURE, actor=peer.actor(),
+                                    objects={"sop_instance_uid": uid, "study_uid": study, "sha256": sha,
+                                             "version": version},
+                                    detail=f"an overwrite was cut short by a crash: version {version} restored "
+                                           f"from superseded/{aside.name}, the unacknowledged new bytes removed"))
+            log.warning("start-up recovery: an overwrite of an instance was cut short by a crash; the indexed "
+                        "version was restored from superseded/%s", aside.name)
+        return restored

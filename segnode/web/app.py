@@ -11,6 +11,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from segnode import __version__
 from segnode.audit import events as audit
@@ -158,6 +159,9 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
         except BadRequest as exc:
             await run_in_threadpool(session.store_finished)
             raise HTTPException(400, str(exc)) from exc
+        except ClientDisconnect:  # audited like a peer's abort (by the refusal handler), not a traceback
+            raise HTTPException(400, "the client closed the connection before its request body ended; the "
+                                     "parts that had ended were stored, the one in progress dropped") from None
         finally:  # a client that went away (or any error) leaves no temp file or descriptor behind
             session.discard()
             await run_in_threadpool(session.summarize)

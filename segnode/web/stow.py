@@ -47,11 +47,13 @@ class TransportPadding:
             i = buf.find(needle, pos)
             if i < 0:
                 keep = n
-                if not final:  # a delimiter may begin at the end of this chunk
-                    for k in range(max(pos, n - len(needle) + 1), n):
+                if not final:  # a delimiter may begin at the end of this chunk (at a CR: the needle's first byte)
+                    k = buf.find(b"\r", max(pos, n - len(needle) + 1))
+                    while k >= 0:
                         if needle.startswith(buf[k:]):
                             keep = k
                             break
+                        k = buf.find(b"\r", k + 1)
                 out.append(buf[pos:keep])
                 self._held = buf[keep:]
                 break
