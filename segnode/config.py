@@ -107,6 +107,8 @@ class HttpConfig(_Model):
     token: SecretStr | None = Field(None, description="bearer token required by STOW-RS and the API when set")
     header_timeout: float = Field(10.0, gt=0, description="s from connection (or last response) to complete headers")
     body_idle_timeout: float = Field(30.0, gt=0, description="s a request body may stall")
+    min_body_rate: int = Field(1024, ge=1, description="bytes/s a request body must average once it has "
+                               "been arriving for body_idle_timeout s (a trickle holds a connection at a cost)")
     keep_alive_timeout: float = Field(5.0, gt=0, description="s an idle kept-alive connection stays open")
     max_connections: int = Field(256, ge=1, le=65536, description="open connections at once; when full, the "
                                  "one waiting longest for request headers is closed, else the new one")

@@ -131,7 +131,8 @@ class Node:
             from segnode.web.guard import HttpLimits, guarded_protocol
 
             cfg = self.settings.http
-            protocol = guarded_protocol(HttpLimits(cfg.header_timeout, cfg.body_idle_timeout, cfg.max_connections))
+            protocol = guarded_protocol(HttpLimits(cfg.header_timeout, cfg.body_idle_timeout, cfg.max_connections,
+                                                    cfg.min_body_rate))
             config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), log_level="warning",
                                     access_log=False, lifespan="off", http=protocol,
                                     timeout_keep_alive=int(max(1, cfg.keep_alive_timeout)))

@@ -132,10 +132,30 @@ def _try_healthy(node) -> bool:
         return False
 
 
+def test_a_body_trickled_just_inside_the_stall_timeout_is_cut_off_at_the_minimum_rate(start_node):
+    """A byte every 0.5 s never stalls for body_idle_timeout (1 s), so it held its connection for ever: enough
+    of them locked /healthz out. Once the body has been arriving for body_idle_timeout it must average
+    min_body_rate."""
+    node = start_node(http=dict(LIMITS, min_body_rate=1000))
+    sock = socket.create_connection(("127.0.0.1", node.http_port))
+    sock.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                 b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n\r\n--b\r\n")
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 8:
+            time.sleep(0.5)
+            sock.sendall(b"x")
+    except OSError:
+        pass
+    assert time.monotonic() - start < 5  # closed at ~1 s + what it sent / 1000 bytes/s
+    sock.close()
+    assert _healthy(node)
+
+
 def test_a_slow_but_steady_upload_is_not_cut_off(start_node):
     """The body timeout is for stalls, not for slow links: a body arriving in pieces, each within the
-    timeout, is stored however long it takes in all."""
-    node = start_node(http=LIMITS)
+    timeout and above the minimum rate, is stored however long it takes in all."""
+    node = start_node(http=dict(LIMITS, min_body_rate=100))
     raw = part10(_series(1, seed=82)[0])
     body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + raw + b"\r\n--b--\r\n")
     pieces = [body[i:i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 class HttpLimits:
     """Seconds and counts (HttpConfig): headers complete within `header_timeout` of the connection (or of the
     previous response); a body never stalls longer than `body_idle_timeout` while the node waits for it; at most
-    `max_connections` open at once (more are closed on accept)."""
+    `max_connections` open at once (more are closed on accept); once a body has been arriving for
+    `body_idle_timeout`, it must average `min_body_rate` bytes/s (a body trickled a byte just inside the stall
+    timeout held its connection for ever, and enough of them kept every other client out)."""
 
     header_timeout: float
     body_idle_timeout: float
     max_connections: int
+    min_body_rate: int = 1024
 
 
 def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
@@ -44,6 +47,8 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._deadline: asyncio.TimerHandle | None = None
+            self._body_start = 0.0  # loop time the current request's body began (0: none yet)
+            self._body_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.server_state.connections) >= limits.max_connections and not self._evict_idlest():
@@ -80,9 +85,17 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             state = self.conn.their_state
-            if state is h11.SEND_BODY:  # every body chunk restarts the stall timer
-                self._arm(limits.body_idle_timeout, "send more of its request body")
-            elif state is not h11.IDLE:  # headers in (and the body, if any): the application's turn
+            if state is h11.SEND_BODY:  # every body chunk restarts the stall timer, bounded by the minimum rate
+                now = self.loop.time()
+                if not self._body_start:
+                    self._body_start, self._body_bytes = now, 0
+                self._body_bytes += len(data)
+                rate_due = self._body_start + limits.body_idle_timeout + self._body_bytes / limits.min_body_rate
+                self._arm(max(0.0, min(limits.body_idle_timeout, rate_due - now)),
+                          f"send its request body at {limits.min_body_rate} bytes/s or more")
+                return
+            self._body_start = 0.0
+            if state is not h11.IDLE:  # headers in (and the body, if any): the application's turn
                 self._disarm()
 
         def on_response_complete(self) -> None:
