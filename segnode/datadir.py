@@ -15,6 +15,7 @@ Kept free of torch and highdicom, so `audit trace` stays light.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,15 @@ class DataDir:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: renames and new names in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def dicom_names(record: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import AuditTrail
 from segnode.config import Settings
-from segnode.datadir import DataDir
+from segnode.datadir import DataDir, fsync_dir
 from segnode.db.session import make_engine, migrate
 from segnode.errors import ConfigurationError
 from segnode.ingest.scp import DimseServer
@@ -57,11 +57,7 @@ def load_secret(data: DataDir) -> bytes:
                 os.link(tmp, path)  # atomic, and never replaces a key another process made meanwhile
             except FileExistsError:
                 pass
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
     key = path.read_bytes()

@@ -10,18 +10,20 @@ import ctypes.util
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar, cast
 
-from segnode.datadir import DataDir
+from segnode.datadir import DataDir, fsync_dir
 from segnode.dicom.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _HELPERS = 16  # hashes and fsyncs under way at once (about two per association or request receiving)
@@ -36,6 +38,21 @@ def _helpers() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_HELPERS, thread_name_prefix="spool-helper")
         return _pool
+
+
+def _start(fn: Callable[[T], object], arg: T, inline: bool) -> Future[None]:
+    """`fn(arg)` on a helper thread, or at once on this one when `inline` (nothing to wait for, e.g. no fsync);
+    the Future raises what it raised."""
+    if not inline:
+        return cast("Future[None]", _helpers().submit(fn, arg))
+    done: Future[None] = Future()
+    try:
+        fn(arg)
+    except Exception as exc:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
+    return done
 
 
 def _writeback_starter() -> Callable[[int, int, int], object] | None:
@@ -169,16 +186,7 @@ class SpoolWriter:
         """
         self.hash.hexdigest()  # the helper is done with the descriptor
         fd, self.fd = self.fd, -1
-        if not self._fsync:
-            done: Future[None] = Future()
-            try:
-                os.close(fd)
-            except OSError as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
-            return done
-        return _helpers().submit(self._flush, fd)
+        return _start(self._flush if self._fsync else os.close, fd, inline=not self._fsync)
 
     def _write_out(self, offset: int, length: int) -> None:
         fd = self.fd
@@ -257,23 +265,15 @@ class Spool:
 
     def sync_dir(self, path: Path) -> None:
         """Make renames in directory `path` durable (when fsync is on)."""
-        self._fsync_dir(path)
-
-    def _fsync_dir(self, path: Path) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            fsync_dir(path)
 
     def _ensure_dir(self, path: Path) -> None:
         if path.is_dir():
             return
         self._ensure_dir(path.parent)
         path.mkdir(exist_ok=True)
-        self._fsync_dir(path.parent)
+        self.sync_dir(path.parent)
 
     def place(self, tmp_path: Path, relative: str) -> Path:
         """Atomically move a finished temp file to its final name and make the rename durable.
@@ -300,11 +300,19 @@ class Spool:
         final = self.root / relative
         self._ensure_dir(final.parent)
         os.replace(tmp_path, final)
-        if not self.fsync:
-            done: Future[None] = Future()
-            done.set_result(None)
-            return final, done
-        return final, _helpers().submit(self._fsync_dir, final.parent)
+        return final, _start(self.sync_dir, final.parent, inline=not self.fsync)
+
+    @staticmethod
+    def aside_name(sop_uid: str, version: int, sha256: str) -> str:
+        """The name `set_aside` gives a version in superseded/: '<sop uid>.v<version>.<sha256[:16]>.dcm'."""
+        return f"{sop_uid}.v{version}.{sha256[:16]}.dcm"
+
+    @staticmethod
+    def parse_aside(name: str) -> tuple[str, int, str] | None:
+        """(SOP Instance UID, version, first 16 hex digits of the sha256) from an `aside_name`; None for
+        another name (or one whose UID is not valid)."""
+        m = re.fullmatch(r"(.+)\.v(\d+)\.([0-9a-f]{16})\.dcm", name)
+        return (m.group(1), int(m.group(2)), m.group(3)) if m and is_valid_uid(m.group(1)) else None
 
     def set_aside(self, relative: str, sop_uid: str, version: int, sha256: str) -> str:
         """Move an older version out of the way, before different bytes replace it.
@@ -313,12 +321,12 @@ class Spool:
             Its new path relative to the data directory, 'superseded/<sop uid>.v<version>.<sha256[:16]>.dcm';
             or 'missing:<relative>' when the file was already gone (logged; nothing moved).
         """
-        target = f"superseded/{sop_uid}.v{version}.{sha256[:16]}.dcm"
+        target = f"superseded/{self.aside_name(sop_uid, version, sha256)}"
         if not (self.root / relative).exists():
             log.error("the stored file %s of version %d is missing; nothing to keep aside", relative, version)
             return f"missing:{relative}"
         os.replace(self.root / relative, self.root / target)
-        self._fsync_dir(self.superseded)
+        self.sync_dir(self.superseded)
         return target
 
     def free_mb(self) -> float:

@@ -12,7 +12,6 @@ import json
 import logging
 import mmap
 import os
-import re
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import KW_ONLY, dataclass, field
@@ -523,11 +522,12 @@ class StoreService:
         with self.engine.connect() as conn:  # read first: `record` below takes the write lock itself
             recorded = set(conn.execute(select(SupersededInstance.path)).scalars())
             for aside in sorted(self.spool.superseded.glob("*.v*.dcm")):
-                m = re.fullmatch(r"(.+)\.v(\d+)\.([0-9a-f]{16})\.dcm", aside.name)
-                if f"superseded/{aside.name}" in recorded or m is None or not is_valid_uid(m.group(1)):
+                parsed = self.spool.parse_aside(aside.name)
+                if f"superseded/{aside.name}" in recorded or parsed is None:
                     continue
-                row = conn.execute(select(Instance).where(Instance.sop_instance_uid == m.group(1))).first()
-                if row is not None and row.version == int(m.group(2)) and row.sha256.startswith(m.group(3)):
+                uid, version, sha16 = parsed
+                row = conn.execute(select(Instance).where(Instance.sop_instance_uid == uid)).first()
+                if row is not None and row.version == version and row.sha256.startswith(sha16):
                     candidates.append((aside, row.sop_instance_uid, row.study_uid, row.sha256, row.version, row.path))
         restored = 0
         for aside, uid, study, sha, version, path in candidates:
