@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -210,10 +209,7 @@ def _full_disk(monkeypatch, where: str) -> None:
     elif where == "write":
         monkeypatch.setattr(SpoolWriter, "write", enospc)
     else:
-        def fsync_fails(fd):
-            os.close(fd)
-            enospc()
-        monkeypatch.setattr(SpoolWriter, "_flush", staticmethod(fsync_fails))
+        monkeypatch.setattr(SpoolWriter, "_flush", staticmethod(enospc))
 
 
 @pytest.mark.parametrize("where", ["create", "write", "fsync"])

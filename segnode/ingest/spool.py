@@ -55,6 +55,10 @@ def _start(fn: Callable[[T], object], arg: T, inline: bool) -> Future[None]:
     return done
 
 
+def _nothing(_: object) -> None:
+    pass
+
+
 def _writeback_starter() -> Callable[[int, int, int], object] | None:
     """Linux's sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE): start writing a range out without
     waiting for it (as PostgreSQL's *_flush_after settings do); None where libc has no such function."""
@@ -105,13 +109,17 @@ class BackgroundHash:
                         self._draining = False
                         self._cond.notify_all()
                         return
-                    chunk = self._queue[0]
-                self._hash.update(chunk)
+                    chunks = list(self._queue)  # all that waits: one hand-off, one write-out per batch
+                length = 0
+                for chunk in chunks:
+                    self._hash.update(chunk)
+                    length += len(chunk)
                 if self._after is not None:
-                    self._after(self._offset, len(chunk))
-                self._offset += len(chunk)
+                    self._after(self._offset, length)
+                self._offset += length
                 with self._cond:
-                    self._queue.popleft()
+                    for _ in chunks:
+                        self._queue.popleft()
                     self._cond.notify_all()
         except BaseException as exc:  # never leave a waiter hanging: `hexdigest` raises it instead
             with self._cond:
@@ -144,8 +152,8 @@ class SpoolWriter:
     `sender` (bytes, e.g. segnode.ingest.store.Peer.record) is kept in the file's extended attribute
     SENDER_XATTR where the file system has them: the file alone then says what its index row said.
 
-    The file is created exclusively (mode 0640) at `path`; `size` counts the bytes written. Exactly one
-    of `finish` or `abort` ends it (`abort` may also follow `finish`).
+    The file is created exclusively (mode 0640) at `path`; `size` counts the bytes written. It ends with
+    `finish` then `close`, or with `abort` (which may also follow them).
     """
 
     def __init__(self, path: Path, fsync: bool, sender: bytes = b"") -> None:
@@ -176,39 +184,40 @@ class SpoolWriter:
         self.size += len(data)
 
     def finish(self) -> Future[None]:
-        """Close the file, fsyncing it first when configured, on a helper thread: the caller walks the file
-        meanwhile (the page cache has it) and waits for the Future before placing it. An fsync takes ~0.4 ms
-        per 512 KB slice here, as long as the rest of the checks.
+        """Start making the file durable (fsync, when configured) on a helper thread, without waiting for the
+        hash: the caller walks the file meanwhile (the page cache has it), then takes `hash.hexdigest()` and
+        waits for the Future before placing it, and `close`s. An fsync takes ~0.4 ms per 512 KB slice here,
+        as long as the rest of the checks.
 
         Returns:
-            A Future whose `result()` returns once the file is durable and closed, or raises the OSError of
-            a failed fsync (the descriptor is closed either way; the file is left for `abort`).
+            A Future whose `result()` returns once the file's bytes are durable, or raises the OSError of a
+            failed fsync (the file is left for `abort`).
         """
-        self.hash.hexdigest()  # the helper is done with the descriptor
-        fd, self.fd = self.fd, -1
-        return _start(self._flush if self._fsync else os.close, fd, inline=not self._fsync)
+        return _start(self._flush if self._fsync else _nothing, self.fd, inline=not self._fsync)
+
+    @staticmethod
+    def _flush(fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self) -> None:
+        """Close the descriptor once the hash helper is done with it (after `finish`'s Future is done)."""
+        try:
+            self.hash.hexdigest()
+        except RuntimeError:  # it failed: done with the descriptor all the same
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _write_out(self, offset: int, length: int) -> None:
         fd = self.fd
         if fd >= 0:  # `finish` and `abort` wait for the hash, so the descriptor is this file's
             _start_writeback(fd, offset, length)  # type: ignore[misc]
 
-    @staticmethod
-    def _flush(fd: int) -> None:
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def abort(self) -> None:
-        """Close (if still open) and delete the temp file; safe to call after `finish` or twice."""
-        try:
-            self.hash.hexdigest()  # the helper is done with the descriptor
-        except RuntimeError:  # it failed: done with it all the same
-            pass
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close (if still open) and delete the temp file; safe to call after `finish` (once its Future is
+        done) or twice."""
+        self.close()
         self.path.unlink(missing_ok=True)
 
 

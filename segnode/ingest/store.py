@@ -125,16 +125,16 @@ class Received:
     recoverable: bool = False  # the file records its sender: recovery can rebuild its index row
 
 
-def _walk_file(rec: Received, max_inflated: int) -> str | None:
+def _walk_file(rec: Received, max_inflated: int, hash_file: bool) -> str | None:
     """Walk the dataset through a read-only mapping (no copy, any size), hashing the file first when
-    `rec.sha256` is not known yet; return the problem, if any."""
+    `hash_file`; return the problem, if any."""
     error: str | None = None
     with open(rec.tmp_path, "rb") as f:
         if os.fstat(f.fileno()).st_size <= rec.dataset_offset:
             return "the dataset is empty"
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            if not rec.sha256:
+            if hash_file:
                 rec.sha256 = hashlib.sha256(mm).hexdigest()
             rec.ids = walk_dataset(memoryview(mm)[rec.dataset_offset:], rec.transfer_syntax_uid, max_inflated,
                                    rec.tmp_path.parent)
@@ -214,29 +214,31 @@ class StoreService:
             The result to answer with: success, or the refusal (audited): 0xA700 when fsync fails.
         """
         rec.recoverable = writer.sender_recorded
+        durable = writer.finish()  # fsync, hash and walk run at once: the slowest alone is on the path
+        refusal = self.identify(rec, expected_class, expected_instance, hashed=True)
+        if refusal is None and check is not None:
+            refusal = check(rec)
         try:
             rec.sha256 = writer.hash.hexdigest()
         except RuntimeError as exc:  # the helper thread failed: nothing is known about these bytes
             log.error("hashing a received dataset failed (%s); answered 0xA700", exc.__cause__)
-            writer.abort()
-            return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, "hashing the dataset failed",
-                                                         sop_class_uid=expected_class,
-                                                         sop_instance_uid=expected_instance), rec, tally=tally)
-        flushed = writer.finish()
-        refusal = self.identify(rec, expected_class, expected_instance)
-        if refusal is None and check is not None:
-            refusal = check(rec)
+            refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "hashing the dataset failed",
+                                          sop_class_uid=expected_class, sop_instance_uid=expected_instance)
         try:
-            flushed.result()
+            durable.result()
         except OSError as exc:
-            writer.abort()
             refusal = refusal or StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
                                                      sop_class_uid=expected_class, sop_instance_uid=expected_instance)
-        return self.refuse(peer, refusal, rec, tally=tally) if refusal else self.commit(rec, peer)
+        if refusal:
+            writer.abort()
+            return self.refuse(peer, refusal, rec, tally=tally)
+        writer.close()
+        return self.commit(rec, peer)
 
-    def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "") -> StoreResult | None:
+    def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "",
+                 hashed: bool = False) -> StoreResult | None:
         """Walk the temp file's dataset and check its identifiers; fills in `rec.ids` (and `rec.sha256`, of the
-        whole file, when it is not known yet).
+        whole file, unless the caller hashes it: `hashed`).
 
         Must pass before `commit`: it is what makes the UIDs safe to use as spool paths.
 
@@ -252,7 +254,7 @@ class StoreService:
             one is not a valid UID, 0xA900 the dataset's SOP Class/Instance UID differs from the
             announced one.
         """
-        error = _walk_file(rec, self.max_inflated)
+        error = _walk_file(rec, self.max_inflated, hash_file=not hashed)
         if error is not None:
             return StoreResult.refused(st.CANNOT_UNDERSTAND, f"not a complete DICOM dataset: {error}",
                           sop_class_uid=expected_class, sop_instance_uid=expected_instance)
