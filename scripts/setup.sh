@@ -4,9 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/sbin/nginx /usr/bin/chromium; do
+for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/sbin/nginx /usr/bin/chromium \
+        /usr/sbin/rsyslogd; do
     [ -x "$bin" ] || need_apt+=("$bin")
 done
+[ -e /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null \
+    || need_apt+=(rsyslog-gnutls)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(dicomweb)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
@@ -14,9 +17,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages (missing: ${need_apt[*]})"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    # nginx serves OHIF for the demo and the browser tests; chromium is the browser Playwright drives
+    # nginx serves OHIF for the demo and the browser tests; chromium is the browser Playwright drives;
+    # rsyslog (+ gnutls) is the ATNA audit collector of the tests (started by them, not as a service)
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql \
-        docker-compose nginx chromium >/dev/null
+        docker-compose nginx chromium rsyslog rsyslog-gnutls >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from segnode import __version__
 from segnode.config import ConfigError, Settings, load_settings
 from segnode.errors import SegnodeError
-from segnode.flow import JobState
+from segnode.flow import JobKind, JobState
 from segnode.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -53,20 +53,25 @@ def load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from segnode.supervisor import Supervisor, share_metrics
+
+    settings = load(args)
+    share_metrics(settings.data.metrics)  # before anything imports prometheus-client (segnode.metrics)
+
     from segnode import pipeline
     from segnode.audit import events as audit
     from segnode.ingest.store import Peer
+    from segnode.metrics import mark_process_dead
     from segnode.service import Node
-    from segnode.supervisor import Supervisor
 
-    settings = load(args)
     setup_logging(settings.log_level)
     _raise_open_file_limit()
     rules = pipeline.ruleset(settings)  # a bad rule file (RulesError) stops the node before it accepts anything
     node = Node(settings)
     node.start()
 
-    def exited(name: str, code: int, delay: float) -> None:
+    def exited(name: str, code: int, delay: float, pid: int) -> None:
+        mark_process_dead(pid)
         node.store.record(audit.Event(type=audit.APPLICATION_ACTIVITY, action=audit.Action.EXECUTE,
                                       outcome=audit.Outcome.SERIOUS_FAILURE, actor=Peer("local", "localhost").actor(),
                                       objects={"component": name, "exit_status": code},
@@ -74,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     supervisor = Supervisor(settings, on_exit=exited)
     supervisor.start()
+    if settings.jobs.workers:
+        node.health.add("workers", supervisor.workers_not_running)
     log.info("segnode %s ready: DIMSE %s@%s:%d, HTTP http://%s:%d (data in %s); rules %s (sha256 %s), "
              "completion after %.1f s quiet, %d worker(s)", __version__, settings.dimse.ae_title, settings.dimse.host,
              node.dimse.port, settings.http.host, node.http_port, settings.data_dir,
@@ -138,14 +145,16 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     from segnode.jobs.queue import list_jobs
 
     with _database(load(args)).connect() as conn:
-        jobs = list_jobs(conn, state=args.state)
+        jobs = list_jobs(conn, state=args.state, kind=args.kind)
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
         return 0
     for j in jobs:
-        print(f"{j.id:6d} {j.state:10s} {j.model:24s} {j.model_version:8s} try {j.attempts}/"
-              f"{j.max_attempts} series {j.series_uid} gen {j.generation}"
-              + (f"  {j.last_error[:100]}" if j.last_error else "") + (f"  -> {j.output}" if j.output else ""))
+        what = (f"deliver  job {j.parent_job} -> {j.destination}" if j.kind == JobKind.DELIVER
+                else f"segment  {j.model} {j.model_version}")
+        print(f"{j.id:6d} {j.state:10s} {what:40s} try {j.attempts}/{j.max_attempts} series {j.series_uid} "
+              f"gen {j.generation}" + (f"  {j.last_error[:100]}" if j.last_error else "")
+              + (f"  -> {j.output}" if j.output else ""))
     return 0
 
 
@@ -571,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
     jlist = jobs_sub.add_parser("list", help="jobs, oldest first")
     jlist.add_argument("--state", choices=[s.value for s in JobState])
+    jlist.add_argument("--kind", choices=[k.value for k in JobKind], help="segment (model runs) or deliver")
     jlist.add_argument("--json", action="store_true")
     jretry = jobs_sub.add_parser("retry", help="queue a failed or dead job again")
     jretry.add_argument("job_id", type=int)

@@ -24,6 +24,8 @@ from segnode.audit.ledger import Append, Ledger
 from segnode.config import Settings
 from segnode.db.models import INSTANCES, SERIES
 from segnode.db.queries import completed_series
+from segnode.flow import seconds_since
+from segnode.metrics import STAGE_SECONDS
 from segnode.errors import InputError
 from segnode.flow import utc_iso, utc_now
 from segnode.routing.router import facts, route
@@ -195,6 +197,8 @@ class Completion:
             append(audit.Event(type=audit.SERIES_COMPLETE, action=audit.Action.EXECUTE, actor={"component": "completion"},
                                objects=objects, detail=f"complete ({reason})"))
             decision = route(conn, append, series, ruleset, self.settings)
+        if newest:
+            STAGE_SECONDS.labels("completion_wait").observe(max(0.0, seconds_since(newest)))
         log.info("series complete (%s), %d instance(s), generation %d: %s", reason, len(series.instances),
                  series.generation, "ignored" if decision.ignored else "routed to " + ", ".join(decision.models))
         return True

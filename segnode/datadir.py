@@ -5,6 +5,7 @@
     audit.key             the key of the patient-identity hashes (made once, never leaves this folder)
     audit.head            the audit trail's head anchor
     tmp/                  files being received (never acknowledged; wiped at start)
+    metrics/              Prometheus counters of `serve`'s processes (wiped at its start)
     spool/<study>/<series>/<sop>.dcm   stored instances (UIDs validated before a path is built)
     superseded/           older versions of instances replaced by different bytes
     results/<job id>/     a job's results: labels.nii.gz, segmentation.json, seg.dcm, sr.dcm, sc-NNNN.dcm
@@ -44,6 +45,10 @@ class DataDir:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
 
     @property
     def spool(self) -> Path:

@@ -40,6 +40,11 @@ def utc_now() -> str:
     return utc_iso(datetime.now(timezone.utc))
 
 
+def seconds_since(stamp: str) -> float:
+    """Seconds from a `utc_now` timestamp until now (negative if it lies ahead)."""
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
 def utc_iso(moment: datetime) -> str:
     """`moment` in the format of `utc_now`."""
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")

@@ -8,6 +8,7 @@ import secrets
 import threading
 
 import uvicorn
+from sqlalchemy import text
 
 from segnode import __version__
 from segnode.audit import events as audit
@@ -17,6 +18,8 @@ from segnode.config import Settings
 from segnode.datadir import DataDir, fsync_dir
 from segnode.db.session import make_engine, migrate
 from segnode.errors import ConfigurationError
+from segnode.health import Operations
+from segnode.metrics import NodeCollector
 from segnode.ingest.scp import DimseServer
 from segnode.ingest.spool import Spool
 from segnode.ingest.store import Peer, StoreService
@@ -95,6 +98,12 @@ class Node:
                                       settings.storage)
             self.ledger = Ledger(self.engine, self.trail)  # state changes with their audit events (completion API)
             self.dimse = DimseServer(settings.dimse, self.store)
+            self.ops = Operations()  # /readyz and /metrics; `segnode serve` adds its workers' check
+            self.health = self.ops.health
+            self.health.add("disk", self.store.disk_not_ready)
+            self.health.add("database", self._database_not_ready)
+            self.health.add("dimse", self.dimse.not_accepting)
+            self.ops.metrics.register(NodeCollector(self.store, lambda: self.dimse.associations, self.health))
         except BaseException:
             self.lock.release()
             raise
@@ -129,7 +138,7 @@ class Node:
             cfg = self.settings.http
             protocol = guarded_protocol(HttpLimits(cfg.header_timeout, cfg.body_idle_timeout, cfg.max_connections,
                                                     cfg.min_body_rate))
-            config = uvicorn.Config(create_app(self.settings, self.store, self.ledger), log_level="warning",
+            config = uvicorn.Config(create_app(self.settings, self.store, self.ledger, self.ops), log_level="warning",
                                     access_log=False, lifespan="off", http=protocol,
                                     timeout_keep_alive=int(max(1, cfg.keep_alive_timeout)))
             self._http = uvicorn.Server(config)
@@ -139,6 +148,14 @@ class Node:
             while not self._http.started and self._http_thread.is_alive():
                 threading.Event().wait(0.02)
         self._record_activity("started")
+
+    def _database_not_ready(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is the reason
+            return f"database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; check database_url and the server"
+        return None
 
     def _record_activity(self, what: str) -> None:
         actor = Peer("local", "localhost", ae_title=self.settings.dimse.ae_title).actor()

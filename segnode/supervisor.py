@@ -8,12 +8,15 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from pydantic import SecretStr
@@ -46,14 +49,14 @@ class Child:
 
 class Supervisor:
     """Starts completion and `jobs.workers` workers as `python -m segnode.stage` children and restarts
-    them when they exit; `on_exit(name, exit status, restart delay in s)` is told of each exit.
+    them when they exit; `on_exit(name, exit status, restart delay in s, pid)` is told of each exit.
 
     The restart delay doubles with each quick exit (0.5 s * 2**n, at most 30 s) and starts over once
     a child ran longer than HEALTHY_AFTER (60 s). A negative exit status is the signal that ended it.
     `on_exit` runs on the watcher thread.
     """
 
-    def __init__(self, settings: Settings, on_exit: Callable[[str, int, float], None] | None = None) -> None:
+    def __init__(self, settings: Settings, on_exit: Callable[[str, int, float, int], None] | None = None) -> None:
         self.settings = settings
         self.children = [Child("completion", "completion")] + [
             Child(f"worker-{i + 1}", "worker") for i in range(settings.jobs.workers)]
@@ -74,6 +77,15 @@ class Supervisor:
             pass
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def workers_not_running(self) -> str | None:
+        """None while at least one worker process runs, else the readiness reason."""
+        workers = [c for c in self.children if c.kind == "worker"]
+        if any(c.proc is not None and c.proc.poll() is None for c in workers):
+            return None
+        exits = ", ".join(f"{c.name} {c.history[-1]}" for c in workers if c.history)
+        return (f"workers: none of {len(workers)} is running" + (f" (last exit status: {exits})" if exits else "")
+                + "; they are restarted with a growing delay, the log says why they exit")
 
     def start(self) -> None:
         """Start the children, and the thread that watches and restarts them."""
@@ -101,7 +113,7 @@ class Supervisor:
                           "above say why; the listener keeps receiving.", child.name, child.proc.pid, code, ran, delay)
                 if self.on_exit is not None:
                     try:
-                        self.on_exit(child.name, code, delay)
+                        self.on_exit(child.name, code, delay, child.proc.pid)
                     except Exception:  # noqa: BLE001 - the watcher must live on: its children die with it
                         log.exception("could not record the exit of %s", child.name)
                 child.proc = None
@@ -130,6 +142,21 @@ class Supervisor:
                             self._timeout)
                 proc.kill()
                 proc.wait()
+
+
+def share_metrics(folder: Path) -> None:
+    """Prometheus multiprocess mode for this process and the stage processes it starts (segnode.metrics): an
+    empty `folder`, named in PROMETHEUS_MULTIPROC_DIR. prometheus-client reads that when first imported, so
+    this runs before anything imports it.
+
+    Raises:
+        RuntimeError: prometheus-client was imported already (a bug: its values would stay per process).
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the metrics folder was set")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 def settings_payload(settings: Settings) -> bytes:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -185,3 +186,13 @@ def associate_rq(abstract_syntax: str, transfer_syntaxes: list[str] | None = Non
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu.encode()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET <url>/metrics and parse it as Prometheus does: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rsp = httpx.get(f"{url}/metrics", headers=headers, timeout=10)
+    assert rsp.status_code == 200, rsp.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(rsp.text) for s in family.samples}

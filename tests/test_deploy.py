@@ -40,3 +40,34 @@ def test_container_config_and_pacs_config_agree():
     assert pacs["DicomWeb"]["Root"] == "/dicom-web/"
     ports = compose["services"]["segnode"]["ports"]
     assert f"{settings.dimse.port}:{settings.dimse.port}" in ports and f"{settings.http.port}:{settings.http.port}" in ports
+
+
+def test_monitoring_files_name_only_metrics_the_node_exports(node):
+    """deploy/: the Prometheus alert rules and the Grafana dashboard must query what /metrics serves (a renamed
+    metric would silently empty a panel or never fire an alert)."""
+    import re
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).text
+    exported = {"up"}
+    for family in text_string_to_metric_families(text):
+        exported.update(family.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum"))
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    assert {rule["alert"] for group in alerts["groups"] for rule in group["rules"]} >= {
+        "SegnodeDeadLetter", "SegnodeDiskUnderWatermark", "SegnodeNoWorker"}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "segnode.json").read_text())
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    for expr in exprs:
+        names = {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r'"[^"]*"|\{[^}]*\}|\[[^]]*\]', "", expr))
+                 if n.startswith("segnode_") or n == "up"}
+        assert names and names <= exported, (expr, names - exported)
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["metrics_path"] == "/metrics"
+    compose = shutil.which("docker-compose")
+    assert compose
+    result = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "--profile", "monitoring", "config", "-q"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -20,7 +20,7 @@ from segnode.db.models import AuditEvent
 from segnode.imaging.nifti import read_labels
 from peers import free_port, start_node_process
 from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
-from tests.conftest import echoscu, eventually, storescu
+from tests.conftest import echoscu, eventually, scrape, storescu
 
 
 def _config(tmp_path: Path, workers: int = 1) -> Path:
@@ -81,6 +81,13 @@ def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
         again = httpx.post(f"{node.url}/api/studies/{study}/complete", timeout=10)
         assert again.status_code == 404  # completed already: nothing open
         assert len(_jobs(node)) == 1
+        # each process counted what it did; /metrics merges the listener's, completion's and the workers'
+        samples = scrape(node.url)
+        assert samples[("segnode_instances_received_total", (("channel", "dimse"), ("status", "0000")))] == len(files)
+        for stage in ("receive", "completion_wait", "queue_wait", "read", "windows", "resample", "encode"):
+            assert samples[("segnode_stage_seconds_count", (("stage", stage),))] >= 1, stage
+        assert samples[("segnode_jobs", (("kind", "segment"), ("state", "succeeded")))] == 1
+        assert samples[("segnode_model_load_seconds_count", (("model", "ct-abdomen-phantom-3d"),))] >= 1
     finally:
         node.stop()
     text = log.read_text()
@@ -96,13 +103,20 @@ def test_a_killed_worker_is_restarted_and_its_job_runs_once(tmp_path):
     try:
         assert storescu(node.dimse_port, _phantom(tmp_path, 200_101)).returncode == 0
         eventually(lambda: [j for j in _jobs(node) if j["state"] == "running"], timeout=120)
+        ready = httpx.get(f"{node.url}/readyz", timeout=10)
+        assert ready.status_code == 200 and "workers" in ready.json()["checks"]
         (worker,) = _children(node, "worker")
         os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
         assert echoscu(node.dimse_port).returncode == 0  # the listener does not notice
+        ready = httpx.get(f"{node.url}/readyz", timeout=10)  # the restart waits >= 1 s: no worker meanwhile
+        assert ready.status_code == 503 and "none of 1 is running" in ready.json()["failing"]["workers"]
+        assert httpx.get(f"{node.url}/livez", timeout=10).status_code == 200
         (job,) = eventually(lambda: [j for j in _jobs(node) if j["state"] == "succeeded"], timeout=180)
         assert job["attempts"] == 2 and len(_jobs(node)) == 1
         (restarted,) = eventually(lambda: _children(node, "worker"), timeout=30)
         assert restarted.pid != worker.pid
+        eventually(lambda: httpx.get(f"{node.url}/readyz", timeout=10).status_code == 200, timeout=30)
     finally:
         node.stop()
     crashed = [e for e in _events(data, "110100") if "exited with status -9" in e.detail]
@@ -144,7 +158,7 @@ def test_stopping_the_node_lets_restarted_children_finish_instead_of_killing_the
 
     settings = make_settings(tmp_path / "data", jobs={"workers": 1, "warm_up": False})
     exits: list[tuple[str, int]] = []
-    supervisor = Supervisor(settings, on_exit=lambda name, code, delay: exits.append((name, code)))
+    supervisor = Supervisor(settings, on_exit=lambda name, code, delay, pid: exits.append((name, code)))
     supervisor.start()
     try:
         worker = next(c for c in supervisor.children if c.name == "worker-1")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segnode.flow import Segmentation, Timings
+from segnode.metrics import MODEL_LOAD_SECONDS
 from segnode.imaging.preprocess import normalize, resample, resample_slabs
 from segnode.imaging.orientation import reorient_volume
 from segnode.imaging.volume import SeriesError, Volume
@@ -470,6 +471,7 @@ def engine_for(folder: Path, options: EngineOptions | None = None) -> Engine:
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
+            started = time.perf_counter()
             manifest, net = load_model(folder)
             if manifest.nnunet is not None:
                 from segnode.inference.nnunet import NnUNetEngine
@@ -477,5 +479,6 @@ def engine_for(folder: Path, options: EngineOptions | None = None) -> Engine:
                 engine = _ENGINES[key] = NnUNetEngine(manifest, net, options)
             else:
                 engine = _ENGINES[key] = Engine(manifest, net, options)
+            MODEL_LOAD_SECONDS.labels(manifest.name).observe(time.perf_counter() - started)
             log.info("loaded model %s %s on %s", manifest.name, manifest.version, engine.device)
         return engine

@@ -77,6 +77,19 @@ class DimseServer:
         self._stopping = threading.Event()
 
     @property
+    def associations(self) -> int:
+        """Associations under way (admitted, not yet ended)."""
+        return self._associated
+
+    def not_accepting(self) -> str | None:
+        """None while the listener accepts associations, else why not (readiness)."""
+        if self._sock is None or self._thread is None:
+            return "the DIMSE listener has not started"
+        if self._stopping.is_set() or not self._thread.is_alive():
+            return "the DIMSE listener has stopped; restart the node"
+        return None
+
+    @property
     def port(self) -> int:
         """The bound TCP port (the real one when `cfg.port` is 0); only after `start`."""
         assert self._sock is not None

@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import KW_ONLY, dataclass, field
@@ -29,6 +30,7 @@ from segnode.dicom import status as st
 from segnode.dicom.dataset import Identifiers, MalformedDataset, walk_dataset
 from segnode.dicom.part10 import NotPart10, parse_meta
 from segnode.dicom.uids import is_valid_uid
+from segnode.metrics import INSTANCES_RECEIVED, RECEIVED_BYTES, STAGE_SECONDS
 from segnode.flow import StoreOutcome, StoreResult, utc_now
 from segnode.db.walsync import WalSync
 from segnode.ingest.spool import Spool, SpoolWriter
@@ -189,6 +191,14 @@ class StoreService:
         (0xA700 over DIMSE, 503 over STOW-RS when every part is refused)."""
         return self.spool.free_mb() < self.floor_mb
 
+    def disk_not_ready(self) -> str | None:
+        """None while free space is at or above the watermark, else the readiness reason."""
+        free = self.spool.free_mb()
+        if free < self.watermark_mb:
+            return (f"disk: {free:.0f} MB free, under storage.free_space_watermark_mb ({self.watermark_mb}); new "
+                    "associations are refused: free space in the data directory")
+        return None
+
     def below_watermark(self) -> bool:
         """True when free space is below the watermark: refuse new associations (A-ASSOCIATE-RJ,
         transient), letting the ones under way finish above the floor."""
@@ -213,6 +223,7 @@ class StoreService:
         Returns:
             The result to answer with: success, or the refusal (audited): 0xA700 when fsync fails.
         """
+        started = time.perf_counter()
         rec.recoverable = writer.sender_recorded
         durable = writer.finish()  # fsync, hash and walk run at once: the slowest alone is on the path
         refusal = self.identify(rec, expected_class, expected_instance, hashed=True)
@@ -233,7 +244,12 @@ class StoreService:
             writer.abort()
             return self.refuse(peer, refusal, rec, tally=tally)
         writer.close()
-        return self.commit(rec, peer)
+        result = self.commit(rec, peer)
+        if result.status == st.SUCCESS:
+            INSTANCES_RECEIVED.labels(peer.protocol, "0000").inc()
+            RECEIVED_BYTES.labels(peer.protocol).inc(rec.size)
+            STAGE_SECONDS.labels("receive").observe(time.perf_counter() - started)
+        return result
 
     def identify(self, rec: Received, expected_class: str = "", expected_instance: str = "",
                  hashed: bool = False) -> StoreResult | None:
@@ -294,6 +310,7 @@ class StoreService:
         """
         if rec is not None:
             rec.tmp_path.unlink(missing_ok=True)
+        INSTANCES_RECEIVED.labels(peer.protocol, f"{result.status:04X}").inc()
         if tally is not None and not tally.first(result):
             return result
         objs = dict(objects or {})

@@ -217,12 +217,13 @@ def retry(ledger: Ledger, job_id: int, who: str = "operator") -> bool:
 
 
 def list_jobs(conn: Connection, state: str | None = None, series_uid: str | None = None,
-              study_uid: str | None = None) -> list[Job]:
-    """Jobs, oldest first, optionally of one state, series or study.
+              study_uid: str | None = None, kind: str | None = None) -> list[Job]:
+    """Jobs, oldest first, optionally of one state, series, study or kind.
 
     Args:
         conn: a connection.
         state: a JobState value ("dead", ...); an unknown one matches nothing. None or "": any.
+        kind: a JobKind value ("segment", "deliver"); None or "": any.
         series_uid: Series Instance UID; None or "": any.
         study_uid: Study Instance UID; None or "": any.
 
@@ -236,6 +237,8 @@ def list_jobs(conn: Connection, state: str | None = None, series_uid: str | None
         stmt = stmt.where(JOBS.c.series_uid == series_uid)
     if study_uid:
         stmt = stmt.where(JOBS.c.study_uid == study_uid)
+    if kind:
+        stmt = stmt.where(JOBS.c.kind == kind)
     return [Job.from_row(dict(r)) for r in conn.execute(stmt).mappings()]
 
 

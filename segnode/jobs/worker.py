@@ -24,11 +24,12 @@ from segnode.config import Settings
 from segnode.datadir import SR_FILE, result_files
 from segnode.delivery.send import DeliveryError, deliver
 from segnode.errors import ConfigurationError, SegnodeError
-from segnode.flow import Job, JobKind, JobState
+from segnode.flow import Job, JobKind, JobState, seconds_since
 from segnode.imaging.volume import SeriesError
 from segnode.inference.engine import EngineOptions, engine_for
 from segnode.inference.infer import infer_series
 from segnode.jobs import queue
+from segnode.metrics import STAGE_SECONDS, record_gpu_memory, timed
 from segnode.db.queries import completed_series
 from segnode.models.registry import read_manifest
 from segnode.outputs.results import encode_results
@@ -102,7 +103,8 @@ class Worker:
                                outcome=audit.Outcome.SUCCESS, actor=actor, objects=objects,
                                detail=f"sending {len(files)} instance(s) to {name} ({dest.kind})"))
         try:
-            delivered = deliver(dest, files, self.settings.dimse.ae_title)
+            with timed("deliver"):
+                delivered = deliver(dest, files, self.settings.dimse.ae_title)
         except Exception as exc:
             with self.ledger.transaction() as (_, append):
                 append(audit.Event(type=audit.INSTANCES_TRANSFERRED, action=audit.Action.EXECUTE,
@@ -124,9 +126,13 @@ class Worker:
                 f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
                 f"version again and retry the job, or send the series again to have it routed to the installed one")
         result = infer_series(folder, files, out, self.options, assumed_spacing=job.assumed_spacing_mm)
+        for stage, seconds in result.segmentation.timings.as_dict().items():
+            STAGE_SECONDS.labels(stage).observe(seconds)
         previous = self.data.result_folder(job.supersedes) / SR_FILE if job.supersedes is not None else None
-        encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs,
-                                 previous_sr=previous if previous is not None and previous.exists() else None)
+        with timed("encode"):
+            encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs,
+                                     previous_sr=previous if previous is not None and previous.exists() else None)
+        record_gpu_memory()
         overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
         if result.volume.assumed_spacing:
             overlays += (f"; pixel spacing ASSUMED {job.assumed_spacing_mm:g} mm (rule {job.rule}), not measured: "
@@ -154,6 +160,8 @@ class Worker:
         job = queue.claim(self.ledger.engine, self.owner, jobs.lease_seconds)
         if job is None:
             return False
+        if job.created_at:
+            STAGE_SECONDS.labels("queue_wait").observe(max(0.0, seconds_since(job.created_at)))
         log.info("job %d: %s on series (attempt %d of %d)", job.id, job.model if job.kind == JobKind.SEGMENT
                  else f"delivery to {job.destination}", job.attempts, job.max_attempts)
         stop = threading.Event()

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -19,11 +19,16 @@ from segnode.dicom.uids import is_valid_uid
 from segnode.db.queries import list_studies
 from segnode.audit.ledger import Ledger
 from segnode.config import Settings
+from segnode.flow import JobKind, JobState
+from segnode.health import Operations
+from segnode.metrics import CONTENT_TYPE, exposition
+from segnode.web.reference import api_reference
 from segnode.ingest.store import Peer, StoreService
 from segnode.web.stow import BadRequest, StowSession, http_status, response_body
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
+TOKEN_COOKIE = "segnode_token"  # set by the dashboard's sign-in (HttpOnly, SameSite=Strict)
 
 
 def _boundary(content_type: str) -> str:
@@ -49,23 +54,27 @@ def _peer(request: Request, protocol: str, user: str = "") -> Peer:
     return Peer(protocol, client.host if client else "", client.port if client else 0, user=user)
 
 
-def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastAPI:
+def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Operations | None = None) -> FastAPI:
     """The node's HTTP side over its store (STOW-RS) and its ledger (index, queue, audit).
 
-    The /api and /dicom-web routes need `Authorization: Bearer <http.token>` when a token is configured:
-    401 otherwise, audited as a security alert. Without a token nothing is checked. /healthz and
-    FastAPI's /docs and /openapi.json are open.
+    Every route but the probes (/livez, /healthz, /readyz) needs the token when one is configured
+    (`http.token`): `Authorization: Bearer <token>`, or the cookie a browser gets from the dashboard's
+    sign-in; 401 otherwise, audited as a security alert. Without a token nothing is checked. The API
+    reference (/docs, /openapi.json) is behind the token too, and loads nothing from outside the node.
 
     Args:
         settings: the node's settings (the bearer token in `http.token`).
         store: where STOW-RS parts are committed, as DIMSE instances are.
         ledger: the database and audit trail, for the API's reads and requests.
+        ops: the readiness checks behind /readyz and the node's metrics (/metrics, with every process's).
 
     Returns:
         The application, for uvicorn (segnode.service.Node runs it in a thread).
     """
-    app = FastAPI(title="segnode", version=__version__)
+    app = FastAPI(title="segnode", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     token = settings.http.token
+    ops = ops or Operations()
+    health = ops.health
 
     @app.exception_handler(StarletteHTTPException)
     async def audited_refusal(request: Request, exc: StarletteHTTPException) -> Response:
@@ -89,16 +98,50 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
             return ""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token.get_secret_value()):
+        if scheme.lower() != "bearer":
+            value = request.cookies.get(TOKEN_COOKIE, "")
+        if not value or not secrets.compare_digest(value.strip().encode(), token.get_secret_value().encode()):
             store.record_security(_peer(request, "http"),
                                        f"{request.method} {request.url.path}: missing or wrong bearer token")
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         return "bearer"
 
+    @app.get("/livez")
     @app.get("/healthz")
-    def health() -> dict[str, Any]:
-        """Liveness, without authentication: {"status": "ok", "version": ...}."""
+    def live() -> dict[str, Any]:
+        """Liveness, without authentication: the process answers ({"status": "ok", "version": ...}). Whether
+        it can take work is /readyz."""
         return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    def ready() -> JSONResponse:
+        """Readiness, without authentication: 200 {"status": "ready", "checks": [...]} when every check
+        passes; 503 {"status": "not ready", "failing": {check: reason}} when the disk is under the
+        watermark, the database does not answer, the DIMSE listener is not accepting or (under `serve`)
+        no worker runs."""
+        failing = health.failing()
+        if failing:
+            return JSONResponse({"status": "not ready", "failing": failing, "version": __version__}, status_code=503)
+        return JSONResponse({"status": "ready", "checks": health.names, "version": __version__})
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        """Prometheus text exposition (behind the token when one is set: give Prometheus `authorization:
+        {credentials: <token>}`): instances and bytes received, stage latencies, jobs by state and kind, the
+        dead letter, associations, free disk, model load time, GPU memory. See segnode.metrics."""
+        authorize(request)
+        return Response(exposition(ops.metrics), media_type=CONTENT_TYPE)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        """The API reference as one page rendered here from the OpenAPI schema (no script, no CDN)."""
+        authorize(request)
+        return HTMLResponse(api_reference(app.openapi()))
 
     @app.get("/api/studies")
     def studies(request: Request) -> list[dict[str, Any]]:
@@ -125,14 +168,18 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger) -> FastA
         return {"study_uid": study, "series": count}
 
     @app.get("/api/jobs")
-    def jobs(request: Request, state: str | None = None) -> list[dict[str, Any]]:
-        """Jobs oldest first (rows as `Job.as_dict`), optionally of one state (?state=dead); an unknown
-        state matches nothing (200, [])."""
+    def jobs(request: Request, state: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Jobs oldest first (rows as `Job.as_dict`: `kind` segment or deliver, `destination` of a delivery),
+        optionally of one state (?state=dead) and kind (?kind=deliver); 400 naming the values for any other."""
         from segnode.jobs.queue import list_jobs
 
         authorize(request)
+        for name, value, allowed in (("state", state, [s.value for s in JobState]),
+                                     ("kind", kind, [k.value for k in JobKind])):
+            if value is not None and value not in allowed:
+                raise HTTPException(400, f"unknown {name} {value[:40]!r}; one of {', '.join(allowed)}")
         with ledger.engine.connect() as conn:
-            return [job.as_dict() for job in list_jobs(conn, state=state)]
+            return [job.as_dict() for job in list_jobs(conn, state=state, kind=kind)]
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         """STOW-RS: store every application/dicom part, answering the Store Instances Response (DICOM
