@@ -210,6 +210,39 @@ class OutputsConfig(_Model):
                                                         "viewers that cannot show DICOM-SEG")
 
 
+class SyslogDestination(_Model):
+    """An audit record repository (ATNA): DICOM audit messages over syslog (segnode.audit.atna)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="names its cursor file and log lines")
+    host: str
+    port: int = Field(6514, ge=1, le=65535)
+    transport: Literal["tls", "tcp", "udp"] = Field("tls", description="tls: RFC 5425; tcp: RFC 6587 octet "
+                                                    "counting, no encryption; udp: RFC 5426 (may lose messages)")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the collector's certificate (tls)")
+    cert_file: Path | None = Field(None, description="our certificate, for collectors that ask for one (tls)")
+    key_file: Path | None = None
+    timeout: float = Field(10.0, gt=0, description="s to connect or send before retrying")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "SyslogDestination":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(f"audit.syslog {self.name}: cert_file and key_file go together")
+        return self
+
+
+class AuditConfig(_Model):
+    syslog: list[SyslogDestination] = Field(default_factory=list, description="ATNA audit record repositories")
+    source_id: str | None = Field(None, max_length=64, description="AuditSourceID in the messages (default: "
+                                  "dimse.ae_title)")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AuditConfig":
+        names = [d.name for d in self.syslog]
+        if len(names) != len(set(names)):
+            raise ValueError("audit.syslog: each destination needs its own name")
+        return self
+
+
 class Settings(_Model):
     data_dir: Path = Path("segnode-data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -221,6 +254,7 @@ class Settings(_Model):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _known_destinations(self) -> "Settings":

@@ -6,6 +6,7 @@
     audit.head            the audit trail's head anchor
     tmp/                  files being received (never acknowledged; wiped at start)
     metrics/              Prometheus counters of `serve`'s processes (wiped at its start)
+    atna/<name>.cursor    the last audit event each ATNA destination confirmed (segnode.audit.atna)
     spool/<study>/<series>/<sop>.dcm   stored instances (UIDs validated before a path is built)
     superseded/           older versions of instances replaced by different bytes
     results/<job id>/     a job's results: labels.nii.gz, segmentation.json, seg.dcm, sr.dcm, sc-NNNN.dcm
@@ -45,6 +46,10 @@ class DataDir:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def atna(self) -> Path:
+        return self.root / "atna"
 
     @property
     def metrics(self) -> Path:

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from segnode import __version__
 from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
+from segnode.audit.atna import Shipper
 from segnode.audit.trail import AuditTrail
 from segnode.config import Settings
 from segnode.datadir import DataDir, fsync_dir
@@ -110,6 +111,9 @@ class Node:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._stopped = False
+        source_id = settings.audit.source_id or settings.dimse.ae_title
+        self.atna = [Shipper(dest, self.engine, settings.data.audit_head, settings.data.atna, source_id)
+                     for dest in settings.audit.syslog]  # the trail, shipped off the node (started by `start`)
 
     def start(self, http: bool = True) -> None:
         """Reconcile the spool with the index, start the DIMSE listener and (with `http`) uvicorn in a
@@ -148,6 +152,8 @@ class Node:
             while not self._http.started and self._http_thread.is_alive():
                 threading.Event().wait(0.02)
         self._record_activity("started")
+        for shipper in self.atna:
+            shipper.start()
 
     def _database_not_ready(self) -> str | None:
         try:
@@ -181,6 +187,8 @@ class Node:
                 self._http_thread.join(timeout=5)
         self._record_activity("stopped")
         self.store.close()
+        for shipper in self.atna:  # after the last event is on disk: it is sent too
+            shipper.stop()
         self.trail.close()
         self.engine.dispose()
         self.lock.release()

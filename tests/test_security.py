@@ -42,25 +42,6 @@ def test_empty_allow_list_accepts_nobody(start_node):
     assert echoscu(node.dimse.port).returncode != 0
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=segnode test CA",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(d / f"{name}.key"),
-                 "-out", str(d / f"{name}.csr"))
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-days", "2", "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))
-    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
-
-
 def _tls_node(start_node, pki, require_client_cert: bool):
     return start_node(dimse={"tls": {"enabled": True, "cert_file": str(pki["server_crt"]),
                                      "key_file": str(pki["server_key"]), "ca_file": str(pki["ca_crt"]),
