@@ -22,6 +22,7 @@ from segnode.config import ConfigError, Settings, load_settings
 from segnode.errors import SegnodeError
 from segnode.flow import JobKind, JobState
 from segnode.logs import setup_logging
+from segnode.progress import Progress
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -230,7 +231,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(data_dir=Path(args.data_dir or tempfile.mkdtemp(prefix="segnode-demo-")),
                           seed=args.seed, slice_spacing=args.slice_spacing, orthanc_url=args.orthanc, keep=args.keep)
-    return run_demo(options, _demo_settings, print)
+    return run_demo(options, _demo_settings, print, Progress())
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -311,6 +312,7 @@ def cmd_models_import_nnunet(args: argparse.Namespace) -> int:
         print(f"segnode models import: the models folder {root} cannot be made: {exc.strerror}", file=sys.stderr)
         return 2
     try:
+        Progress()(f"importing {args.folder}: reading plans, converting the fold checkpoints to safetensors")
         folder, manifest, warnings = import_nnunet(options, root)
     except NnUNetImportError as exc:
         print(f"segnode models import: {exc}", file=sys.stderr)
@@ -343,7 +345,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             largest_component=args.largest_component)
     try:
         result = infer_series(folder, dicom_files(Path(args.series)), Path(args.out), options, tilt=args.tilt,
-                              assumed_spacing=args.assume_pixel_spacing)
+                              assumed_spacing=args.assume_pixel_spacing, on_stage=Progress())
     except SeriesError as exc:
         print(f"segnode infer: refused: {exc}", file=sys.stderr)
         return 2
@@ -433,7 +435,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.plan_only:
         return 0
     command = "segnode " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("segnode", "__main__.py")) else ""
-    result = train(plan, cases, out, device=args.device, command=command)
+    result = train(plan, cases, out, device=args.device, command=command, progress=sys.stderr.isatty())
     print(f"model folder: {out} ({result.seconds:.0f} s, final loss {result.epoch_losses[-1]:.4f})")
     for name, m in result.validation.items():
         print(f"  {name:14s} Dice {m['dice']:.3f}  IoU {m['iou']:.3f}  HD95 {m['hd95']:.1f} mm")

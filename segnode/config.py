@@ -112,6 +112,9 @@ class HttpConfig(_Model):
     keep_alive_timeout: float = Field(5.0, gt=0, description="s an idle kept-alive connection stays open")
     max_connections: int = Field(256, ge=1, le=65536, description="open connections at once; when full, the "
                                  "one waiting longest for request headers is closed, else the new one")
+    viewer_url: str | None = Field(None, pattern=r"^https?://.*\{study_uid\}", description="the dashboard links each "
+                                   "study to it, {study_uid} replaced, e.g. http://pacs:8042/ohif/viewer?"
+                                   "StudyInstanceUIDs={study_uid}")
 
 
 class SopClassPolicy(_Model):

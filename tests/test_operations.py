@@ -124,3 +124,32 @@ def test_metrics_count_what_arrived_and_what_was_refused(start_node, ct_files):
     assert after[("segnode_jobs", (("kind", "deliver"), ("state", "dead")))] == 0
     assert after[("segnode_dead_letter_jobs", ())] == 0 and after[("segnode_dimse_associations", ())] == 0
     assert after[("segnode_disk_free_bytes", ())] > 0
+
+
+def test_long_cli_work_says_what_it_is_doing_on_a_terminal(tmp_path):
+    import os
+    import pty
+
+    from segnode.phantom.ct import CTOptions, generate_ct, write_phantom
+
+    write_phantom(generate_ct(5, CTOptions(matrix=16, slice_spacing=5.0, z_extent_mm=60.0)), tmp_path / "ct")
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "segnode", "infer", "--model", "ct-abdomen-phantom-3d",
+                             str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    lines = seen.decode().splitlines()
+    stages = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+    assert [s.split()[0] for s in stages] == ["reading", "loading", "segmenting", "writing"], lines
+    assert "labels.nii.gz" in proc.stdout.read()  # the report stays on standard output

@@ -75,6 +75,7 @@ def test_a_series_sent_to_the_node_comes_out_as_a_label_map(tmp_path):
                               str(files[0].parent), "--out", str(tmp_path / "cli"), "--device", "cpu"],
                              capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stderr
+        assert "reading the series" not in cli.stderr  # no stage lines when not on a terminal
         by_hand, _ = read_labels(tmp_path / "cli" / "labels.nii.gz")
         np.testing.assert_array_equal(by_hand, labels)  # `segnode infer` and the served node answer the same
         study = dcmread(files[0]).StudyInstanceUID

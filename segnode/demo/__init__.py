@@ -46,9 +46,10 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings],
-             say: Callable[[str], None]) -> int:
-    """Run the demo; `settings_for(data_dir, pacs)` gives the node's settings once the PACS is known, and
-    `say` shows the user each line of the report (the CLI prints them).
+             say: Callable[[str], None], stage: Callable[[str], None] = lambda _: None) -> int:
+    """Run the demo; `settings_for(data_dir, pacs)` gives the node's settings once the PACS is known, `say`
+    shows the user each line of the report (the CLI prints them) and `stage` what is happening meanwhile
+    (segnode.progress: on a terminal only).
 
     Returns:
         0 when every job and delivery succeeded and the audit trail verifies, else 1.
@@ -56,6 +57,7 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
         ToolMissing: Orthanc or dcmtk is not installed, or no Orthanc answers at `orthanc_url`.
     """
     env = dict(os.environ, TCP_NODELAY="1")
+    stage("starting the PACS (Orthanc)" if not options.orthanc_url else f"connecting to Orthanc at {options.orthanc_url}")
     with ExitStack() as stack:
         pacs: PACS = (stack.enter_context(RunningOrthanc.at(options.orthanc_url)) if options.orthanc_url
                       else stack.enter_context(orthanc(options.data_dir / "orthanc")))
@@ -63,6 +65,7 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
         settings = settings_for(options.data_dir, pacs)
         data = settings.data
         setup_logging(settings.log_level)
+        stage("starting segnode")
         node = Node(settings)
         node.start()
         try:
@@ -70,26 +73,39 @@ def run_demo(options: DemoOptions, settings_for: Callable[[Path, PACS], Settings
                   f"{pacs.aet}@{pacs.host}:{pacs.dicom_port}; segnode "
                   f"{settings.dimse.ae_title}@127.0.0.1:{node.dimse.port}, results to Orthanc")
             phantoms = options.data_dir / "phantoms"
+            stage("generating the CT and chest radiograph phantoms")
             ct = generate_ct(options.seed, CTOptions(matrix=256, slice_spacing=options.slice_spacing))
             dx = generate_dx(options.seed, DXOptions(matrix=512))
             cases = [("CT", "DEMO_CT", write_phantom(ct, phantoms / "ct"), ct.labels, ct.label_names),
                      ("DX", "DEMO_DX", [write_dx(dx, phantoms / "dx")], dx.labels[None], dx.label_names)]
-            truths = {}
+            truths, kinds = {}, {}
             for what, aet, files, labels, names in cases:
+                stage(f"sending the {what} phantom with storescu (as {aet}) to segnode and to Orthanc")
                 for ae, host, port in ((settings.dimse.ae_title, "127.0.0.1", node.dimse.port),
                                        (pacs.aet, pacs.host, pacs.dicom_port)):
                     subprocess.run([dcmtk("storescu"), "-aec", ae, "-aet", aet, host, str(port),
                                     *map(str, files)], check=True, env=env)  # as a modality: to segnode and the PACS
                 vol = read_series(files)
                 truths[vol.series_uid] = (labels[[f for f, _ in vol.order]], names, vol)
+                kinds[vol.series_uid] = what
                 say(f"{what} phantom (seed {options.seed}): {len(files)} image(s) sent with storescu to segnode and Orthanc")
             completion, worker = pipeline.completion(settings, node.ledger), pipeline.worker(settings, node.ledger)
             deadline = time.monotonic() + 600
+            stage("waiting for the series to complete (quiet for routing.stable_seconds)")
             while time.monotonic() < deadline:
                 completion.poll()
-                while worker.run_once():
-                    pass
-                with node.engine.connect() as conn:  # a reused data directory may hold older studies
+                while True:
+                    with node.engine.connect() as conn:  # a reused data directory may hold older studies
+                        jobs = [j for j in list_jobs(conn) if j.series_uid in truths]
+                    ready = [j for j in jobs if j.state in (JobState.QUEUED, JobState.FAILED)]
+                    if ready:
+                        j = ready[0]
+                        stage(f"segmenting the {kinds[j.series_uid]} series with {j.model}"
+                              if j.kind == JobKind.SEGMENT else f"delivering job {j.parent_job}'s SEG and SR to "
+                              f"{j.destination}")
+                    if not worker.run_once():
+                        break
+                with node.engine.connect() as conn:
                     jobs = [j for j in list_jobs(conn) if j.series_uid in truths]
                 if len([j for j in jobs if j.kind == JobKind.DELIVER and j.state in (JobState.SUCCEEDED, JobState.DEAD)]) >= 2:
                     break

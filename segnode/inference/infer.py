@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: EngineOptions | None = None,
-                 tilt: TiltPolicy = "resample", assumed_spacing: float | None = None) -> SegmentedSeries:
+                 tilt: TiltPolicy = "resample", assumed_spacing: float | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> SegmentedSeries:
     """Segment the series made of `files`; write OUT/labels.nii.gz and OUT/segmentation.json.
 
     Args:
@@ -32,6 +33,7 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         tilt: What to do with a gantry-tilted stack ("resample" or "refuse").
         assumed_spacing: mm for images that state no pixel spacing (a rule's explicit assumption);
             recorded in segmentation.json as `assumed_pixel_spacing_mm`. None: such images are refused.
+        on_stage: told what starts (reading, loading the model, segmenting, writing), e.g. segnode.progress.
 
     Returns:
         The volume, the segmentation (uint8 (slices, rows, cols) in the volume's geometry) and the
@@ -42,12 +44,17 @@ def infer_series(model_folder: Path, files: Sequence[Path], out: Path, options: 
         SeriesError: the series cannot be one volume (the message names it and says why).
         ModelError: the model folder cannot be used.
     """
+    say = on_stage or (lambda _: None)
+    say(f"reading the series ({len(files)} files)")
     start = time.perf_counter()
     volume = read_series(files, tilt=tilt, assumed_spacing=assumed_spacing)
     read = time.perf_counter() - start
+    say(f"loading model {model_folder.name}")
     engine = engine_for(model_folder, options)
+    say(f"segmenting {'x'.join(map(str, volume.array.shape))} voxels on {engine.device}")
     seg = engine.segment(volume)
     seg.timings.read = read
+    say("writing the label map and its record")
     out.mkdir(parents=True, exist_ok=True)
     labels_path, record_path = out / LABELS_FILE, out / RECORD_FILE
     write_labels(labels_path, seg.labels, volume.affine)

@@ -22,6 +22,7 @@ from segnode.config import Settings
 from segnode.flow import JobKind, JobState
 from segnode.health import Operations
 from segnode.metrics import CONTENT_TYPE, exposition
+from segnode.web.dashboard import dashboard_routes
 from segnode.web.reference import api_reference
 from segnode.ingest.store import Peer, StoreService
 from segnode.web.stow import BadRequest, StowSession, http_status, response_body
@@ -93,12 +94,14 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
                 log.exception("could not write the audit event for a refused HTTP request")
         return await http_exception_handler(request, exc)
 
-    def authorize(request: Request) -> str:
+    def authorize(request: Request, given: str | None = None) -> str:
         if token is None:
             return ""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer":
+        if given is not None:
+            value = given
+        elif scheme.lower() != "bearer":
             value = request.cookies.get(TOKEN_COOKIE, "")
         if not value or not secrets.compare_digest(value.strip().encode(), token.get_secret_value().encode()):
             store.record_security(_peer(request, "http"),
@@ -180,6 +183,8 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
                 raise HTTPException(400, f"unknown {name} {value[:40]!r}; one of {', '.join(allowed)}")
         with ledger.engine.connect() as conn:
             return [job.as_dict() for job in list_jobs(conn, state=state, kind=kind)]
+
+    app.include_router(dashboard_routes(settings, ledger, authorize))
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         """STOW-RS: store every application/dicom part, answering the Store Instances Response (DICOM
