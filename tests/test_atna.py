@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +25,9 @@ SD = re.compile(rb'\[segnode@32473 seq="(\d+)" hash="([0-9a-f]{64})" prev="([0-9
 
 
 @contextmanager
-def rsyslog(workdir: Path, port: int, pki: dict[str, Path] | None) -> Iterator[Path]:
-    """rsyslogd in the foreground, receiving syslog over TLS (RFC 5425) or plain TCP on `port` and writing each
-    message's raw text as one line; yields that file."""
+def rsyslog(workdir: Path, port: int, pki: dict[str, Path] | None, udp: bool = False) -> Iterator[Path]:
+    """rsyslogd in the foreground, receiving syslog over TLS (RFC 5425), plain TCP or UDP (`udp`) on `port` and
+    writing each message's raw text as one line; yields that file."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "received.log"
     tls = (f'global(workDirectory="{workdir}" DefaultNetstreamDriver="gtls" '
@@ -35,13 +36,19 @@ def rsyslog(workdir: Path, port: int, pki: dict[str, Path] | None) -> Iterator[P
            'module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")\n'
            if pki else f'global(workDirectory="{workdir}")\nmodule(load="imtcp")\n')
     conf = workdir / "rsyslog.conf"
-    conf.write_text(tls + f'input(type="imtcp" port="{port}")\n'
+    if udp:
+        tls = f'global(workDirectory="{workdir}")\nmodule(load="imudp")\n'
+    conf.write_text(tls + f'input(type="{"imudp" if udp else "imtcp"}" port="{port}")\n'
                     'template(name="raw" type="string" string="%rawmsg%\\n")\n'
                     f'action(type="omfile" file="{out}" template="raw")\n')
     proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(workdir / "rsyslogd.pid")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_port(port, proc, "rsyslogd")
+        if udp:
+            eventually(lambda: out.parent.joinpath("rsyslogd.pid").exists() or proc.poll() is not None, timeout=10)
+            time.sleep(0.5)  # the pid file is written before the inputs open
+        else:
+            wait_port(port, proc, "rsyslogd")
         yield out
     finally:
         proc.terminate()
@@ -94,6 +101,15 @@ def test_every_event_reaches_the_collector_in_order_across_a_restart(start_node,
         assert message.find("EventIdentification/EventID").get("csd-code") == events[seq].event_id
     stored = [e for e in events.values() if e.event_id == "110104" and e.outcome == 0]
     assert len(stored) == len(ct_files)
+
+
+def test_udp_delivers_to_a_collector_that_listens(start_node, ct_files, tmp_path):
+    port = free_port()
+    with rsyslog(tmp_path / "collector", port, None, udp=True) as out:
+        node = start_node(audit={"syslog": [{"name": "udp", "host": "127.0.0.1", "port": port, "transport": "udp"}]})
+        assert storescu(node.dimse.port, ct_files[:2]).returncode == 0
+        got = eventually(lambda: _all_arrived(node, out), timeout=30)
+    assert [seq for seq, _, _ in got] == sorted(e.seq for e in _events(node) if e.seq <= got[-1][0])
 
 
 def test_a_collector_that_is_down_delays_nothing_and_is_named_in_the_log(start_node, ct_files, pki, caplog):
