@@ -27,4 +27,5 @@ class Progress:
         if not self.enabled or what == self._last:
             return
         self._last = what
-        print(f"[{time.monotonic() - self.start:6.1f} s] {what}", file=self.stream, flush=True)
+        self.stream.write(f"[{time.monotonic() - self.start:6.1f} s] {what}\n")
+        self.stream.flush()
