@@ -16,6 +16,8 @@ RUN pip install --no-cache-dir --no-deps "dynamic-network-architectures==0.4.4" 
 USER segnode
 VOLUME /data
 EXPOSE 11112 8080
+# liveness (/livez): a restart helps only a process that no longer answers; docker-compose.yml checks
+# readiness (/readyz) instead, for depends_on and for operators (a full disk is not cured by a restart)
 HEALTHCHECK --interval=30s --timeout=5s \
-  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/livez', timeout=4)"
 CMD ["segnode", "serve", "--config", "/etc/segnode/segnode.yaml"]

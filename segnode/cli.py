@@ -54,9 +54,13 @@ def load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from segnode.lock import DataDirLock
     from segnode.supervisor import Supervisor, share_metrics
 
     settings = load(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with DataDirLock(settings.data_dir):  # a second node stops here, before it empties the first one's metrics
+        pass
     share_metrics(settings.data.metrics)  # before anything imports prometheus-client (segnode.metrics)
 
     from segnode import pipeline
@@ -150,6 +154,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
         return 0
+    if not jobs:
+        wanted = " ".join(f"{name} {value}" for name, value in (("state", args.state), ("kind", args.kind)) if value)
+        print(f"no jobs{' of ' + wanted if wanted else ''}")
     for j in jobs:
         what = (f"deliver  job {j.parent_job} -> {j.destination}" if j.kind == JobKind.DELIVER
                 else f"segment  {j.model} {j.model_version}")

@@ -44,6 +44,9 @@ STAGE_SECONDS = Histogram(
     "Seconds per stage: receive (last byte to answer, per instance), completion_wait (last instance to the "
     "series completed), queue_wait (job queued to claimed), read / preprocess / windows / resample / "
     "postprocess (inference), encode (SEG + SR), deliver (per delivery job)", ["stage"], buckets=_LATENCY)
+HTTP_REFUSALS = Counter("segnode_http_refusals_total", "HTTP requests refused, by status (401 no or wrong token, "
+                        "400, 404, 413, ...); each is counted, a peer's repeats are audited once a minute",
+                        ["status"])
 MODEL_LOAD_SECONDS = Histogram("segnode_model_load_seconds", "Seconds to load a model (manifest, weights, network "
                                "on its device), once per worker", ["model"], buckets=_LATENCY)
 GPU_MEMORY = Gauge("segnode_gpu_memory_bytes", "GPU memory held by PyTorch in a worker after its last job "

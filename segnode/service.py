@@ -13,7 +13,7 @@ from sqlalchemy import text
 from segnode import __version__
 from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
-from segnode.audit.atna import Shipper
+from segnode.audit.atna import Shipper, stop_all
 from segnode.audit.trail import AuditTrail
 from segnode.config import Settings
 from segnode.datadir import DataDir, fsync_dir
@@ -187,8 +187,7 @@ class Node:
                 self._http_thread.join(timeout=5)
         self._record_activity("stopped")
         self.store.close()
-        for shipper in self.atna:  # after the last event is on disk: it is sent too
-            shipper.stop()
+        stop_all(self.atna)  # after the last event is on disk: it is sent too
         self.trail.close()
         self.engine.dispose()
         self.lock.release()

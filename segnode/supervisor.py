@@ -67,7 +67,8 @@ class Supervisor:
         self._payload = settings_payload(settings)
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen([sys.executable, "-m", "segnode.stage", child.kind, child.name],
+        # -P: not the working directory first on sys.path (a segnode/ or a torch.py there would be imported)
+        child.proc = subprocess.Popen([sys.executable, "-P", "-m", "segnode.stage", child.kind, child.name],
                                       stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
         assert child.proc.stdin is not None
         try:

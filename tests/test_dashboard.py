@@ -82,11 +82,17 @@ def test_an_operator_watches_a_study_through_and_retries_a_dead_job(start_node, 
             dead_row.query_selector("button").click()
             page.wait_for_selector(f"#dead [data-job='{dead_id}']", state="detached")
             page.wait_for_selector(f"[data-study='{study}'] [data-job='{dead_id}'] [data-state=queued]")
+            page.click("#signout")  # signed out: the page asks for the token again and shows nothing
+            page.wait_for_selector("#signin", state="visible")
+            assert page.is_hidden("#main")
+            page.reload()
+            page.wait_for_selector("#signin", state="visible")
         finally:
             browser.close()
     assert outside == [] and errors == []
     jobs = {j["id"]: j for j in httpx.get(f"{base}/api/jobs", headers={"Authorization": "Bearer s3cret"}).json()}
     assert jobs[dead_id]["state"] == "queued"
     # a change with the sign-in cookie but without the page's header is refused (another site's form)
-    forged = httpx.post(f"{base}/api/jobs/{dead_id}/retry", cookies={"segnode_token": "s3cret"})
+    session = httpx.post(f"{base}/api/session", json={"token": "s3cret"}).cookies
+    forged = httpx.post(f"{base}/api/jobs/{dead_id}/retry", cookies=session)
     assert forged.status_code == 403

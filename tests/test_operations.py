@@ -79,7 +79,8 @@ def test_the_api_reference_is_behind_the_token_and_loads_nothing_from_outside(st
     page = httpx.get(_url(node, "/docs"), headers=auth, timeout=10)
     assert page.status_code == 200 and "/api/jobs" in page.text and "/dicom-web/studies" in page.text
     assert "<script" not in page.text and "http://" not in page.text and "https://" not in page.text
-    schema = httpx.get(_url(node, "/openapi.json"), cookies={"segnode_token": "s3cret"}, timeout=10)
+    session = httpx.post(_url(node, "/api/session"), json={"token": "s3cret"}, timeout=10).cookies
+    schema = httpx.get(_url(node, "/openapi.json"), cookies=session, timeout=10)
     assert schema.status_code == 200 and "/api/studies" in schema.json()["paths"]
     for probe in ("/livez", "/healthz", "/readyz"):  # orchestrators probe without a token
         assert httpx.get(_url(node, probe), timeout=10).status_code == 200, probe
@@ -153,3 +154,96 @@ def test_long_cli_work_says_what_it_is_doing_on_a_terminal(tmp_path):
     stages = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
     assert [s.split()[0] for s in stages] == ["reading", "loading", "segmenting", "writing"], lines
     assert "labels.nii.gz" in proc.stdout.read()  # the report stays on standard output
+
+
+def test_the_sign_in_cookie_is_a_signed_session_that_ends_and_signs_out(start_node):
+    node = start_node(http={"token": "s3cret"})
+    signed = httpx.post(_url(node, "/api/session"), json={"token": "s3cret"}, timeout=10)
+    cookie = signed.headers["set-cookie"]
+    assert signed.status_code == 204 and "s3cret" not in cookie  # the browser never holds the token
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=43200" in cookie
+    assert httpx.get(_url(node, "/api/jobs"), cookies=signed.cookies, timeout=10).status_code == 200
+    form = httpx.post(_url(node, "/api/session"), data={"token": "s3cret"}, timeout=10)  # a plain HTML form too
+    assert form.status_code == 204
+    value = signed.cookies["segnode_session"]
+    expired = "1000." + value.split(".")[1]
+    for forged in (expired, "9999999999." + "0" * 64, "s3cret"):
+        assert httpx.get(_url(node, "/api/jobs"), cookies={"segnode_session": forged},
+                         timeout=10).status_code == 401, forged
+    out = httpx.delete(_url(node, "/api/session"), cookies=signed.cookies, timeout=10)
+    assert out.status_code == 204 and 'segnode_session=""' in out.headers["set-cookie"]
+    other = start_node(http={"token": "another"})  # a session of one token opens nothing signed with another
+    assert httpx.get(_url(other, "/api/jobs"), cookies=signed.cookies, timeout=10).status_code == 401
+
+
+def test_sign_in_refuses_a_large_or_odd_body_before_reading_it_whole(start_node):
+    node = start_node(http={"token": "s3cret"})
+    big = httpx.post(_url(node, "/api/session"), content=b"{" + b" " * 5000 + b"}",
+                     headers={"Content-Type": "application/json"}, timeout=10)
+    assert big.status_code == 413
+    lone = httpx.post(_url(node, "/api/session"), content=b'{"token": "\\ud800"}',
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert lone.status_code == 401  # a lone surrogate is a wrong token, not a server error
+    assert httpx.post(_url(node, "/api/session"), content=b"[1]", timeout=10).status_code == 401
+
+
+def test_changes_with_the_cookie_need_the_dashboards_header_on_every_route(start_node):
+    node = start_node(http={"token": "s3cret"})
+    session = httpx.post(_url(node, "/api/session"), json={"token": "s3cret"}, timeout=10).cookies
+    study = "1.2.826.0.1.3680043.8.498.1"
+    forged = httpx.post(_url(node, f"/api/studies/{study}/complete"), cookies=session, timeout=10)
+    assert forged.status_code == 403 and "x-segnode-request" in forged.json()["detail"]
+    asked = httpx.post(_url(node, f"/api/studies/{study}/complete"), cookies=session,
+                       headers={"X-Segnode-Request": "1"}, timeout=10)
+    assert asked.status_code == 404  # allowed through; nothing open in that study
+
+
+def test_refusals_are_counted_each_and_audited_once_a_minute_per_host_with_a_safe_path(start_node):
+    from tests.conftest import audit_events
+
+    node = start_node(http={"token": "s3cret"})
+    path = "/api/studies/x%1b%5B31m" + "a" * 4990 + "/trace"
+    auth = {"Authorization": "Bearer s3cret"}
+    key = "segnode_http_refusals_total"
+    before = scrape(_url(node, ""), headers=auth)  # the counters are the process's: other tests' refusals too
+    for _ in range(20):
+        assert httpx.get(_url(node, path), timeout=10).status_code == 401
+        assert httpx.get(_url(node, "/nothing/here"), timeout=10).status_code == 404
+    alerts = [e for e in audit_events(node) if e.event_id == "110113"]
+    assert len(alerts) == 1 and len([e for e in audit_events(node) if "HTTP 404" in e.detail]) == 1
+    assert "\\x1b[31m" in alerts[0].detail and "\x1b" not in alerts[0].detail  # escaped, not raw
+    assert len(alerts[0].detail) < 400 and "(+4815 characters)" in alerts[0].detail
+    after = scrape(_url(node, ""), headers=auth)
+    for status in ("401", "404"):
+        label = (key, (("status", status),))
+        assert after[label] - before.get(label, 0) == 20, status
+
+
+def test_refusal_audit_keeps_count_of_what_it_did_not_record():
+    from segnode.web.guard import RefusalAudit
+
+    audit = RefusalAudit(window=0.2, hosts=2)
+    assert audit.admit("a") == 0 and audit.admit("a") is None and audit.admit("a") is None
+    assert audit.admit("b") == 0 and audit.admit("c") == 0  # "a" forgotten: two hosts at most
+    import time
+
+    time.sleep(0.25)
+    assert audit.admit("b") == 0 and audit.admit("b") is None
+    time.sleep(0.25)
+    assert audit.admit("b") == 1  # the one refused in between is told with the next record
+
+
+def test_the_overview_shows_the_most_recent_studies_and_says_how_many_there_are(start_node):
+    from segnode.web.dashboard import overview
+    from tests.test_stow import _series, part10
+
+    node = start_node()
+    studies = []
+    for seed in range(3):
+        ds = _series(1, seed=40 + seed)[0]
+        studies.append(ds.StudyInstanceUID)
+        assert stow(node, [("application/dicom", part10(ds))]).status_code == 200
+    with node.engine.connect() as conn:
+        page = overview(conn, limit=2)
+    assert [s["study_uid"] for s in page["studies"]] == studies[::-1][:2]  # newest first
+    assert len(set(studies)) == 3 and page["dead_total"] == 0 and page["studies"][0]["series"][0]["instances"] == 1

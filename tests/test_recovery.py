@@ -67,6 +67,9 @@ def test_a_second_node_on_a_data_dir_in_use_stops_before_touching_it(tmp_path):
     try:
         in_flight = settings.data_dir / "tmp" / "upload.part"
         in_flight.write_bytes(b"half an instance")
+        settings.data.metrics.mkdir(parents=True, exist_ok=True)
+        counted = settings.data.metrics / "counter_1.db"  # the running node's metrics (serve's multiprocess files)
+        counted.write_bytes(b"counts")
         with pytest.raises(DataDirInUse, match=f"in use by another segnode \\(pid {os.getpid()} on "):
             Node(settings)
         cli = subprocess.run([sys.executable, "-m", "segnode", "serve", "--data-dir", str(settings.data_dir),
@@ -74,6 +77,7 @@ def test_a_second_node_on_a_data_dir_in_use_stops_before_touching_it(tmp_path):
         assert cli.returncode == 2 and "Traceback" not in cli.stderr
         assert f"data directory {settings.data_dir} is in use by another segnode (pid {os.getpid()}" in cli.stderr
         assert in_flight.read_bytes() == b"half an instance" and echo_ok(first)
+        assert counted.read_bytes() == b"counts"  # refused before it emptied the metrics folder
     finally:
         first.stop()
     second = Node(settings)  # the lock went with the first node

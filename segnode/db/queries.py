@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from sqlalchemy import Connection, func, select
 
@@ -11,18 +11,22 @@ from segnode.flow import CompletedSeries, SeriesInstance
 
 
 
-def list_studies(conn: Connection) -> list[dict[str, Any]]:
+def list_studies(conn: Connection, study_uids: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Studies with their series and instance counts, in the shape GET /api/studies returns.
+
+    Args:
+        conn: a connection.
+        study_uids: only these studies (None: all).
 
     Returns:
         [{"study_uid", "series": [{"series_uid", "modality", "instances"}]}], ordered by UID; the
         counts are index rows (one per SOP Instance UID, overwritten versions not counted).
     """
-    rows = conn.execute(
-        select(Instance.study_uid, Instance.series_uid, func.max(Instance.modality), func.count())
-        .group_by(Instance.study_uid, Instance.series_uid)
-        .order_by(Instance.study_uid, Instance.series_uid)
-    ).all()
+    stmt = select(Instance.study_uid, Instance.series_uid, func.max(Instance.modality), func.count())
+    if study_uids is not None:
+        stmt = stmt.where(Instance.study_uid.in_(study_uids))
+    rows = conn.execute(stmt.group_by(Instance.study_uid, Instance.series_uid)
+                        .order_by(Instance.study_uid, Instance.series_uid)).all()
     studies: dict[str, dict[str, Any]] = {}
     for study_uid, series_uid, modality, count in rows:
         study = studies.setdefault(study_uid, {"study_uid": study_uid, "series": []})

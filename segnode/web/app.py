@@ -21,15 +21,19 @@ from segnode.audit.ledger import Ledger
 from segnode.config import Settings
 from segnode.flow import JobKind, JobState
 from segnode.health import Operations
-from segnode.metrics import CONTENT_TYPE, exposition
+from segnode.logs import printable
+from segnode.metrics import CONTENT_TYPE, HTTP_REFUSALS, exposition
 from segnode.web.dashboard import dashboard_routes
+from segnode.web.guard import RefusalAudit
 from segnode.web.reference import api_reference
+from segnode.web.session import session_valid
 from segnode.ingest.store import Peer, StoreService
 from segnode.web.stow import BadRequest, StowSession, http_status, response_body
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
-TOKEN_COOKIE = "segnode_token"  # set by the dashboard's sign-in (HttpOnly, SameSite=Strict)
+CHANGE_HEADER = "x-segnode-request"  # the dashboard's requests that change something carry it
+TOKEN_COOKIE = "segnode_session"  # set by the dashboard's sign-in (signed expiry: segnode.web.session)
 
 
 def _boundary(content_type: str) -> str:
@@ -77,17 +81,31 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
     ops = ops or Operations()
     health = ops.health
 
+    refusals = RefusalAudit()
+
+    def refusal_note(request: Request, status: int) -> str | None:
+        """Count a refusal; None when it is not to be audited (the peer's repeats of one status within a
+        minute), else a note of how many went unrecorded before it."""
+        HTTP_REFUSALS.labels(str(status)).inc()
+        skipped = refusals.admit(f"{request.client.host if request.client else ''} {status}")
+        if skipped is None:
+            return None
+        return f" ({skipped} more refused from this host since the last one recorded)" if skipped else ""
+
     @app.exception_handler(StarletteHTTPException)
     async def audited_refusal(request: Request, exc: StarletteHTTPException) -> Response:
-        """Every refused request is audited once (401 already is, as a security alert, by `authorize`)."""
-        if exc.status_code >= 400 and exc.status_code != 401:
+        """Every refused request is counted and audited, a peer's repeats once a minute with their count
+        (401 is audited as a security alert by `authorize`)."""
+        note = refusal_note(request, exc.status_code) if exc.status_code >= 400 and exc.status_code != 401 else None
+        if note is not None:
+            path = printable(request.url.path)
             event = audit.Event(type=audit.APPLICATION_ACTIVITY, action=audit.Action.EXECUTE,
                                 outcome=audit.Outcome.MINOR_FAILURE if exc.status_code < 500 else
                                 audit.Outcome.SERIOUS_FAILURE, actor=_peer(request, "http").actor(),
-                                objects={"http_status": exc.status_code, "method": request.method,
-                                         "path": request.url.path[:200]},
-                                detail=f"HTTP {exc.status_code} to {request.method} {request.url.path[:200]}: "
-                                       f"{str(exc.detail)[:300]}")
+                                objects={"http_status": exc.status_code, "method": printable(request.method, 16),
+                                         "path": path},
+                                detail=f"HTTP {exc.status_code} to {printable(request.method, 16)} {path}: "
+                                       f"{printable(str(exc.detail), 300)}{note}")
             try:
                 await run_in_threadpool(store.record, event)
             except Exception:  # the caller still gets its answer
@@ -97,15 +115,22 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
     def authorize(request: Request, given: str | None = None) -> str:
         if token is None:
             return ""
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
+        secret = token.get_secret_value()
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if given is not None:
-            value = given
-        elif scheme.lower() != "bearer":
-            value = request.cookies.get(TOKEN_COOKIE, "")
-        if not value or not secrets.compare_digest(value.strip().encode(), token.get_secret_value().encode()):
-            store.record_security(_peer(request, "http"),
-                                       f"{request.method} {request.url.path}: missing or wrong bearer token")
+            ok = bool(given) and secrets.compare_digest(given.strip().encode("utf-8", "replace"), secret.encode())
+        elif scheme.lower() == "bearer":
+            ok = bool(value) and secrets.compare_digest(value.strip().encode("utf-8", "replace"), secret.encode())
+        else:
+            ok = session_valid(request.cookies.get(TOKEN_COOKIE, ""), secret)
+            if ok and request.method not in ("GET", "HEAD") and request.headers.get(CHANGE_HEADER) != "1":
+                raise HTTPException(403, f"a change made with the sign-in cookie needs the header {CHANGE_HEADER}: 1 "
+                                         "(a page of another site cannot add it)")
+        if not ok:
+            note = refusal_note(request, 401)
+            if note is not None:
+                store.record_security(_peer(request, "http"), f"{printable(request.method, 16)} "
+                                      f"{printable(request.url.path)}: missing or wrong bearer token{note}")
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         return "bearer"
 
@@ -130,8 +155,9 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
     @app.get("/metrics")
     def metrics(request: Request) -> Response:
         """Prometheus text exposition (behind the token when one is set: give Prometheus `authorization:
-        {credentials: <token>}`): instances and bytes received, stage latencies, jobs by state and kind, the
-        dead letter, associations, free disk, model load time, GPU memory. See segnode.metrics."""
+        {credentials_file: <file holding the token>}`): instances and bytes received, stage latencies, jobs by
+        state and kind, the dead letter, associations, free disk, model load time, GPU memory, HTTP refusals.
+        See segnode.metrics."""
         authorize(request)
         return Response(exposition(ops.metrics), media_type=CONTENT_TYPE)
 

@@ -24,7 +24,17 @@ async function api(path, options = {}) {
   return response.status === 204 ? null : response.json();
 }
 
-function showSignIn() { $("signin").hidden = false; $("main").hidden = true; }
+function showSignIn() { $("signin").hidden = false; $("main").hidden = true; $("signout").hidden = true; }
+
+$("signout").addEventListener("click", async () => {
+  await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Segnode-Request": "1" } });
+  showSignIn();
+});
+
+function more(id, shown, total, what) {
+  $(id).hidden = total <= shown;
+  $(id).textContent = `${shown} of ${total} ${what} shown (the most recent); the CLI and /api list them all.`;
+}
 
 $("signin").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -116,8 +126,11 @@ async function refresh() {
   try {
     const data = await api("/api/overview");
     $("main").hidden = false;
+    $("signout").hidden = !data.token_required;
     renderDead(data.dead);
+    more("dead-more", data.dead.length, data.dead_total, "dead jobs");
     renderStudies(data);
+    more("studies-more", data.studies.length, data.studies_total, "studies");
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
     $("updated").textContent = `not updated: ${e.message}`;
