@@ -360,7 +360,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"segnode infer: model {args.model}: {exc}", file=sys.stderr)
         return 2
     seg = result.segmentation
-    print(f"{result.labels_path}: {'x'.join(map(str, seg.labels.shape))} labels in the series' geometry")
+    shape = seg.labels.shape  # (slices, rows, columns), or (rows, columns) for a projection image
+    size = f"{shape[-1]} columns x {shape[-2]} rows" + (f" x {shape[0]} slices" if len(shape) == 3 else "")
+    print(f"{result.labels_path}: labels of {size}, in the series' geometry")
     for note in seg.notes:
         print(f"  note: {note}")
     print("  " + str(seg.timings))
@@ -373,6 +375,22 @@ def _rules(settings: Settings) -> "RuleSet":
     from segnode import pipeline
 
     return pipeline.ruleset(settings)
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from segnode.config_reference import render
+
+    print(render(), end="")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate the configuration as `serve` would; print it with the defaults filled in (secrets hidden)."""
+    import yaml
+
+    settings = load(args)  # a ConfigError is reported by main()
+    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+    return 0
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -597,6 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sp)
     jlist.set_defaults(func=cmd_jobs_list)
     jretry.set_defaults(func=cmd_jobs_retry)
+
+    config = sub.add_parser("config", help="the settings: every key with its default, or check a file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    cref = config_sub.add_parser("reference", help="every setting: key, type, default and meaning")
+    cref.set_defaults(func=cmd_config_reference)
+    ccheck = config_sub.add_parser("check", help="validate --config as serve would and print it with the "
+                                   "defaults filled in (secrets hidden)")
+    _common(ccheck)
+    ccheck.set_defaults(func=cmd_config_check)
 
     rules = sub.add_parser("rules", help="check routing rules and explain their decisions")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)

@@ -157,3 +157,39 @@ def test_start_up_errors_are_one_line_naming_the_setting_and_the_value(tmp_path)
             assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     finally:
         taken.close()
+
+
+def test_the_reference_names_every_setting_serve_accepts_with_its_default(capsys):
+    from segnode.cli import main
+    from segnode.config import Settings
+
+    assert main(["config", "reference"]) == 0
+    text = capsys.readouterr().out
+    defaults = Settings()
+    for key, value in (("dimse.port", "11112"), ("http.max_connections", "256"), ("jobs.delivery_attempts", "16"),
+                       ("storage.fsync", "true"), ("audit.syslog[].transport", "'tls' | 'tcp' | 'udp' = tls")):
+        assert any(line.startswith(f"{key}:") and line.endswith(value) for line in text.splitlines()), key
+
+    def leaves(model, prefix=""):
+        for name, value in model:
+            if hasattr(value, "model_fields"):
+                yield from leaves(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [key for key in leaves(defaults) if f"\n{key}: " not in text]
+    assert not missing
+
+
+def test_config_check_prints_what_serve_would_use_without_secrets(tmp_path, capsys):
+    from segnode.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("http:\n  token: s3cret-token\ndimse:\n  port: 104\n")
+    assert main(["config", "check", "--config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "port: 104" in out and "s3cret-token" not in out and "max_connections: 256" in out
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("http:\n  tokn: x\n")
+    assert main(["config", "check", "--config", str(typo)]) == 2
+    assert "http.tokn: Extra inputs are not permitted" in capsys.readouterr().err
