@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for bin in /usr/bin/storescu /usr/bin/echoscu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/sbin/nginx /usr/bin/chromium \
-        /usr/sbin/rsyslogd; do
+        /usr/sbin/rsyslogd /usr/lib/rabbitmq/bin/rabbitmq-server; do
     [ -x "$bin" ] || need_apt+=("$bin")
 done
 [ -e /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null \
@@ -18,9 +18,18 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
     # nginx serves OHIF for the demo and the browser tests; chromium is the browser Playwright drives;
-    # rsyslog (+ gnutls) is the ATNA audit collector of the tests (started by them, not as a service)
+    # rsyslog (+ gnutls) is the ATNA audit collector of the tests (started by them, not as a service);
+    # rabbitmq-server is the Celery broker of the tests (tests/broker.py runs private ones on free ports)
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql \
-        docker-compose nginx chromium rsyslog rsyslog-gnutls >/dev/null
+        docker-compose nginx chromium rsyslog rsyslog-gnutls rabbitmq-server >/dev/null
+    # where the package could start its service (systemd, or no policy-rc.d), stop it and keep it off: a system
+    # broker on 5672 and its epmd on 4369 are not wanted next to the tests' own (containers: nothing started)
+    if [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now rabbitmq-server.service epmd.service epmd.socket >/dev/null 2>&1 || true
+    elif pgrep -u rabbitmq beam.smp >/dev/null; then
+        $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
+        $SUDO update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
+    fi
 fi
 
 PY="${PYTHON:-python3}"

@@ -377,6 +377,33 @@ def _rules(settings: Settings) -> "RuleSet":
     return pipeline.ruleset(settings)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A remote worker: jobs from the broker, series over WADO-RS from the node, results back to it."""
+    from segnode.config import default_models_dir
+    from segnode.jobs.broker import queue_for
+    from segnode.remote.worker import RemoteWorker, WorkerSettings, consume
+
+    setup_logging(args.log_level)
+    token = args.token or os.environ.get("SEGNODE_TOKEN")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    broker = args.broker or os.environ.get("SEGNODE_BROKER_URL")
+    if not broker:
+        raise ConfigError("segnode worker needs --broker (or SEGNODE_BROKER_URL), the node's jobs.broker_url")
+    settings = WorkerSettings(node_url=args.node, token=token, models_dir=Path(args.models_dir or default_models_dir()),
+                              device=args.device, work_dir=Path(args.work_dir) if args.work_dir else None,
+                              **({"name": args.name} if args.name else {}))
+    worker = RemoteWorker(settings)
+    models = worker.models()
+    queues = [q for q in (args.queues or "").split(",") if q] or [queue_for(m, {}) for m in models]
+    if not queues:
+        raise ConfigError(f"no models in {settings.models_dir} and no --queues: this worker would take nothing")
+    if not args.no_warm_up:
+        worker.warm(models)
+    consume(worker, broker, queues)
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from segnode.config_reference import render
 
@@ -615,6 +642,23 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sp)
     jlist.set_defaults(func=cmd_jobs_list)
     jretry.set_defaults(func=cmd_jobs_retry)
+
+    worker = sub.add_parser("worker", help="run segment jobs for a node on this host (jobs.executor celery): "
+                            "from its broker, series over WADO-RS, results back over HTTP")
+    worker.add_argument("--node", required=True, help="the node's HTTP root, e.g. http://segnode:8080")
+    worker.add_argument("--token", help="the node's http.token (or SEGNODE_TOKEN; --token-file keeps it out of ps)")
+    worker.add_argument("--token-file", help="a file holding the node's http.token")
+    worker.add_argument("--broker", help="the node's jobs.broker_url (or SEGNODE_BROKER_URL)")
+    worker.add_argument("--queues", help="comma-separated broker queues (default: segnode.<model> for each model "
+                        "installed here; the node's jobs.queues may route models to others, e.g. gpu)")
+    worker.add_argument("--models-dir", help="model folders on this host (default: SEGNODE_MODELS or the shipped "
+                        "models)")
+    worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    worker.add_argument("--work-dir", help="where a job's series and results are kept while it runs")
+    worker.add_argument("--name", help="this worker's name in leases and the audit trail (default host:pid)")
+    worker.add_argument("--no-warm-up", action="store_true", help="do not load the models before the first job")
+    worker.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.set_defaults(func=cmd_worker)
 
     config = sub.add_parser("config", help="the settings: every key with its default, or check a file")
     config_sub = config.add_subparsers(dest="config_command", required=True)

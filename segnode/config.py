@@ -205,6 +205,20 @@ class JobsConfig(_Model):
     models_dir: Path | None = Field(None, description="model folders; default SEGNODE_MODELS or the shipped ones")
     warm_up: bool = Field(True, description="load the rules' models (and run one batch) when a worker starts, so "
                                             "the first study does not wait for it")
+    executor: Literal["local", "celery"] = Field("local", description="local: the node's worker processes run "
+                                                 "every job; celery: segmentations go through the broker to "
+                                                 "`segnode worker` hosts, deliveries stay on the node")
+    broker_url: SecretStr | None = Field(None, description="Celery broker (executor celery), e.g. "
+                                         "amqp://segnode:secret@rabbitmq:5672//")
+    queues: dict[str, str] = Field(default_factory=dict, description="model -> broker queue (e.g. a device class: "
+                                   "gpu); a model not named goes to queue segnode.<model>")
+    max_result_mb: int = Field(2048, ge=1, description="largest result a remote worker may return (MB)")
+
+    @model_validator(mode="after")
+    def _broker(self) -> "JobsConfig":
+        if self.executor == "celery" and self.broker_url is None:
+            raise ValueError("jobs.executor celery needs jobs.broker_url")
+        return self
 
 
 class OutputsConfig(_Model):

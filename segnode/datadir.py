@@ -24,6 +24,7 @@ from typing import Any
 
 LABELS_FILE = "labels.nii.gz"
 RECORD_FILE = "segmentation.json"
+DETAIL_FILE = "detail.txt"  # in a result a remote worker returns: what the audit says; not kept
 SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
 
 

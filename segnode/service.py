@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import threading
+from typing import TYPE_CHECKING
 
 import uvicorn
 from sqlalchemy import text
@@ -26,6 +27,9 @@ from segnode.ingest.spool import Spool
 from segnode.ingest.store import Peer, StoreService
 from segnode.listen import listening_socket
 from segnode.lock import DataDirLock
+
+if TYPE_CHECKING:
+    from segnode.jobs.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,12 @@ class Node:
         source_id = settings.audit.source_id or settings.dimse.ae_title
         self.atna = [Shipper(dest, self.engine, settings.data.audit_head, settings.data.atna, source_id)
                      for dest in settings.audit.syslog]  # the trail, shipped off the node (started by `start`)
+        self.dispatcher: Dispatcher | None = None
+        if settings.jobs.executor == "celery":  # segment jobs go to remote workers through the broker
+            from segnode.jobs.dispatch import Dispatcher
+
+            self.dispatcher = Dispatcher(settings, self.ledger)
+            self.health.add("broker", self.dispatcher.not_ready)
 
     def start(self, http: bool = True) -> None:
         """Reconcile the spool with the index, start the DIMSE listener and (with `http`) uvicorn in a
@@ -154,6 +164,8 @@ class Node:
         self._record_activity("started")
         for shipper in self.atna:
             shipper.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
 
     def _database_not_ready(self) -> str | None:
         try:
@@ -180,6 +192,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.dimse.stop()
         if self._http is not None:
             self._http.should_exit = True

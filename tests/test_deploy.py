@@ -71,3 +71,21 @@ def test_monitoring_files_name_only_metrics_the_node_exports(node):
     result = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "--profile", "monitoring", "config", "-q"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_scale_profile_wires_workers_to_the_hub_in_start_order():
+    """--profile scale: the hub hands segmentations to the broker; workers reach it with its token and broker,
+    and start only when it is ready, which it is only after PostgreSQL and RabbitMQ are."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    hub = load_settings(ROOT / "docker" / "segnode-scale.yaml")
+    assert hub.jobs.executor == "celery" and hub.database_url and "postgres:5432" in hub.database_url
+    worker = services["worker"]["command"]
+    assert worker[worker.index("--broker") + 1] == hub.jobs.broker_url.get_secret_value()
+    assert worker[worker.index("--node") + 1] == f"http://segnode-hub:{hub.http.port}"
+    token_file = ROOT / compose["secrets"]["segnode_token"]["file"]
+    assert token_file.read_text().strip() == hub.http.token.get_secret_value()
+    assert services["worker"]["depends_on"]["segnode-hub"]["condition"] == "service_healthy"
+    assert {name for name, dep in services["segnode-hub"]["depends_on"].items()
+            if dep["condition"] == "service_healthy"} == {"postgres", "rabbitmq"}
+    assert all("scale" in services[name]["profiles"] for name in ("worker", "segnode-hub", "rabbitmq", "postgres"))

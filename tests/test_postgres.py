@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,44 +14,18 @@ from segnode import pipeline
 from segnode.audit.ledger import Ledger
 from segnode.audit.trail import verify_connection
 from segnode.jobs import queue
-from peers import free_port
+from pg import PostgreSQL
 from tests.conftest import instances, storescu
 from tests.test_pipeline import _queue_jobs
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root; run its tools as the postgres user then."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture(scope="module")
 def pg_url():
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    assert candidates, "PostgreSQL is installed by scripts/setup.sh (apt-get install -y postgresql)"
-    bindir = Path(candidates[-1]).parent
-    base = Path(tempfile.mkdtemp(prefix="segnode-pg-"))  # pytest's tmp dirs are closed to other users
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True, timeout=120)
-    port = free_port()
-    proc = subprocess.Popen(_as_postgres([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
-                                          "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = PostgreSQL().start()
     try:
-        deadline = time.time() + 60
-        while subprocess.run(_as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-                                           "postgres", "segnode"]), capture_output=True).returncode != 0:
-            assert time.time() < deadline and proc.poll() is None, "PostgreSQL did not start"
-            time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/segnode"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
+        server.close()
 
 
 def test_node_on_postgresql(start_node, pg_url, ct_files, tmp_path):

@@ -96,7 +96,8 @@ def reap(ledger: Ledger, now: float | None = None) -> list[tuple[int, JobState]]
     return changed
 
 
-def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = None) -> Job | None:
+def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = None,
+          kinds: Sequence[JobKind] | None = None, job_id: int | None = None) -> Job | None:
     """Atomically take the most urgent runnable job (one UPDATE ... RETURNING: two workers can never
     both get it, on SQLite or on PostgreSQL).
 
@@ -108,12 +109,19 @@ def claim(engine: Engine, owner: str, lease_seconds: float, now: float | None = 
         owner: the worker's id ('host:pid'), which must match to renew, finish or fail.
         lease_seconds: how long (s) the job is the worker's without a renewal.
         now: epoch seconds (tests); default the clock.
+        kinds: only jobs of these kinds (the node's own workers take only deliveries when segmentations go
+            to remote workers); None: any.
+        job_id: only this job (a remote worker claims the job its broker message names).
 
     Returns:
-        The job as claimed (state RUNNING), or None when nothing is runnable.
+        The job as claimed (state RUNNING), or None when nothing (or not that job) is runnable.
     """
     now = time.time() if now is None else now
     runnable = and_(JOBS.c.state.in_([s.value for s in RUNNABLE]), JOBS.c.next_run_at <= now)
+    if kinds is not None:
+        runnable = and_(runnable, JOBS.c.kind.in_([k.value for k in kinds]))
+    if job_id is not None:
+        runnable = and_(runnable, JOBS.c.id == job_id)
     pick = select(JOBS.c.id).where(runnable).order_by(JOBS.c.priority.desc(), JOBS.c.id).limit(1)
     if engine.dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
@@ -276,3 +284,9 @@ def supersede_stale(conn: Connection, append: Append, series_uid: str, keep_gene
         append(_event(job_id, f"superseded: {reason}; the job for its new version covers it",
                       series_uid=series_uid, generation=keep_generation))
     return len(ids)
+
+
+def get_job(conn: Connection, job_id: int) -> Job | None:
+    """The job with this id, or None."""
+    row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).mappings().first()
+    return Job.from_row(dict(row)) if row is not None else None

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from segnode.audit import events as audit
 from segnode.audit.ledger import Ledger
-from segnode.config import Settings
+from segnode.config import OutputsConfig, Settings
 from segnode.datadir import SR_FILE, result_files
 from segnode.delivery.send import DeliveryError, deliver
 from segnode.errors import ConfigurationError, SegnodeError
@@ -42,6 +42,48 @@ Runner = Callable[[Job, list[Path], Path], str]  # (job, instance files, output 
 class ModelVersionMismatch(ConfigurationError):
     """The installed model is not the version (or weights) the job was queued for: running it would
     produce a result whose provenance differs from what the routing decision recorded."""
+
+
+def segment(job: Job, files: list[Path], out: Path, models_dir: Path, options: EngineOptions, outputs: OutputsConfig,
+            previous_sr: Path | None = None) -> str:
+    """Run a segment job's model on its instance files and encode SEG + SR into `out`; the same code on the
+    node's workers and on remote ones (segnode.remote.worker).
+
+    Args:
+        job: the job as queued (model, version and weights it was routed to, the rule's assumed spacing).
+        files: the series' instance files, in the index's order.
+        out: the result folder to write (labels.nii.gz, seg.dcm, sr.dcm, segmentation.json, contour images).
+        models_dir: where the model folders are.
+        options: the inference device and engine options.
+        outputs: the node's output settings (SEG encoding, contour images).
+        previous_sr: the SR of the result this one supersedes, when there is one.
+
+    Returns:
+        What the audit event says about the result.
+
+    Raises:
+        ModelVersionMismatch: the installed model is not the one the job was queued for.
+        SegnodeError: the series cannot be read or segmented (retryable or not, as it says).
+    """
+    folder = models_dir / job.model
+    manifest = read_manifest(folder)
+    if (manifest.version, manifest.weights_sha256) != (job.model_version, job.weights_sha256):
+        raise ModelVersionMismatch(
+            f"model {job.model} is now {manifest.version} (weights {manifest.weights_sha256[:12]}), the job was "
+            f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
+            f"version again and retry the job, or send the series again to have it routed to the installed one")
+    result = infer_series(folder, files, out, options, assumed_spacing=job.assumed_spacing_mm)
+    for stage, seconds in result.segmentation.timings.as_dict().items():
+        STAGE_SECONDS.labels(stage).observe(seconds)
+    with timed("encode"):
+        encoded = encode_results(result, files, manifest, job.idempotency_key, out, outputs, previous_sr=previous_sr)
+    record_gpu_memory()
+    overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
+    if result.volume.assumed_spacing:
+        overlays += (f"; pixel spacing ASSUMED {job.assumed_spacing_mm:g} mm (rule {job.rule}), not measured: "
+                     "sizes are estimates")
+    return (f"{job.model} {job.model_version} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
+            f"({result.segmentation.timings})")
 
 
 class Worker:
@@ -118,27 +160,9 @@ class Worker:
         return f"delivered to {name}: {delivered.confirmed}"
 
     def _infer(self, job: Job, files: list[Path], out: Path) -> str:
-        folder = self.models_dir / job.model
-        manifest = read_manifest(folder)
-        if (manifest.version, manifest.weights_sha256) != (job.model_version, job.weights_sha256):
-            raise ModelVersionMismatch(
-                f"model {job.model} is now {manifest.version} (weights {manifest.weights_sha256[:12]}), the job was "
-                f"queued for {job.model_version} ({job.weights_sha256[:12]}); retrying cannot help: install that "
-                f"version again and retry the job, or send the series again to have it routed to the installed one")
-        result = infer_series(folder, files, out, self.options, assumed_spacing=job.assumed_spacing_mm)
-        for stage, seconds in result.segmentation.timings.as_dict().items():
-            STAGE_SECONDS.labels(stage).observe(seconds)
         previous = self.data.result_folder(job.supersedes) / SR_FILE if job.supersedes is not None else None
-        with timed("encode"):
-            encoded = encode_results(result, files, manifest, job.idempotency_key, out, self.settings.outputs,
-                                     previous_sr=previous if previous is not None and previous.exists() else None)
-        record_gpu_memory()
-        overlays = f", {len(encoded.overlays)} contour image(s)" if encoded.overlays else ""
-        if result.volume.assumed_spacing:
-            overlays += (f"; pixel spacing ASSUMED {job.assumed_spacing_mm:g} mm (rule {job.rule}), not measured: "
-                         "sizes are estimates")
-        return (f"{job.model} {job.model_version} -> SEG {encoded.seg_uid}, SR {encoded.sr_uid}{overlays} "
-                f"({result.segmentation.timings})")
+        return segment(job, files, out, self.models_dir, self.options, self.settings.outputs,
+                       previous if previous is not None and previous.exists() else None)
 
     def run_once(self) -> bool:
         """Reap expired leases, then claim and run at most one job, renewing its lease meanwhile.
@@ -157,7 +181,9 @@ class Worker:
         """
         jobs = self.settings.jobs
         queue.reap(self.ledger)
-        job = queue.claim(self.ledger.engine, self.owner, jobs.lease_seconds)
+        remote = jobs.executor == "celery"  # segmentations are remote workers' (segnode.jobs.dispatch)
+        job = queue.claim(self.ledger.engine, self.owner, jobs.lease_seconds,
+                          kinds=[JobKind.DELIVER] if remote else None)
         if job is None:
             return False
         if job.created_at:

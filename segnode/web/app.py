@@ -27,8 +27,10 @@ from segnode.web.dashboard import dashboard_routes
 from segnode.web.guard import RefusalAudit
 from segnode.web.reference import api_reference
 from segnode.web.session import session_valid
+from segnode.web.work import work_routes
 from segnode.ingest.store import Peer, StoreService
 from segnode.web.stow import BadRequest, StowSession, http_status, response_body
+from segnode.web.wado import wado_routes
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -211,6 +213,8 @@ def create_app(settings: Settings, store: StoreService, ledger: Ledger, ops: Ope
             return [job.as_dict() for job in list_jobs(conn, state=state, kind=kind)]
 
     app.include_router(dashboard_routes(settings, ledger, authorize))
+    app.include_router(wado_routes(settings, ledger, authorize))
+    app.include_router(work_routes(settings, ledger, authorize))
 
     async def stow(request: Request, study: str | None) -> JSONResponse:
         """STOW-RS: store every application/dicom part, answering the Store Instances Response (DICOM
