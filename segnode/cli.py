@@ -398,8 +398,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q for q in (args.queues or "").split(",") if q] or [queue_for(m, {}) for m in models]
     if not queues:
         raise ConfigError(f"no models in {settings.models_dir} and no --queues: this worker would take nothing")
-    if not args.no_warm_up:
-        worker.warm(models)
+    if not args.no_warm_up:  # the models whose queue this worker takes (all of them for queues named otherwise)
+        mine = [m for m in models if queue_for(m, {}) in queues]
+        worker.warm(mine if mine or not args.queues else models)
     consume(worker, broker, queues)
     return 0
 
