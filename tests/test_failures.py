@@ -21,19 +21,17 @@ from tests.conftest import associate_rq, audit_events, echo_ok, echoscu, eventua
 
 @pytest.mark.parametrize("what", ["rename", "directory fsync"])
 def test_storage_failure_answers_a700_and_leaves_no_orphan(node, ct_files, monkeypatch, what):
-    from concurrent.futures import Future
-
-    real_place_started = Spool.place_started
+    import os
 
     def broken_place(self, tmp_path, relative):
         if what == "rename":
             raise OSError(28, "No space left on device")
-        final, _ = real_place_started(self, tmp_path, relative)  # renamed; its directory's flush fails
-        failed: Future[None] = Future()
-        failed.set_exception(OSError(5, "Input/output error"))
-        return final, failed
+        final = self.root / relative
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path, final)  # renamed; its directory's flush fails
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(Spool, "place_started", broken_place)
+    monkeypatch.setattr(Spool, "place", broken_place)
     result = storescu(node.dimse.port, ct_files[:2], "-v", "--no-halt")
     assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
     assert instances(node) == []

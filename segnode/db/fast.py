@@ -8,11 +8,14 @@ for every dialect (qmark for SQLite, pyformat for PostgreSQL). Values must be pl
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from sqlalchemy import Engine, Table, bindparam, insert, select, update
 from sqlalchemy.sql import ClauseElement
+
+KEPT_CONNECTIONS = 8  # per kind (deferred or not): about the associations committing at once
 
 
 class _Statement:
@@ -21,8 +24,18 @@ class _Statement:
         self.sql = str(self.compiled)
         positional = getattr(self.compiled, "positional", False)  # SQLCompiler's; `Compiled` does not declare it
         self.order: list[str] | None = getattr(self.compiled, "positiontup", None) if positional else None
+        # the bound values construct_params would give for names not passed (LIMIT's literal, None for the rest):
+        # looked up per call instead of construct_params, which costs ~10 us a statement on the ingest path
+        compiled: Any = self.compiled  # an SQLCompiler: `Compiled.construct_params` does not declare _check
+        self.fixed: dict[str, Any] = dict(compiled.construct_params(_check=False) or {})
+        self.plain = all(k.isidentifier() for k in self.fixed)  # no bind name that construct_params escapes
 
     def params(self, values: dict[str, Any]) -> Any:
+        if self.plain:
+            fixed = self.fixed
+            if self.order is not None:
+                return tuple(values[k] if k in values else fixed[k] for k in self.order)
+            return {k: values[k] if k in values else v for k, v in fixed.items()}
         p = self.compiled.construct_params(values)
         assert p is not None
         return tuple(p[k] for k in self.order) if self.order is not None else p
@@ -85,6 +98,12 @@ class FastDB:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self._cache: dict[tuple[Any, ...], _Statement] = {}
+        self._idle: dict[bool, list[Any]] = {False: [], True: []}  # SQLite connections kept, by `deferred`
+        self._idle_lock = threading.Lock()
+        self._closed = False
+        # a file's connections are kept (see `transaction`); an in-memory database is one per pooled connection
+        self._keep = self.sqlite and engine.url.database not in (None, "", ":memory:") and \
+            "memory" not in str(engine.url.query.get("mode", ""))
 
     def statement(self, key: tuple[Any, ...], make: Any) -> _Statement:
         """The statement cached under `key`, compiling `make()` (a SQLAlchemy construct) on first use."""
@@ -93,17 +112,7 @@ class FastDB:
             stmt = self._cache[key] = _Statement(self.engine, make())
         return stmt
 
-    @contextmanager
-    def transaction(self, deferred: bool = False) -> Iterator[Tx]:
-        """A Tx on a pooled raw connection: committed when the block ends, rolled back (and re-raised) on
-        any exception. On SQLite it begins IMMEDIATE, taking the write lock at once.
-
-        Args:
-            deferred: on SQLite, commit without flushing the WAL (synchronous=NORMAL for this transaction;
-                the connection is set back to FULL after): durable against a process crash at once, against
-                a power loss once segnode.db.walsync flushes. Only for an engine made durable
-                (segnode.db.session.make_engine), and only for what start-up recovery can rebuild.
-        """
+    def _pooled(self, deferred: bool) -> Iterator[Tx]:
         conn = self.engine.raw_connection()
         deferred = deferred and self.sqlite
         try:
@@ -112,7 +121,7 @@ class FastDB:
                 if self.sqlite:
                     if deferred:
                         cursor.execute("PRAGMA synchronous=NORMAL")
-                    cursor.execute("BEGIN IMMEDIATE")  # see segnode.db.session: several processes write
+                    cursor.execute("BEGIN IMMEDIATE")
                 yield Tx(self, cursor)
                 conn.commit()
             except BaseException:
@@ -124,3 +133,76 @@ class FastDB:
                 cursor.close()
         finally:
             conn.close()
+
+    def _checkout(self, deferred: bool) -> Any:
+        """An idle kept connection (SQLite) or a new one: made by the engine's pool, so with its connect
+        pragmas, then detached from it; a `deferred` one is set to synchronous=NORMAL once, for good."""
+        with self._idle_lock:
+            idle = self._idle[deferred]
+            if idle:
+                return idle.pop()
+        conn = self.engine.raw_connection()
+        try:
+            conn.detach()
+            if deferred:
+                cursor = conn.cursor()
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _checkin(self, conn: Any, deferred: bool) -> None:
+        with self._idle_lock:
+            idle = self._idle[deferred]
+            if not self._closed and len(idle) < KEPT_CONNECTIONS:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the connections kept for SQLite transactions (idempotent); a transaction started later
+        still works, on a connection closed when it ends."""
+        with self._idle_lock:
+            self._closed = True
+            conns = self._idle[False] + self._idle[True]
+            self._idle = {False: [], True: []}
+        for conn in conns:
+            conn.close()
+
+    @contextmanager
+    def transaction(self, deferred: bool = False) -> Iterator[Tx]:
+        """A Tx on a raw connection: committed when the block ends, rolled back (and re-raised) on any
+        exception. On SQLite it begins IMMEDIATE, taking the write lock at once.
+
+        SQLite connections are kept open between transactions, apart from the engine's pool (checking one
+        out of the pool and resetting it on return cost more than the ingest path's statements): those of
+        deferred transactions stay at synchronous=NORMAL, the others keep the engine's setting. A connection
+        whose transaction failed is closed, not kept. PostgreSQL (and in-memory SQLite) use the engine's pool.
+
+        Args:
+            deferred: on SQLite, commit without flushing the WAL (synchronous=NORMAL): durable against a
+                process crash at once, against a power loss once segnode.db.walsync flushes. Only for an
+                engine made durable (segnode.db.session.make_engine), and only for what start-up recovery
+                can rebuild.
+        """
+        if not self._keep:
+            yield from self._pooled(deferred)
+            return
+        conn = self._checkout(deferred)
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute("BEGIN IMMEDIATE")  # see segnode.db.session: several processes write
+                yield Tx(self, cursor)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cursor.close()
+        except BaseException:
+            conn.close()  # not kept: whatever failed may have left it unusable
+            raise
+        self._checkin(conn, deferred)

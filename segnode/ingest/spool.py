@@ -32,7 +32,8 @@ _pool_lock = threading.Lock()
 MAX_QUEUED = 16  # chunks waiting for the hash thread; beyond it the writer waits (back-pressure)
 
 
-def _helpers() -> ThreadPoolExecutor:
+def helpers() -> ThreadPoolExecutor:
+    """The helper threads (made on first use) that hash, flush and prepare files beside the receiving threads."""
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -44,7 +45,7 @@ def _start(fn: Callable[[T], object], arg: T, inline: bool) -> Future[None]:
     """`fn(arg)` on a helper thread, or at once on this one when `inline` (nothing to wait for, e.g. no fsync);
     the Future raises what it raised."""
     if not inline:
-        return cast("Future[None]", _helpers().submit(fn, arg))
+        return cast("Future[None]", helpers().submit(fn, arg))
     done: Future[None] = Future()
     try:
         fn(arg)
@@ -99,7 +100,7 @@ class BackgroundHash:
             self._queue.append(chunk)
             if not self._draining:
                 self._draining = True
-                _helpers().submit(self._drain)
+                helpers().submit(self._drain)
 
     def _drain(self) -> None:
         try:
@@ -285,31 +286,24 @@ class Spool:
         self.sync_dir(path.parent)
 
     def place(self, tmp_path: Path, relative: str) -> Path:
-        """Atomically move a finished temp file to its final name and make the rename durable.
+        """Atomically move a finished temp file to its final name and make the rename durable (its directory is
+        fsynced on this thread: the caller has nothing to do meanwhile).
 
         Args:
-            tmp_path: a finished temp file (see `SpoolWriter.finish`).
+            tmp_path: a finished temp file (see `SpoolWriter.finish`), already durable.
             relative: the target, from `relative_path`; an existing file there is replaced.
 
         Returns:
             The absolute path of the placed file.
-        """
-        final, synced = self.place_started(tmp_path, relative)
-        synced.result()
-        return final
 
-    def place_started(self, tmp_path: Path, relative: str) -> tuple[Path, Future[None]]:
-        """`place`, returning once the file is renamed: its directory is fsynced on a helper thread (the
-        caller prepares its index row meanwhile and waits for the Future before committing it).
-
-        Returns:
-            The absolute path of the placed file, and a Future whose `result()` raises the OSError of a
-            failed directory fsync.
+        Raises:
+            OSError: the rename, or the directory's fsync, failed (the file may then be at its final name).
         """
         final = self.root / relative
         self._ensure_dir(final.parent)
         os.replace(tmp_path, final)
-        return final, _start(self.sync_dir, final.parent, inline=not self.fsync)
+        self.sync_dir(final.parent)
+        return final
 
     @staticmethod
     def aside_name(sop_uid: str, version: int, sha256: str) -> str:

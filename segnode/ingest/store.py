@@ -14,7 +14,6 @@ import mmap
 import os
 import time
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,30 @@ from segnode.db.walsync import WalSync
 from segnode.ingest.spool import Spool, SpoolWriter
 
 log = logging.getLogger(__name__)
+
+
+class _NotDurable(Exception):
+    """The temp file's fsync failed (`error`): the caller refuses the instance with 0xA700."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _made_durable(durable: Callable[[], None] | None) -> None:
+    """Wait for `durable` (see `StoreService.commit`); raises _NotDurable when its fsync failed."""
+    if durable is not None:
+        try:
+            durable()
+        except OSError as exc:
+            raise _NotDurable(exc) from exc
+
+
+def _unplace(tmp_path: Path, placed: Path) -> None:
+    """Undo `Spool.place` of a new instance whose commit failed: the file goes if it was renamed (its
+    directory's fsync, or the commit, failed after)."""
+    if not tmp_path.exists():
+        placed.unlink(missing_ok=True)
 
 
 @dataclass
@@ -184,6 +207,7 @@ class StoreService:
         if self.wal_sync is not None:
             self.wal_sync.close()
             self.wal_sync = None
+        self.db.close()
 
     # -- checks -------------------------------------------------------------------------------
     def below_floor(self) -> bool:
@@ -210,7 +234,8 @@ class StoreService:
         """Store or refuse a dataset a transport has written in full: the one path of DIMSE and STOW-RS.
 
         The temp file was hashed while it arrived; it is fsynced on a helper thread while it is walked
-        here, and placed and indexed only once it is durable: "acknowledged" still means durable and indexed.
+        here and its index row and audit event are written (uncommitted, see `commit`), and placed and
+        committed only once it is durable: "acknowledged" still means durable and indexed.
 
         Args:
             writer: the temp file's writer, every byte written (finished here).
@@ -235,16 +260,24 @@ class StoreService:
             log.error("hashing a received dataset failed (%s); answered 0xA700", exc.__cause__)
             refusal = StoreResult.refused(st.OUT_OF_RESOURCES, "hashing the dataset failed",
                                           sop_class_uid=expected_class, sop_instance_uid=expected_instance)
-        try:
-            durable.result()
-        except OSError as exc:
-            refusal = refusal or StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.strerror}",
-                                                     sop_class_uid=expected_class, sop_instance_uid=expected_instance)
+        if refusal is None:
+            def made_durable() -> None:
+                durable.result()
+                writer.close()
+
+            try:
+                result = self.commit(rec, peer, durable=made_durable)
+            except _NotDurable as exc:
+                refusal = StoreResult.refused(st.OUT_OF_RESOURCES, f"fsync failed: {exc.error.strerror}",
+                                              sop_class_uid=expected_class, sop_instance_uid=expected_instance)
+        else:
+            try:
+                durable.result()
+            except OSError:
+                pass
         if refusal:
             writer.abort()
             return self.refuse(peer, refusal, rec, tally=tally)
-        writer.close()
-        result = self.commit(rec, peer)
         if result.status == st.SUCCESS:
             INSTANCES_RECEIVED.labels(peer.protocol, "0000").inc()
             RECEIVED_BYTES.labels(peer.protocol).inc(rec.size)
@@ -371,7 +404,8 @@ class StoreService:
                 raise
             self.trail.committed()
 
-    def commit(self, rec: Received, peer: Peer, note: str = "") -> StoreResult:
+    def commit(self, rec: Received, peer: Peer, note: str = "",
+               durable: Callable[[], None] | None = None) -> StoreResult:
         """Place the file, index it and audit it; idempotent for identical bytes.
 
         Identical bytes for a known SOP Instance UID: DUPLICATE, temp file dropped, nothing written
@@ -389,6 +423,9 @@ class StoreService:
             rec: a temp file that passed `identify` (its `ids` are the spool path).
             peer: the sender, recorded as the row's `source` and the event's actor.
             note: appended to the audit event's detail (recovery says so).
+            durable: waits until the temp file is durable, raising the OSError of a failed fsync; None when it
+                already is. A new instance's index row and audit event are written first (uncommitted), while
+                the fsync runs; nothing is moved, and nothing commits, before it returns.
 
         Returns:
             Success (status 0x0000) with the outcome, or a refusal 0xA700 when the database or the disk
@@ -396,6 +433,7 @@ class StoreService:
 
         Raises:
             ValueError: `rec.ids` holds an invalid UID, i.e. `identify` was skipped.
+            _NotDurable: `durable` raised: nothing was moved or committed; the caller refuses (0xA700).
         """
         ids = rec.ids
         relative = self.spool.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
@@ -406,14 +444,12 @@ class StoreService:
         deferred = self.wal_sync is not None and rec.recoverable
         with self.trail.lock:
             undo: list[Callable[[], object]] = []  # file moves to reverse if the transaction fails
-            dir_synced: Future[None] | None = None
             try:
                 with self.db.transaction(deferred=deferred) as tx:
                     found = tx.first(INSTANCES, ("id", "sha256", "path", "version"), "sop_instance_uid",
                                      ids.sop_instance_uid)
                     row = _Row(*found) if found else None
                     if row is not None and row.sha256 == rec.sha256:
-                        rec.tmp_path.unlink(missing_ok=True)
                         outcome, action, detail = StoreOutcome.DUPLICATE, audit.Action.READ, "duplicate: identical bytes already stored"
                     else:
                         values = dict(sop_class_uid=ids.sop_class_uid, study_uid=ids.study_uid,
@@ -421,12 +457,11 @@ class StoreService:
                                       instance_number=ids.instance_number, transfer_syntax_uid=rec.transfer_syntax_uid,
                                       path=relative, sha256=rec.sha256, size=rec.size, patient_key=pkey,
                                       source=peer.label()[:200], received_at=now)
-                        if row is None:
-                            placed, dir_synced = self.spool.place_started(rec.tmp_path, relative)
-                            undo.append(lambda: placed.unlink(missing_ok=True))
+                        if row is None:  # the file is placed below, once durable
                             tx.insert(INSTANCES, dict(values, sop_instance_uid=ids.sop_instance_uid, version=1))
                             outcome, action, detail = StoreOutcome.STORED, audit.Action.CREATE, ""
                         else:
+                            _made_durable(durable)
                             aside = self.spool.set_aside(row.path, ids.sop_instance_uid, row.version, row.sha256)
                             if not aside.startswith("missing:"):
                                 undo.append(lambda: os.replace(self.spool.root / aside, self.spool.root / row.path))
@@ -442,8 +477,13 @@ class StoreService:
                                                       outcome=audit.Outcome.SUCCESS, actor=peer.actor(),
                                                       objects=dict(objects, patient_key=pkey), status=st.SUCCESS,
                                                       detail="; ".join(d for d in (detail, note) if d)))
-                    if dir_synced is not None:  # the rename is durable before the row that names it
-                        dir_synced.result()
+                    if outcome == StoreOutcome.DUPLICATE:
+                        _made_durable(durable)
+                        rec.tmp_path.unlink(missing_ok=True)
+                    elif outcome == StoreOutcome.STORED:
+                        _made_durable(durable)  # the statements above ran meanwhile
+                        undo.append(lambda: _unplace(rec.tmp_path, self.spool.root / relative))
+                        self.spool.place(rec.tmp_path, relative)  # durable before the row that names it commits
             except Exception as exc:
                 self.trail.rolled_back()
                 for step in reversed(undo):  # not indexed, not acknowledged: leave no orphan, restore the old
@@ -451,6 +491,13 @@ class StoreService:
                         step()
                     except OSError:
                         log.exception("could not undo a file move after a failed commit")
+                if not isinstance(exc, _NotDurable):
+                    try:  # a failure before the wait: a failed fsync still answers as a failed fsync
+                        _made_durable(durable)
+                    except _NotDurable as not_durable:
+                        exc = not_durable
+                if isinstance(exc, _NotDurable):
+                    raise exc
                 rec.tmp_path.unlink(missing_ok=True)
                 log.exception("storing an instance failed; answered 0xA700. Check the database and the disk.")
                 return self.refuse(peer, StoreResult.refused(st.OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}",

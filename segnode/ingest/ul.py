@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -37,6 +38,7 @@ from segnode.dicom import dimse, sop_classes
 from segnode.dicom import status as st
 from segnode.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
 from segnode.flow import StoreResult
+from segnode.ingest import spool
 from segnode.ingest.store import Peer, Received, RefusalTally, StoreService
 
 if TYPE_CHECKING:
@@ -140,6 +142,7 @@ class Association:
         self.tally = RefusalTally()  # refusals after the first of each status are summarized at the end
         self.admitted = False
         self._spare: list[bytearray] = []  # PDU buffers to reuse (see `_buffer`)
+        self._next_writer: Future[SpoolWriter] | None = None  # the next dataset's temp file (see `_open_writer`)
         self._lent: list[bytearray] = []
         self._reset_message()
 
@@ -245,6 +248,7 @@ class Association:
         finally:
             if self.writer is not None:
                 self.writer.abort()
+            self._drop_next_writer()
             try:
                 self.sock.close()
             except OSError:
@@ -335,6 +339,7 @@ class Association:
             if pdu_type == 0x04:
                 self._p_data(body)
             elif pdu_type == 0x05:
+                self._drop_next_writer()  # tmp/ holds nothing of this association once the peer hears back
                 self._send(bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
                 log.info("association from %s released", self.peer.label())
                 return
@@ -410,7 +415,8 @@ class Association:
         else:
             meta = file_meta(sop_class, sop_instance, context.transfer_syntax)
             try:  # a full disk (ENOSPC) or any write error: refused with 0xA700 once the dataset is in
-                self.writer = self.store.open_writer(self.peer)
+                self.writer = self._open_writer()
+                self._prepare_writer()
                 self.writer.write(meta)
             except OSError as exc:
                 if self.writer is not None:
@@ -419,6 +425,36 @@ class Association:
                 self.refusal = StoreResult.refused(st.OUT_OF_RESOURCES, f"write failed: {exc.strerror}",
                                                    sop_class_uid=sop_class, sop_instance_uid=sop_instance)
             self.dataset_offset = len(meta)
+
+    def _prepare_writer(self) -> None:
+        """Create the next dataset's temp file on a helper thread while this one arrives: creating a file costs
+        0.1-0.5 ms of kernel time here, which then no longer delays the next C-STORE (an association ending
+        removes the one it did not need)."""
+        if self._next_writer is None:
+            self._next_writer = spool.helpers().submit(self.store.open_writer, self.peer)
+
+    def _open_writer(self) -> "SpoolWriter":
+        """The temp file `_prepare_writer` made, else a new one (also when making it failed: the error, e.g.
+        ENOSPC, is then raised by this attempt, as without it).
+
+        Raises:
+            OSError: the temp file cannot be created.
+        """
+        prepared, self._next_writer = self._next_writer, None
+        if prepared is not None:
+            try:
+                return prepared.result()
+            except OSError:
+                pass
+        return self.store.open_writer(self.peer)
+
+    def _drop_next_writer(self) -> None:
+        prepared, self._next_writer = self._next_writer, None
+        if prepared is not None:
+            try:
+                prepared.result().abort()
+            except Exception:  # it could not be made (or removed): the start-up recovery clears tmp/
+                log.debug("could not remove a prepared temp file", exc_info=True)
 
     def _dataset_fragment(self, ctx_id: int, data: memoryview, last: bool) -> None:
         if self.command is None or ctx_id != self.msg_context:
