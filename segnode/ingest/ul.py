@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import select
 import socket
+import ssl
 import struct
 import time
 from concurrent.futures import Future
@@ -134,6 +137,13 @@ class Association:
     def __init__(self, sock: socket.socket, address: tuple[str, int], cfg: "DimseConfig", store: StoreService,
                  admit: Callable[[], str | None], accepted_at: float | None = None) -> None:
         self.sock, self.cfg, self.store, self.admit = sock, cfg, store, admit
+        # A plain TCP socket is read and written non-blocking, polled only when it has to wait: with a timeout
+        # set, each read cost three system calls (timeout, poll, read). A TLS socket keeps its timeouts.
+        self._poll: select.poll | None = None
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.setblocking(False)
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
         self.peer = Peer("dimse", address[0], address[1])
         self.contexts: dict[int, Context] = {}
         self.peer_max_pdu = 0
@@ -158,11 +168,25 @@ class Association:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("deadline passed")
-            self.sock.settimeout(remaining)
-            n = self.sock.recv_into(view)
+            if self._poll is None:
+                self.sock.settimeout(remaining)
+                n = self.sock.recv_into(view)
+            else:  # non-blocking: a read finds the bytes already there, waiting only when none came yet
+                try:
+                    n = self.sock.recv_into(view)
+                except BlockingIOError:
+                    self._wait(select.POLLIN, remaining)
+                    continue
             if n == 0:
                 raise PeerGone("peer closed the connection")
             view = view[n:]
+
+    def _wait(self, event: int, remaining: float) -> None:
+        """Wait until the (non-blocking) socket is ready for `event`, or `remaining` s pass (the caller then
+        finds its deadline passed)."""
+        assert self._poll is not None
+        self._poll.modify(self.sock, event)
+        self._poll.poll(math.ceil(remaining * 1000))
 
     def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
         """One whole PDU, before `self.deadline` (set per PDU while serving)."""
@@ -201,7 +225,23 @@ class Association:
         return buf
 
     def _send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send all of `data` before `self.deadline`.
+
+        Raises:
+            socket.timeout: the deadline passed first. OSError: the connection failed.
+        """
+        if self._poll is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out") from None
+                self._wait(select.POLLOUT, remaining)
 
     def _send_abort(self, source: int, reason: int) -> None:
         try:
