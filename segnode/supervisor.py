@@ -67,9 +67,13 @@ class Supervisor:
         self._payload = settings_payload(settings)
 
     def _spawn(self, child: Child) -> None:
-        # -P: not the working directory first on sys.path (a segnode/ or a torch.py there would be imported)
+        # -P: not the working directory first on sys.path (a segnode/ or a torch.py there would be imported);
+        # the segnode this process runs comes first instead, so a child never runs another version of the code
+        source = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH", "")) if p)
         child.proc = subprocess.Popen([sys.executable, "-P", "-m", "segnode.stage", child.kind, child.name],
-                                      stdin=subprocess.PIPE, preexec_fn=_die_with_parent)
+                                      stdin=subprocess.PIPE, preexec_fn=_die_with_parent,
+                                      env=dict(os.environ, PYTHONPATH=path))
         assert child.proc.stdin is not None
         try:
             child.proc.stdin.write(self._payload)

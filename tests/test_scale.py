@@ -122,7 +122,7 @@ destinations:
     succeeded = Counter(int(e.objects.split('"job_id":')[1].split(",")[0].rstrip("}")) for e in events
                         if e.event_id == "SN-JOB" and e.detail.startswith("succeeded"))
     assert all(succeeded[j["id"]] == 1 for j in segments + [j for j in jobs if j["kind"] == "deliver"]), succeeded
-    workers_used = Counter(e.detail.split("(worker ")[1].split(")")[0] for e in events
+    workers_used = Counter(e.detail.split("(worker ")[1].split(";")[0] for e in events
                            if e.event_id == "SN-JOB" and e.detail.startswith("succeeded") and "(worker " in e.detail)
     assert sum(workers_used.values()) == SERIES and len(workers_used) >= 2, workers_used
     reaped = [e for e in events if e.event_id == "SN-JOB" and f"worker {victim['lease_owner']}" in e.detail

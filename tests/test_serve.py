@@ -173,3 +173,28 @@ def test_stopping_the_node_lets_restarted_children_finish_instead_of_killing_the
     assert exits == [("worker-1", -signal.SIGKILL)]
     assert restarted.returncode == 0  # it handled SIGTERM; -9 would mean killed with the supervisor's thread
     assert all(c.proc is not None and c.proc.returncode == 0 for c in supervisor.children)
+
+
+def test_stage_processes_run_the_nodes_own_code_wherever_it_was_started(tmp_path, monkeypatch):
+    """Started from a folder holding another `segnode` package (or with another one installed), the children
+    still import the code the node runs: never the working directory's, never a second version."""
+    from segnode.supervisor import Supervisor
+    from tests.conftest import make_settings
+
+    shadow = tmp_path / "elsewhere"
+    (shadow / "segnode").mkdir(parents=True)
+    (shadow / "segnode" / "__init__.py").write_text("raise SystemExit(97)\n")
+    monkeypatch.chdir(shadow)
+    monkeypatch.setenv("PYTHONPATH", str(shadow))  # as if another segnode came first on the path
+    exits: list[tuple[str, int]] = []
+    supervisor = Supervisor(make_settings(tmp_path / "data", jobs={"workers": 1, "warm_up": False}),
+                            on_exit=lambda name, code, delay, pid: exits.append((name, code)))
+    supervisor.start()
+    try:
+        worker = next(c for c in supervisor.children if c.name == "worker-1")
+        child = eventually(lambda: worker.proc, timeout=30)
+        eventually(lambda: psutil.Process(child.pid).status() == psutil.STATUS_SLEEPING, timeout=60)
+        assert child.poll() is None
+    finally:
+        supervisor.stop()
+    assert exits == []

@@ -156,22 +156,25 @@ class RemoteWorker:
                 except Exception as exc:  # noqa: BLE001 - a bug or the environment: may pass, tried again
                     log.exception("job %d failed", job.id)
                     return self._fail(job, f"{type(exc).__name__}: {exc}", True)
+                sent = time.perf_counter()
                 with open(archive, "rb") as body:
                     answer = self._call("PUT", f"/api/work/jobs/{job.id}/result",
                                         params={"worker": self.settings.name}, content=body,
                                         headers={"Content-Type": "application/x-tar"})
+                returned = time.perf_counter() - sent
         finally:
             stop.set()
             renewer.join()
         if answer.status_code == 409:
             log.warning("job %d: result not taken: %s", job.id, answer.json().get("detail", "")[:200])
             return "dropped"
-        log.info("job %d succeeded: %s", job.id, answer.json().get("output", ""))
+        log.info("job %d succeeded: %s (returned in %.3f s)", job.id, answer.json().get("output", ""), returned)
         return "succeeded"
 
     def _segment(self, job: Job, claim: dict[str, Any], tmp: Path) -> Path:
-        """Retrieve, segment, pack: the tar to return."""
+        """Retrieve, segment, pack: the tar to return (its detail says how long retrieval took)."""
         instances = [(i["sop_instance_uid"], i["sha256"]) for i in claim["instances"]]
+        start = time.perf_counter()
         files = retrieve_series(self.client, "", claim["study_uid"], claim["series_uid"], instances,
                                 tmp / "series")
         previous = None
@@ -180,6 +183,7 @@ class RemoteWorker:
             if rsp.status_code == 200:
                 previous = tmp / "previous-sr.dcm"
                 previous.write_bytes(rsp.content)
+        retrieved = time.perf_counter() - start
         out = tmp / "result"
         detail = segment(job, files, out, self.settings.models_dir, self.options,
                          OutputsConfig.model_validate(claim["outputs"]), previous)
@@ -188,7 +192,7 @@ class RemoteWorker:
             for path in sorted(out.iterdir()):
                 if path.is_file():
                     tar.add(path, arcname=path.name)
-            text = f"{detail} (worker {self.settings.name})".encode()
+            text = f"{detail} (worker {self.settings.name}; retrieved in {retrieved:.3f} s)".encode()
             info = tarfile.TarInfo(DETAIL_FILE)
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
