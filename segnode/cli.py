@@ -401,7 +401,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not args.no_warm_up:  # the models whose queue this worker takes (all of them for queues named otherwise)
         mine = [m for m in models if queue_for(m, {}) in queues]
         worker.warm(mine if mine or not args.queues else models)
-    consume(worker, broker, queues)
+    consume(worker, broker, queues, args.log_level)
     return 0
 
 

@@ -1,13 +1,21 @@
-"""A real RabbitMQ (tests/broker.py): persistent messages outlive a broker restart, and a Celery task makes the
-round trip through it to an in-process worker."""
+"""The node's side of the broker (jobs.executor celery) against a real RabbitMQ (tests/broker.py): runnable
+segment jobs are published once, to their model's queue (or the one jobs.queues names), most urgent first;
+deliveries stay on the node; a broker that is down keeps the node receiving and says so in /readyz."""
 
 from __future__ import annotations
 
-import threading
-
+import httpx
 import pytest
+from kombu import Connection, Queue
+
 from broker import RabbitMQ, rabbitmq
-from kombu import Connection, Exchange, Queue
+from peers import free_port
+from segnode.audit.ledger import Ledger
+from segnode.flow import JobKind, JobSpec
+from segnode.jobs import queue
+from segnode.jobs.broker import MAX_PRIORITY, TASK
+from segnode.jobs.dispatch import Dispatcher
+from tests.conftest import eventually, storescu
 
 
 @pytest.fixture(scope="module")
@@ -16,44 +24,50 @@ def broker(tmp_path_factory):
         yield b
 
 
-def test_persistent_message_survives_a_restart(broker: RabbitMQ):
-    queue = Queue("durable-jobs", Exchange("durable-jobs", type="direct", durable=True), routing_key="job",
-                  durable=True)
-    with Connection(broker.url, connect_timeout=5) as conn:
-        conn.Producer().publish({"job": 42}, exchange=queue.exchange, routing_key="job", declare=[queue],
-                                delivery_mode="persistent", serializer="json", retry=False)
-    broker.restart()
-    assert broker.start_seconds is not None and broker.start_seconds < 60
-    with Connection(broker.url, connect_timeout=5) as conn:
-        q = queue(conn.default_channel)
-        msg = q.get(no_ack=False)
-        assert msg is not None, "the persistent message was lost in the restart"
-        assert msg.payload == {"job": 42} and msg.properties["delivery_mode"] == 2
-        msg.ack()
-        assert q.get() is None  # consumed, exactly once
+def _enqueue(node, model: str, priority: int, kind: JobKind = JobKind.SEGMENT, series: str = "1.2.3.4") -> int:
+    spec = JobSpec(kind=kind, series_uid=series, study_uid="1.2.3", generation=1, model=model, model_version="1",
+                   weights_sha256="0" * 64, input_sha256=f"{priority:064d}", instances=1, rule="r",
+                   ruleset_sha256="0" * 64, priority=priority,
+                   **({"destination": "pacs", "parent_job": 1, "parent_key": "k"} if kind == JobKind.DELIVER else {}))
+    with Ledger(node.engine, node.trail).transaction() as (conn, append):
+        job_id, _ = queue.enqueue(conn, append, spec, 3)
+    return job_id
 
 
-def test_celery_task_round_trip(broker: RabbitMQ):
-    from celery import Celery
-    from celery.contrib.testing.worker import start_worker
+def _drain(url: str, name: str) -> list[tuple[int, str]]:
+    """(job id, task name) of every message in queue `name`, in the order RabbitMQ hands them out."""
+    out = []
+    with Connection(url, connect_timeout=5) as conn:
+        q = Queue(name, durable=True, queue_arguments={"x-max-priority": MAX_PRIORITY + 1})(conn.default_channel)
+        while (msg := q.get(no_ack=False)) is not None:
+            out.append((msg.payload[0][0], msg.headers["task"]))
+            msg.ack()
+    return out
 
-    app = Celery("segnode_broker_test", broker=broker.url, set_as_current=False)
-    app.conf.update(task_acks_late=True, result_backend=None, task_ignore_result=True, broker_connection_timeout=5,
-                    worker_hijack_root_logger=False, broker_connection_retry_on_startup=False)
-    ran = threading.Event()
-    seen: list[int] = []
 
-    @app.task(name="segnode.test.record")
-    def record(n: int) -> None:
-        seen.append(n)
-        ran.set()
+def test_runnable_jobs_go_to_their_models_queue_most_urgent_first_once(start_node, broker: RabbitMQ):
+    node = start_node(jobs={"executor": "celery", "broker_url": broker.url, "queues": {"big-ct": "gpu"}},
+                      routing={"poll_seconds": 3600})  # the node's own dispatcher stays idle; this test polls
+    routine = _enqueue(node, "ct", 0, series="1.2.3.1")
+    urgent = _enqueue(node, "ct", 7, series="1.2.3.2")
+    very = _enqueue(node, "ct", 50, series="1.2.3.3")  # clamped to the broker's 0..9
+    gpu = _enqueue(node, "big-ct", 0, series="1.2.3.4")
+    _enqueue(node, "ct", 9, kind=JobKind.DELIVER, series="1.2.3.5")  # deliveries are the node's own work
+    dispatcher = Dispatcher(node.settings, Ledger(node.engine, node.trail))
+    assert dispatcher.poll() == 4
+    assert dispatcher.poll() == 0  # published: not again before the lease has passed
+    assert _drain(broker.url, "segnode.ct") == [(very, TASK), (urgent, TASK), (routine, TASK)]
+    assert _drain(broker.url, "gpu") == [(gpu, TASK)]
 
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20) as worker:
-        # the worker's event loop only sees the stop flag between polls, which wait up to 10 s for the next
-        # timer when idle: a short no-op timer makes leaving this block take well under a second
-        worker.timer.call_repeatedly(0.2, lambda: None)
-        record.delay(7)
-        assert ran.wait(20), "the worker did not run the task"
-    assert seen == [7]
-    with Connection(broker.url) as conn:  # acked after running (acks_late): nothing left in its queue
-        assert conn.default_channel.queue_declare("celery", passive=True).message_count == 0
+
+def test_a_broker_that_is_down_keeps_the_node_receiving_and_is_named_in_readiness(start_node, ct_files):
+    node = start_node(jobs={"executor": "celery", "broker_url": f"amqp://guest:guest@127.0.0.1:{free_port()}//"},
+                      routing={"stable_seconds": 0.3, "poll_seconds": 0.2})
+    assert storescu(node.dimse.port, ct_files).returncode == 0  # C-STOREs are answered as usual
+
+    def not_ready():
+        rsp = httpx.get(f"http://127.0.0.1:{node.http_port}/readyz", timeout=10)
+        return rsp.json()["failing"].get("broker") if rsp.status_code == 503 else None
+
+    reason = eventually(not_ready, timeout=30)
+    assert "segmentations wait in the queue" in reason

@@ -28,6 +28,7 @@ from segnode.jobs.broker import TASK, celery_app, priority_for, queue_for
 
 log = logging.getLogger(__name__)
 MAX_REPUBLISH_DELAY = 3600.0
+BROKER_CHECK_SECONDS = 10.0  # with nothing to publish, the broker is still checked this often (readiness)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self.broker_down_since: float | None = None
+        self._checked = -BROKER_CHECK_SECONDS  # when the broker last took a message or a connection
         self.last_error = ""
 
     def start(self) -> None:
@@ -108,6 +110,12 @@ class Dispatcher:
             if seen is not None:
                 log.info("job %d still waits after %.0f s; published again", row.id, seen.delay)
             sent += 1
+        if not sent and clock - self._checked >= BROKER_CHECK_SECONDS:  # idle: is the broker there at all?
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+            self._checked = clock
+        elif sent:
+            self._checked = clock
         if self.broker_down_since is not None and (sent or not rows):
             log.warning("dispatcher working again after %.0f s", time.monotonic() - self.broker_down_since)
             self.broker_down_since = None

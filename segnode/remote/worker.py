@@ -216,7 +216,7 @@ class RemoteWorker:
                 return
 
 
-def consume(worker: RemoteWorker, broker_url: str, queues: Sequence[str]) -> None:
+def consume(worker: RemoteWorker, broker_url: str, queues: Sequence[str], loglevel: str = "INFO") -> None:
     """Run a Celery worker (one job at a time, in this process) that hands each message's job id to
     `worker.run_job`, until SIGTERM or SIGINT. A message is acknowledged once its job's outcome is on the node,
     or it was not runnable; when the node cannot be reached it is acknowledged too (the node publishes the
@@ -236,5 +236,5 @@ def consume(worker: RemoteWorker, broker_url: str, queues: Sequence[str]) -> Non
     log.info("worker %s: queues %s, node %s, models %s", worker.settings.name, ", ".join(queues),
              worker.settings.node_url, ", ".join(worker.models()) or "none")
     app.Worker(queues=list(queues), pool="solo", concurrency=1, hostname=f"{worker.settings.name}@segnode",
-               without_gossip=True, without_mingle=True, without_heartbeat=True, loglevel="WARNING",
+               without_gossip=True, without_mingle=True, without_heartbeat=True, loglevel=loglevel,
                quiet=True).start()
