@@ -43,35 +43,29 @@ BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "O
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float and pixel data
 
 
-def _media_ranges(accept: str) -> list[tuple[str, dict[str, str]]]:
-    """The Accept header's media ranges as (type/subtype lower-cased, {parameter: value}); q=0 ranges dropped.
-    Commas and semicolons inside quoted values are kept."""
-    items: list[str] = []
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    """`text` split at `separator` where it is not inside a quoted string."""
+    parts: list[str] = []
     current: list[str] = []
     quoted = False
-    for ch in accept:
+    for ch in text:
         if ch == '"':
             quoted = not quoted
-        if ch == "," and not quoted:
-            items.append("".join(current))
+        if ch == separator and not quoted:
+            parts.append("".join(current))
             current = []
         else:
             current.append(ch)
-    items.append("".join(current))
+    parts.append("".join(current))
+    return parts
+
+
+def _media_ranges(accept: str) -> list[tuple[str, dict[str, str]]]:
+    """The Accept header's media ranges as (type/subtype lower-cased, {parameter: value}); q=0 ranges dropped.
+    Commas and semicolons inside quoted values are kept."""
     ranges = []
-    for item in items:
-        fields: list[str] = []
-        buf: list[str] = []
-        quoted = False
-        for ch in item:
-            if ch == '"':
-                quoted = not quoted
-            if ch == ";" and not quoted:
-                fields.append("".join(buf))
-                buf = []
-            else:
-                buf.append(ch)
-        fields.append("".join(buf))
+    for item in _split_unquoted(accept, ","):
+        fields = _split_unquoted(item, ";")
         media = fields[0].strip().lower()
         if not media:
             continue
