@@ -393,6 +393,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(node_url=args.node, token=token, models_dir=Path(args.models_dir or default_models_dir()),
                               device=args.device, work_dir=Path(args.work_dir) if args.work_dir else None,
                               **({"name": args.name} if args.name else {}))
+    if not 0 < len(settings.name) <= 100 or not all(0x21 <= ord(c) <= 0x7E for c in settings.name):
+        raise ConfigError(f"--name {settings.name[:40]!r}: 1 to 100 printable ASCII characters without spaces "
+                          "(it names the worker in leases and in the audit trail; keep it unique)")
     worker = RemoteWorker(settings)
     models = worker.models()
     queues = [q for q in (args.queues or "").split(",") if q] or [queue_for(m, {}) for m in models]

@@ -17,6 +17,7 @@ Kept free of torch and highdicom, so `audit trace` stays light.
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +90,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+RESULT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a file in a result folder: never a path
+
+
 def dicom_names(record: dict[str, Any]) -> list[str]:
-    """The DICOM files a job's record (segmentation.json) lists: SEG, SR and any contour images."""
-    return [SEG_FILE, SR_FILE, *record.get("outputs", {}).get("secondary_capture", [])]
+    """The DICOM files a job's record (segmentation.json) lists: SEG, SR and any contour images.
+
+    Raises:
+        ValueError: the record is not an object, or names something other than a plain file name (a path out
+            of the folder must never be delivered).
+    """
+    if not isinstance(record, dict):
+        raise ValueError("the result record is not a JSON object")
+    outputs = record.get("outputs", {})
+    extra = outputs.get("secondary_capture", []) if isinstance(outputs, dict) else None
+    if not isinstance(extra, list) or not all(isinstance(n, str) and RESULT_NAME.match(n) for n in extra):
+        raise ValueError("the result record's outputs.secondary_capture must list plain file names")
+    return [SEG_FILE, SR_FILE, *extra]
 
 
 def result_files(folder: Path) -> tuple[list[Path], list[str]]:

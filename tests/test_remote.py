@@ -6,6 +6,7 @@ once; a worker that cannot reach the node says why."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 from pathlib import Path
@@ -116,3 +117,73 @@ def _tar(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _folder_tar(folder: Path, **replace: bytes) -> bytes:
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    return _tar({**files, **replace})
+
+
+def test_a_result_that_is_not_about_the_jobs_input_is_refused(web_node, tmp_path):
+    """A token holder cannot have another patient's result, a file of the node's disk, or bytes that are not
+    DICOM delivered as a job's result."""
+    done = queued_job(web_node, tmp_path, seed=0)
+    assert remote(web_node, tmp_path / "w").run_job(done) == "succeeded"
+    other = queued_job(web_node, tmp_path, seed=1)  # another series, study and patient
+    base = f"http://127.0.0.1:{web_node.http_port}/api/work/jobs/{other}"
+    assert httpx.post(f"{base}/claim", json={"worker": "a:1"}, headers=AUTH, timeout=30).status_code == 200
+    foreign = web_node.settings.data.result_folder(done)
+    record = (foreign / "segmentation.json").read_text()
+    escape = json.loads(record)
+    escape["outputs"]["secondary_capture"] = ["/etc/passwd"]
+    attempts = {  # what is sent -> what the node says
+        "not of the job's study and patient": _folder_tar(foreign),
+        "must list plain file names": _folder_tar(foreign, **{"segmentation.json": json.dumps(escape).encode()}),
+        "seg.dcm is not a DICOM file": _folder_tar(foreign, **{"seg.dcm": b"AAA"}),
+        "segmentation.json cannot be used": _folder_tar(foreign, **{"segmentation.json": b"[1"}),
+    }
+    for reason, body in attempts.items():
+        rsp = httpx.put(f"{base}/result", params={"worker": "a:1"}, content=body, headers=AUTH, timeout=30)
+        assert rsp.status_code == 400 and reason in rsp.json()["detail"], (reason, rsp.text)
+    with web_node.engine.connect() as conn:
+        assert queue.get_job(conn, other).state == JobState.RUNNING  # nothing kept, nothing queued to deliver
+        assert not queue.list_jobs(conn, kind="deliver") or all(j.parent_job == done for j in
+                                                                queue.list_jobs(conn, kind="deliver"))
+    assert not web_node.settings.data.result_folder(other).exists()
+
+
+def test_archives_that_would_cost_the_node_are_refused_early(web_node, tmp_path):
+    job_id = queued_job(web_node, tmp_path)
+    base = f"http://127.0.0.1:{web_node.http_port}/api/work/jobs/{job_id}"
+    assert httpx.post(f"{base}/claim", json={"worker": "a:1"}, headers=AUTH, timeout=30).status_code == 200
+    sparse = io.BytesIO()
+    with tarfile.open(fileobj=sparse, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("seg.dcm")
+        info.size = 0
+        info.type = tarfile.GNUTYPE_SPARSE  # a few bytes that would expand to the size limit on disk
+        tar.addfile(info)
+    many = _tar({f"f{i}": b"" for i in range(1200)})
+    twice = io.BytesIO()
+    with tarfile.open(fileobj=twice, mode="w") as tar:
+        for _ in range(2):
+            info = tarfile.TarInfo("seg.dcm")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    for what, body in (("sparse", sparse.getvalue()), ("1200 files", many), ("a name twice", twice.getvalue())):
+        rsp = httpx.put(f"{base}/result", params={"worker": "a:1"}, content=body, headers=AUTH, timeout=30)
+        assert rsp.status_code == 400, (what, rsp.text)
+    error = httpx.post(f"{base}/fail", json={"worker": "a:1", "error": "bad\u0000byte \x1b[2J", "retryable": True},
+                       headers=AUTH, timeout=30)
+    assert error.status_code == 200
+    with web_node.engine.connect() as conn:
+        assert "bad\\x00byte \\x1b[2J" in queue.get_job(conn, job_id).last_error  # escaped, not raw
+    assert httpx.post(f"http://127.0.0.1:{web_node.http_port}/api/work/jobs/{2**63}/claim", json={"worker": "a:1"},
+                      headers=AUTH).status_code == 404
+
+
+def test_a_worker_without_the_jobs_model_version_leaves_the_job_to_others(tmp_path):
+    worker = RemoteWorker(WorkerSettings(node_url="http://127.0.0.1:1", token=TOKEN, models_dir=tmp_path, name="w:1"))
+    assert "not installed here" in worker.lacks("ct-abdomen-phantom-3d", "1.0.0", "0" * 64)
+    shipped = RemoteWorker(WorkerSettings(node_url="http://127.0.0.1:1", token=TOKEN, models_dir=default_models_dir(),
+                                          name="w:1"))
+    assert "the job wants 0.9" in shipped.lacks("ct-abdomen-phantom-3d", "0.9", "0" * 64)

@@ -91,7 +91,8 @@ class Dispatcher:
         due = and_(JOBS.c.kind == JobKind.SEGMENT.value, JOBS.c.state.in_([s.value for s in RUNNABLE]),
                    JOBS.c.next_run_at <= now)
         with self.ledger.engine.connect() as conn:
-            rows = conn.execute(select(JOBS.c.id, JOBS.c.model, JOBS.c.priority).where(due)
+            rows = conn.execute(select(JOBS.c.id, JOBS.c.model, JOBS.c.model_version, JOBS.c.weights_sha256,
+                                       JOBS.c.priority).where(due)
                                 .order_by(JOBS.c.priority.desc(), JOBS.c.id)).all()
         runnable = {row.id for row in rows}
         for job_id in [j for j in self._published if j not in runnable]:  # claimed, done or dead: forget it
@@ -103,7 +104,8 @@ class Dispatcher:
             seen = self._published.get(row.id)
             if seen is not None and clock - seen.at < seen.delay:
                 continue
-            self.app.send_task(TASK, args=[row.id], queue=queue_for(row.model, self.settings.jobs.queues),
+            self.app.send_task(TASK, args=[row.id, row.model, row.model_version, row.weights_sha256],
+                               queue=queue_for(row.model, self.settings.jobs.queues),
                                priority=priority_for(row.priority), retry=False)
             delay = lease if seen is None else min(MAX_REPUBLISH_DELAY, seen.delay * 2)
             self._published[row.id] = _Published(clock, delay)

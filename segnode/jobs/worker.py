@@ -133,7 +133,11 @@ class Worker:
             parent = queue.job_output(conn, job.parent_job) if job.parent_job is not None else ""
         if not parent:
             raise DeliveryError(f"job {job.parent_job} has no results to deliver", retryable=False)
-        files, missing = result_files(self.data.path(parent))
+        try:
+            files, missing = result_files(self.data.path(parent))
+        except ValueError as exc:  # a record that names paths, or is not JSON: nothing of it is sent
+            raise DeliveryError(f"job {job.parent_job}'s result record cannot be used ({exc}); send the series "
+                                f"again to have it segmented again", retryable=False) from exc
         if missing:
             raise DeliveryError(f"job {job.parent_job}'s results are missing: {', '.join(missing)}; send the "
                                 f"series again to have it segmented again", retryable=False)

@@ -29,7 +29,7 @@ from segnode.errors import SegnodeError
 from segnode.flow import Job
 from segnode.inference.engine import EngineOptions, engine_for
 from segnode.jobs.worker import segment
-from segnode.models.registry import list_models
+from segnode.models.registry import list_models, read_manifest
 from segnode.remote.wado_client import retrieve_series
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ class RemoteWorker:
                 log.info("model %s warm (one batch in %.2f s)", name, seconds)
 
     # -- talking to the node ----------------------------------------------------------------------
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, body: Path | None = None, **kwargs: Any) -> httpx.Response:
         """One request, retried while the node does not answer or answers 5xx; 2xx, 404 and 409 returned.
+        `body`: a file sent as the request's content, read afresh on every try.
 
         Raises:
             NodeUnreachable: still no answer after `retries` tries, or the token refused (401/403), or
@@ -102,7 +103,11 @@ class RemoteWorker:
         delay, last = 1.0, ""
         for attempt in range(1, self.settings.retries + 1):
             try:
-                rsp = self.client.request(method, path, **kwargs)
+                if body is None:
+                    rsp = self.client.request(method, path, **kwargs)
+                else:
+                    with open(body, "rb") as content:
+                        rsp = self.client.request(method, path, content=content, **kwargs)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -123,6 +128,18 @@ class RemoteWorker:
                               f"tries ({last}); check --node, the network and that the node runs")
 
     # -- one job ------------------------------------------------------------------------------------
+    def lacks(self, model: str, version: str, weights_sha256: str) -> str | None:
+        """Why this worker cannot run jobs queued for this model version (None: it can). Checked before a claim:
+        a worker left on another version during an upgrade must leave the job to others, not fail it."""
+        try:
+            manifest = read_manifest(self.settings.models_dir / model)
+        except Exception as exc:  # noqa: BLE001 - missing or unreadable: this worker cannot run it
+            return f"model {model} is not installed here ({type(exc).__name__}: {exc})"
+        if (manifest.version, manifest.weights_sha256) != (version, weights_sha256):
+            return (f"model {model} here is {manifest.version} (weights {manifest.weights_sha256[:12]}), the job "
+                    f"wants {version} ({weights_sha256[:12]})")
+        return None
+
     def run_job(self, job_id: int) -> str:
         """Claim job `job_id`, run it and return its result (or its failure) to the node.
 
@@ -157,10 +174,9 @@ class RemoteWorker:
                     log.exception("job %d failed", job.id)
                     return self._fail(job, f"{type(exc).__name__}: {exc}", True)
                 sent = time.perf_counter()
-                with open(archive, "rb") as body:
-                    answer = self._call("PUT", f"/api/work/jobs/{job.id}/result",
-                                        params={"worker": self.settings.name}, content=body,
-                                        headers={"Content-Type": "application/x-tar"})
+                answer = self._call("PUT", f"/api/work/jobs/{job.id}/result", body=archive,
+                                    params={"worker": self.settings.name},
+                                    headers={"Content-Type": "application/x-tar"})
                 returned = time.perf_counter() - sent
         finally:
             stop.set()
@@ -226,12 +242,20 @@ def consume(worker: RemoteWorker, broker_url: str, queues: Sequence[str], loglev
     app = celery_app(broker_url)
 
     @app.task(name=TASK)  # type: ignore[untyped-decorator]
-    def run(job_id: int) -> str:
+    def run(job_id: int, model: str = "", version: str = "", weights_sha256: str = "") -> str:
+        if model:
+            why = worker.lacks(model, version, weights_sha256)
+            if why is not None:  # left queued on the node: published again for the other workers
+                log.error("job %d left for other workers: %s; install it here or route it elsewhere "
+                          "(jobs.queues, --queues)", job_id, why)
+                return "lacking"
         try:
             return worker.run_job(int(job_id))
         except NodeUnreachable as exc:
             log.error("job %d not run: %s", job_id, exc)
-            return "unreachable"
+        except Exception:  # noqa: BLE001 - the message is acknowledged; the node's lease brings the job back
+            log.exception("job %d: the worker failed; the node requeues the job when its lease ends", job_id)
+        return "not run"
 
     log.info("worker %s: queues %s, node %s, models %s", worker.settings.name, ", ".join(queues),
              worker.settings.node_url, ", ".join(worker.models()) or "none")
