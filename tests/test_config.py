@@ -172,7 +172,7 @@ def test_the_reference_names_every_setting_serve_accepts_with_its_default(capsys
 
     def leaves(model, prefix=""):
         for name, value in model:
-            if hasattr(value, "model_fields"):
+            if hasattr(type(value), "model_fields") and isinstance(type(value).model_fields, dict):
                 yield from leaves(value, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"
