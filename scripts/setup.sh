@@ -22,14 +22,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     # rabbitmq-server is the Celery broker of the tests (tests/broker.py runs private ones on free ports)
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools openssl postgresql \
         docker-compose nginx chromium rsyslog rsyslog-gnutls rabbitmq-server >/dev/null
-    # where the package could start its service (systemd, or no policy-rc.d), stop it and keep it off: a system
-    # broker on 5672 and its epmd on 4369 are not wanted next to the tests' own (containers: nothing started)
-    if [ -d /run/systemd/system ]; then
-        $SUDO systemctl disable --now rabbitmq-server.service epmd.service epmd.socket >/dev/null 2>&1 || true
-    elif pgrep -u rabbitmq beam.smp >/dev/null; then
-        $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
-        $SUDO update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
-    fi
 fi
 
 PY="${PYTHON:-python3}"

@@ -13,8 +13,19 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
-from segnode.demo.pacs import Orthanc, RunningOrthanc, free_port, orthanc, wait_http, wait_port  # noqa: F401
+from segnode.demo.pacs import Orthanc, RunningOrthanc, free_port, wait_http, wait_port  # noqa: F401
 from segnode.tools import dcmtk
+
+
+@contextmanager
+def orthanc(workdir: Path, **kwargs: object) -> Iterator[Orthanc]:
+    """A throwaway test PACS (segnode.demo.pacs.Orthanc): not given the seconds of its graceful shutdown, as
+    its folder goes with the test."""
+    server = Orthanc(workdir, **kwargs).start()  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop(grace=0.3)
 
 
 @dataclass

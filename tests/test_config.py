@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import BaseModel
 
 from segnode.config import ConfigError, load_settings
 from peers import start_node_process
@@ -172,7 +173,7 @@ def test_the_reference_names_every_setting_serve_accepts_with_its_default(capsys
 
     def leaves(model, prefix=""):
         for name, value in model:
-            if hasattr(type(value), "model_fields") and isinstance(type(value).model_fields, dict):
+            if isinstance(value, BaseModel):
                 yield from leaves(value, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"

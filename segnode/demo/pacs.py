@@ -116,11 +116,12 @@ class Orthanc:
         wait_port(self.dicom_port, self.proc, "Orthanc")
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` s (Orthanc's own shutdown takes about 3 s)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
