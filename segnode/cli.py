@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from segnode import __version__
 from segnode.config import ConfigError, Settings, load_settings
 from segnode.errors import SegnodeError
-from segnode.flow import JobKind, JobState
+from segnode.flow import WORKER_NAME, JobKind, JobState
 from segnode.logs import setup_logging
 from segnode.progress import Progress
 
@@ -393,7 +394,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(node_url=args.node, token=token, models_dir=Path(args.models_dir or default_models_dir()),
                               device=args.device, work_dir=Path(args.work_dir) if args.work_dir else None,
                               **({"name": args.name} if args.name else {}))
-    if not 0 < len(settings.name) <= 100 or not all(0x21 <= ord(c) <= 0x7E for c in settings.name):
+    if not re.match(WORKER_NAME, settings.name):
         raise ConfigError(f"--name {settings.name[:40]!r}: 1 to 100 printable ASCII characters without spaces "
                           "(it names the worker in leases and in the audit trail; keep it unique)")
     worker = RemoteWorker(settings)

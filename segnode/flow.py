@@ -151,6 +151,7 @@ class JobState(StrEnum):
 
 
 RUNNABLE = (JobState.QUEUED, JobState.FAILED)
+WORKER_NAME = r"^[\x21-\x7e]{1,100}$"  # a worker's name in leases and the audit: printable ASCII, no spaces
 
 
 @dataclass(frozen=True, kw_only=True)

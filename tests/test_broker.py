@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from kombu import Connection, Queue
+from pydantic import SecretStr
 
 from broker import RabbitMQ, rabbitmq
 from peers import free_port
@@ -46,14 +47,15 @@ def _drain(url: str, name: str) -> list[tuple[int, str]]:
 
 
 def test_runnable_jobs_go_to_their_models_queue_most_urgent_first_once(start_node, broker: RabbitMQ):
-    node = start_node(jobs={"executor": "celery", "broker_url": broker.url, "queues": {"big-ct": "gpu"}},
-                      routing={"poll_seconds": 3600})  # the node's own dispatcher stays idle; this test polls
+    node = start_node()  # the node's own dispatcher is not started: this test polls one itself
+    celery = node.settings.jobs.model_copy(update={"executor": "celery", "broker_url": SecretStr(broker.url),
+                                                   "queues": {"big-ct": "gpu"}})
     routine = _enqueue(node, "ct", 0, series="1.2.3.1")
     urgent = _enqueue(node, "ct", 7, series="1.2.3.2")
     very = _enqueue(node, "ct", 50, series="1.2.3.3")  # clamped to the broker's 0..9
     gpu = _enqueue(node, "big-ct", 0, series="1.2.3.4")
     _enqueue(node, "ct", 9, kind=JobKind.DELIVER, series="1.2.3.5")  # deliveries are the node's own work
-    dispatcher = Dispatcher(node.settings, Ledger(node.engine, node.trail))
+    dispatcher = Dispatcher(node.settings.model_copy(update={"jobs": celery}), Ledger(node.engine, node.trail))
     assert dispatcher.poll() == 4
     assert dispatcher.poll() == 0  # published: not again before the lease has passed
     assert _drain(broker.url, "segnode.ct") == [(very, TASK), (urgent, TASK), (routine, TASK)]

@@ -41,7 +41,7 @@ from segnode.audit.ledger import Ledger
 from segnode.config import Settings
 from segnode.datadir import DETAIL_FILE, RECORD_FILE, SEG_FILE, SR_FILE, fsync_dir, result_files
 from segnode.db.queries import completed_series
-from segnode.flow import Job, JobKind, JobState
+from segnode.flow import WORKER_NAME, Job, JobKind, JobState
 from segnode.jobs import queue
 from segnode.logs import printable
 
@@ -50,7 +50,7 @@ MAX_FILES = 1000
 
 
 class WorkerRequest(BaseModel):
-    worker: str = Field(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")
+    worker: str = Field(pattern=WORKER_NAME)
 
 
 class FailRequest(WorkerRequest):
@@ -59,7 +59,7 @@ class FailRequest(WorkerRequest):
 
 
 def _check_worker(worker: str) -> str:
-    if not 0 < len(worker) <= 100 or not all(0x21 <= ord(c) <= 0x7E for c in worker):
+    if not re.match(WORKER_NAME, worker):
         raise HTTPException(400, "worker: 1 to 100 printable ASCII characters without spaces")
     return worker
 
