@@ -243,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    """Write phantoms (DICOM + labels.npz) into OUT/<kind>-<seed>/."""
+    """Write phantoms (DICOM + labels.npz) into OUT/<kind>-<seed as 5 digits>/."""
     out = Path(args.out)
     for seed in range(args.seed, args.seed + args.count):
         target = out / f"{args.kind}-{seed:05d}"
@@ -398,6 +398,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name {settings.name[:40]!r}: 1 to 100 printable ASCII characters without spaces "
                           "(it names the worker in leases and in the audit trail; keep it unique)")
     worker = RemoteWorker(settings)
+    worker.check_node()  # a wrong --node or --token is said now, not at the first job
     models = worker.models()
     queues = [q for q in (args.queues or "").split(",") if q] or [queue_for(m, {}) for m in models]
     if not queues:
@@ -550,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     phantom = sub.add_parser("phantom", help="write synthetic phantoms (DICOM + ground-truth labels.npz)")
     phantom.add_argument("kind", choices=["ct", "dx"], help="3D abdominal CT or 2D chest radiograph")
-    phantom.add_argument("--out", required=True, help="output folder; each phantom goes to OUT/<kind>-<seed>/")
+    phantom.add_argument("--out", required=True, help="output folder; each phantom goes to OUT/<kind>-<seed as 5 "
+                         "digits>/ (e.g. ct-00000/: its *.dcm files and labels.npz)")
     phantom.add_argument("--seed", type=int, default=0, help="first seed (deterministic)")
     phantom.add_argument("--count", type=int, default=1)
     phantom.add_argument("--matrix", type=int, help="rows and columns (CT 256, DX 512)")
@@ -654,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--token", help="the node's http.token (or SEGNODE_TOKEN; --token-file keeps it out of ps)")
     worker.add_argument("--token-file", help="a file holding the node's http.token")
     worker.add_argument("--broker", help="the node's jobs.broker_url (or SEGNODE_BROKER_URL)")
-    worker.add_argument("--queues", help="comma-separated broker queues (default: segnode.<model> for each model "
-                        "installed here; the node's jobs.queues may route models to others, e.g. gpu)")
+    worker.add_argument("--queues", help="comma-separated broker queues, replacing the default (segnode.<model> for "
+                        "each model installed here): a model the node's jobs.queues does not route elsewhere is "
+                        "taken only by workers that list its segnode.<model>, e.g. --queues gpu,segnode.dx-chest")
     worker.add_argument("--models-dir", help="model folders on this host (default: SEGNODE_MODELS or the shipped "
                         "models)")
     worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")

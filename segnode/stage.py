@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     worker = pipeline.worker(settings)
     worker.owner += f"/{args.name}"
-    if settings.jobs.warm_up:
+    if settings.jobs.warm_up and settings.jobs.executor == "local":  # under celery it only delivers
         try:
             models = pipeline.rule_models(settings)
         except Exception as exc:  # noqa: BLE001 - warming is an optimisation; jobs still run and say why

@@ -106,7 +106,10 @@ def test_a_worker_with_a_wrong_token_is_told_so(web_node, tmp_path):
     worker = RemoteWorker(WorkerSettings(node_url=f"http://127.0.0.1:{web_node.http_port}", token="wrong",
                                          models_dir=default_models_dir(), name="w:1"))
     with pytest.raises(NodeUnreachable, match="refused this worker \\(401\\): check --token"):
+        worker.check_node()  # what `segnode worker` does before it takes any message
+    with pytest.raises(NodeUnreachable, match="refused this worker \\(401\\): check --token"):
         worker.run_job(1)
+    remote(web_node, tmp_path).check_node()  # the right token passes
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

@@ -128,6 +128,17 @@ class RemoteWorker:
                               f"tries ({last}); check --node, the network and that the node runs")
 
     # -- one job ------------------------------------------------------------------------------------
+    def check_node(self) -> None:
+        """Whether the node answers and takes this worker's token (a claim of job 0: 404 when it does).
+
+        Raises:
+            NodeUnreachable: no answer after the retries, or the token refused (the message says which).
+        """
+        rsp = self._call("POST", "/api/work/jobs/0/claim", json={"worker": self.settings.name})
+        if rsp.status_code != 404:
+            raise NodeUnreachable(f"{self.settings.node_url} is not a segnode that takes remote workers "
+                                  f"(HTTP {rsp.status_code} to a probe); check --node")
+
     def lacks(self, model: str, version: str, weights_sha256: str) -> str | None:
         """Why this worker cannot run jobs queued for this model version (None: it can). Checked before a claim:
         a worker left on another version during an upgrade must leave the job to others, not fail it."""
