@@ -111,12 +111,13 @@ destinations:
         if node is not None:
             node.stop()
         rabbit.stop()
-
-    engine = create_engine(pg.url)
-    with engine.connect() as conn:
-        events = conn.execute(select(AuditEvent.event_id, AuditEvent.objects, AuditEvent.detail)).all()
-    engine.dispose()
-    pg.close()
+        try:
+            engine = create_engine(pg.url)
+            with engine.connect() as conn:
+                events = conn.execute(select(AuditEvent.event_id, AuditEvent.objects, AuditEvent.detail)).all()
+            engine.dispose()
+        finally:
+            pg.close()  # also when the test failed: no cluster left running
     segments = [j for j in jobs if j["kind"] == "segment"]
     assert len({j["series_uid"] for j in segments}) == SERIES  # one job per series
     succeeded = Counter(int(e.objects.split('"job_id":')[1].split(",")[0].rstrip("}")) for e in events
